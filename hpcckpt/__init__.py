@@ -1,0 +1,15 @@
+"""hpcckpt: fine-grained checkpoints of MPI programs in a node-local persistent heap.
+
+>>> import hpcckpt
+>>> sorted(hpcckpt.TRACKERS)
+['full', 'hash', 'mprotect', 'page', 'uffd']
+"""
+from .errors import (CheckpointError, CorruptHeapError, FormatVersionError, HeapBusyError, HeapError,
+                     HeapFullError, OwnerMismatchError)
+from .heap import TRACKERS, Heap, Pool, resolve_tracker
+from .mpi import open, default_root
+
+__all__ = ["Heap", "Pool", "open", "default_root", "TRACKERS", "resolve_tracker", "HeapError",
+           "CorruptHeapError", "FormatVersionError", "HeapBusyError", "HeapFullError", "OwnerMismatchError",
+           "CheckpointError"]
+__version__ = "0.1.0"

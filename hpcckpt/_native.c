@@ -1,0 +1,353 @@
+/* _native.c -- thin CPython binding of the C core: ints, tuples, bytes and one
+ * buffer (the heap's address range); errors become OSError(errno, message).
+ * Policy, names and error wording for users live in Python (hpcckpt/heap.py). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "hpcckpt.h"
+
+typedef struct {
+    PyObject_HEAD
+    hk_heap *h;
+    struct hk_info info;    /* geometry captured at open; stays valid after close */
+    Py_ssize_t exports;
+} NativeHeap;
+
+/* raise_rc -- OSError from a negative errno and the core's message. */
+static PyObject *raise_rc(int rc)
+{
+    PyObject *args = Py_BuildValue("(is)", -rc, hk_errmsg());
+    if (args) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+#define CALL(expr)                        \
+    do {                                  \
+        int rc_;                          \
+        Py_BEGIN_ALLOW_THREADS rc_ = (expr); \
+        Py_END_ALLOW_THREADS if (rc_ < 0) return raise_rc(rc_); \
+    } while (0)
+
+static int live(NativeHeap *self)
+{
+    if (!self->h) {
+        PyErr_SetString(PyExc_ValueError, "native heap already released");
+        return 0;
+    }
+    return 1;
+}
+
+/* nh_dealloc -- unmap only when no buffer (numpy array) still points in. */
+static void nh_dealloc(NativeHeap *self)
+{
+    if (self->h) {
+        heap_abandon(self->h);   /* never closed: like a crash, nothing written */
+        heap_release(self->h);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int nh_getbuffer(NativeHeap *self, Py_buffer *view, int flags)
+{
+    if (!live(self))
+        return -1;
+    int rc = PyBuffer_FillInfo(view, (PyObject *)self, self->info.va_base, (Py_ssize_t)self->info.va_bytes, 0, flags);
+    if (rc == 0)
+        self->exports++;
+    return rc;
+}
+
+static void nh_releasebuffer(NativeHeap *self, Py_buffer *view)
+{
+    (void)view;
+    self->exports--;
+}
+
+static PyBufferProcs nh_as_buffer = {(getbufferproc)nh_getbuffer, (releasebufferproc)nh_releasebuffer};
+
+static PyObject *nh_close(NativeHeap *self, PyObject *unused)
+{
+    if (!live(self))
+        return NULL;
+    CALL(heap_close(self->h));
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_abandon(NativeHeap *self, PyObject *unused)
+{
+    if (!live(self))
+        return NULL;
+    heap_abandon(self->h);
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_info(NativeHeap *self, PyObject *unused)
+{
+    if (!live(self))
+        return NULL;
+    struct hk_info i;
+    CALL(heap_info(self->h, &i));
+    return Py_BuildValue(
+        "{s:I,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:i,s:i,s:s,s:K,s:K,s:O,s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n}",
+        "major", i.major, "minor", i.minor, "page_size", i.page_size, "tracker", i.tracker, "capacity",
+        i.capacity, "npages", i.npages, "max_entries", i.max_entries, "file_size", i.file_size, "rank", i.rank,
+        "world_size", i.world_size, "job", i.job, "prepared", i.prepared, "committed", i.committed, "was_clean",
+        i.was_clean ? Py_True : Py_False, "dax", i.dax ? Py_True : Py_False, "pages_used", i.pages_used,
+        "pages_free", i.pages_free, "entries_live", i.entries_live, "entries_hwm", i.entries_hwm, "nviews",
+        i.nviews, "va_bytes", i.va_bytes, "va_base", (unsigned long long)(uintptr_t)i.va_base, "exports",
+        self->exports);
+}
+
+static PyObject *nh_alloc(NativeHeap *self, PyObject *args)
+{
+    const char *name, *dtype;
+    Py_ssize_t dlen;
+    PyObject *shape;
+    unsigned long long obj_size, count;
+    int kind;
+    if (!live(self) || !PyArg_ParseTuple(args, "ss#O!KKi", &name, &dtype, &dlen, &PyTuple_Type, &shape, &obj_size,
+                                         &count, &kind))
+        return NULL;
+    struct hk_desc d = {.name = name, .dtype = dtype, .dtype_len = (uint32_t)dlen, .obj_size = obj_size,
+                        .count = count, .kind = kind};
+    d.ndim = (uint32_t)PyTuple_GET_SIZE(shape);
+    for (uint32_t i = 0; i < d.ndim && i < 8; i++) {
+        d.shape[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(shape, i));
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    uint64_t idx;
+    int rc = heap_alloc(self->h, &d, &idx);
+    if (rc < 0)
+        return raise_rc(rc);
+    return PyLong_FromUnsignedLongLong(idx);
+}
+
+static PyObject *nh_free(NativeHeap *self, PyObject *arg)
+{
+    unsigned long long idx = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !live(self))
+        return NULL;
+    int rc = heap_free(self->h, idx);
+    if (rc < 0)
+        return raise_rc(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_lookup(NativeHeap *self, PyObject *arg)
+{
+    unsigned long long idx = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !live(self))
+        return NULL;
+    char name[64], dtype[304];
+    struct hk_desc d;
+    int rc = heap_lookup(self->h, idx, &d, name, dtype);
+    if (rc < 0)
+        return raise_rc(rc);
+    PyObject *shape = PyTuple_New(d.ndim);
+    for (uint32_t i = 0; shape && i < d.ndim; i++)
+        PyTuple_SET_ITEM(shape, i, PyLong_FromUnsignedLongLong(d.shape[i]));
+    return shape ? Py_BuildValue("(ss#NKKi)", name, dtype, (Py_ssize_t)d.dtype_len, shape, d.obj_size, d.count,
+                                 d.kind)
+                 : NULL;
+}
+
+static PyObject *nh_next_live(NativeHeap *self, PyObject *arg)
+{
+    unsigned long long from = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !live(self))
+        return NULL;
+    return PyLong_FromLongLong(heap_next_live(self->h, from));
+}
+
+/* nh_offset -- byte offset, inside the exported buffer, of object `obj` of an entry. */
+static PyObject *nh_offset(NativeHeap *self, PyObject *args)
+{
+    unsigned long long idx, obj;
+    if (!live(self) || !PyArg_ParseTuple(args, "KK", &idx, &obj))
+        return NULL;
+    uint8_t *p = heap_addr(self->h, idx, obj);
+    return PyLong_FromSsize_t((Py_ssize_t)(p - (uint8_t *)self->info.va_base));
+}
+
+static PyObject *nh_prepare(NativeHeap *self, PyObject *arg)
+{
+    char *meta;
+    Py_ssize_t len;
+    if (!live(self) || PyBytes_AsStringAndSize(arg, &meta, &len) < 0)
+        return NULL;
+    uint64_t epoch;
+    CALL(ckpt_prepare(self->h, meta, (uint32_t)len, &epoch));
+    return PyLong_FromUnsignedLongLong(epoch);
+}
+
+static PyObject *nh_commit(NativeHeap *self, PyObject *unused)
+{
+    if (!live(self))
+        return NULL;
+    CALL(ckpt_commit(self->h));
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_withdraw(NativeHeap *self, PyObject *unused)
+{
+    if (!live(self))
+        return NULL;
+    CALL(ckpt_withdraw(self->h));
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_recover(NativeHeap *self, PyObject *arg)
+{
+    unsigned long long e = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !live(self))
+        return NULL;
+    CALL(ckpt_recover(self->h, e));
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_meta(NativeHeap *self, PyObject *unused)
+{
+    char buf[2048];
+    uint32_t len;
+    if (!live(self))
+        return NULL;
+    CALL(ckpt_meta(self->h, buf, sizeof buf, &len));
+    return PyBytes_FromStringAndSize(buf, len);
+}
+
+static PyObject *nh_stats(NativeHeap *self, PyObject *unused)
+{
+    struct hk_stats s;
+    if (!live(self))
+        return NULL;
+    ckpt_stats(self->h, &s);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:d,s:d,s:d,s:d,s:d}", "epoch", s.epoch,
+                         "objects_dirty", s.objects_dirty, "units_dirty", s.units_dirty, "bytes_dirty",
+                         s.bytes_dirty, "bytes_copied", s.bytes_copied, "bytes_meta", s.bytes_meta,
+                         "bytes_page_baseline", s.bytes_page_baseline, "pages_dirty", s.pages_dirty,
+                         "views_degraded", s.views_degraded, "faults", s.faults, "t_scan", s.t_scan, "t_copy",
+                         s.t_copy, "t_flush", s.t_flush, "t_commit", s.t_commit, "t_nvm_delay", s.t_nvm_delay);
+}
+
+static PyObject *nh_verify(NativeHeap *self, PyObject *unused)
+{
+    uint64_t n;
+    if (!live(self))
+        return NULL;
+    CALL(ckpt_verify(self->h, &n));
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+static PyObject *nh_set_crash(NativeHeap *self, PyObject *args)
+{
+    int point;
+    unsigned long long epoch;
+    if (!live(self) || !PyArg_ParseTuple(args, "iK", &point, &epoch))
+        return NULL;
+    ckpt_set_crash(self->h, point, epoch);
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_set_nvm(NativeHeap *self, PyObject *args)
+{
+    double gbps, lat;
+    if (!live(self) || !PyArg_ParseTuple(args, "dd", &gbps, &lat))
+        return NULL;
+    ckpt_set_nvm(self->h, gbps, lat);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef nh_methods[] = {
+    {"close", (PyCFunction)nh_close, METH_NOARGS, "Make durable, mark clean, detach the views."},
+    {"abandon", (PyCFunction)nh_abandon, METH_NOARGS, "Detach without writing anything (as a crash would)."},
+    {"info", (PyCFunction)nh_info, METH_NOARGS, "Geometry and state as a dict."},
+    {"alloc", (PyCFunction)nh_alloc, METH_VARARGS, "alloc(name, dtype, shape, obj_size, count, kind) -> index"},
+    {"free", (PyCFunction)nh_free, METH_O, "free(index)"},
+    {"lookup", (PyCFunction)nh_lookup, METH_O, "lookup(index) -> (name, dtype, shape, obj_size, count, kind)"},
+    {"next_live", (PyCFunction)nh_next_live, METH_O, "next_live(from) -> index or -1"},
+    {"offset", (PyCFunction)nh_offset, METH_VARARGS, "offset(index, obj) -> byte offset in the buffer"},
+    {"prepare", (PyCFunction)nh_prepare, METH_O, "prepare(meta: bytes) -> epoch"},
+    {"commit", (PyCFunction)nh_commit, METH_NOARGS, "commit the prepared epoch"},
+    {"withdraw", (PyCFunction)nh_withdraw, METH_NOARGS, "withdraw the prepared epoch"},
+    {"recover", (PyCFunction)nh_recover, METH_O, "recover(epoch): restore the working area"},
+    {"meta", (PyCFunction)nh_meta, METH_NOARGS, "metadata of the newest epoch (bytes)"},
+    {"stats", (PyCFunction)nh_stats, METH_NOARGS, "figures of the last prepare"},
+    {"verify", (PyCFunction)nh_verify, METH_NOARGS, "check every committed copy -> units checked"},
+    {"set_crash", (PyCFunction)nh_set_crash, METH_VARARGS, "set_crash(point, epoch): test hook"},
+    {"set_nvm", (PyCFunction)nh_set_nvm, METH_VARARGS, "set_nvm(write_gbps, flush_latency_ns)"},
+    {NULL}};
+
+static PyTypeObject NativeHeapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "hpcckpt._native.NativeHeap",
+    .tp_basicsize = sizeof(NativeHeap),
+    .tp_dealloc = (destructor)nh_dealloc,
+    .tp_as_buffer = &nh_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An open heap of the C core; exports its address range as one buffer.",
+    .tp_methods = nh_methods,
+};
+
+static PyObject *mod_create(PyObject *m, PyObject *args)
+{
+    const char *path, *job;
+    unsigned long long cap, maxe;
+    int rank, world;
+    if (!PyArg_ParseTuple(args, "sKKsii", &path, &cap, &maxe, &job, &rank, &world))
+        return NULL;
+    struct hk_create_opts o = {.capacity = cap, .max_entries = maxe, .job = job, .rank = rank, .world_size = world};
+    CALL(heap_create(path, &o));
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_open(PyObject *m, PyObject *args)
+{
+    const char *path;
+    int tracker;
+    if (!PyArg_ParseTuple(args, "si", &path, &tracker))
+        return NULL;
+    hk_heap *h;
+    CALL(heap_open(path, tracker, &h));
+    NativeHeap *self = PyObject_New(NativeHeap, &NativeHeapType);
+    if (!self) {
+        heap_abandon(h);
+        heap_release(h);
+        return NULL;
+    }
+    self->h = h;
+    self->exports = 0;
+    heap_info(h, &self->info);
+    return (PyObject *)self;
+}
+
+static PyMethodDef mod_methods[] = {
+    {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size)"},
+    {"open", mod_open, METH_VARARGS, "open(path, tracker) -> NativeHeap (no recovery)"},
+    {NULL}};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "hpcckpt._native", "C core binding", -1, mod_methods};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    if (PyType_Ready(&NativeHeapType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m)
+        return NULL;
+    Py_INCREF(&NativeHeapType);
+    PyModule_AddObject(m, "NativeHeap", (PyObject *)&NativeHeapType);
+    PyModule_AddIntConstant(m, "TRACK_UFFD", HK_TRACK_UFFD);
+    PyModule_AddIntConstant(m, "TRACK_MPROTECT", HK_TRACK_MPROTECT);
+    PyModule_AddIntConstant(m, "TRACK_PAGE", HK_TRACK_PAGE);
+    PyModule_AddIntConstant(m, "TRACK_HASH", HK_TRACK_HASH);
+    PyModule_AddIntConstant(m, "TRACK_FULL", HK_TRACK_FULL);
+    PyModule_AddIntConstant(m, "TRACK_NONE", HK_TRACK_NONE);
+    PyModule_AddIntConstant(m, "CRASH_BEFORE_COPY", HK_CRASH_BEFORE_COPY);
+    PyModule_AddIntConstant(m, "CRASH_MID_COPY", HK_CRASH_MID_COPY);
+    PyModule_AddIntConstant(m, "CRASH_AFTER_COPY", HK_CRASH_AFTER_COPY);
+    PyModule_AddIntConstant(m, "CRASH_AFTER_PREPARE", HK_CRASH_AFTER_PREPARE);
+    PyModule_AddIntConstant(m, "UFFD_SUPPORTED", heap_uffd_supported());
+    return m;
+}

@@ -1,0 +1,342 @@
+"""The persistent heap: named numpy objects in a file that survives the process.
+
+>>> import hpcckpt, numpy as np, tempfile, os
+>>> d = tempfile.mkdtemp()
+>>> with hpcckpt.Heap.create(os.path.join(d, "r0.heap"), capacity="16MiB") as heap:
+...     u = heap.array("u", (4, 4), "f8")
+...     u[:] = 1.0
+...     epoch = heap.checkpoint(step=1)
+>>> with hpcckpt.Heap.open(os.path.join(d, "r0.heap")) as heap:
+...     float(heap["u"].sum()), heap.meta["step"]
+(16.0, 1)
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import _native
+from ._units import parse_size
+from .errors import HeapError, OwnerMismatchError, translate
+
+TRACKERS = {"uffd": _native.TRACK_UFFD, "mprotect": _native.TRACK_MPROTECT, "page": _native.TRACK_PAGE,
+            "hash": _native.TRACK_HASH, "full": _native.TRACK_FULL}
+_TRACKER_NAMES = {v: k for k, v in TRACKERS.items()}
+_KIND_ARRAY, _KIND_POOL = 1, 2
+_CRASH_POINTS = {"before-copy": _native.CRASH_BEFORE_COPY, "mid-copy": _native.CRASH_MID_COPY,
+                 "after-copy": _native.CRASH_AFTER_COPY, "after-prepare": _native.CRASH_AFTER_PREPARE}
+NAME_MAX = 63
+
+
+def resolve_tracker(tracker: str) -> str:
+    """The tracker that `tracker` ("auto" or a name) means on this kernel.
+
+    >>> resolve_tracker("hash")
+    'hash'
+    """
+    if tracker == "auto":
+        return "uffd" if _native.UFFD_SUPPORTED else "mprotect"
+    if tracker not in TRACKERS:
+        raise ValueError(f"unknown tracker {tracker!r}: choose one of auto, {', '.join(TRACKERS)}")
+    if tracker == "uffd" and not _native.UFFD_SUPPORTED:
+        raise HeapError("tracker 'uffd' needs userfaultfd async write-protect (Linux >= 6.7); "
+                        "use tracker='auto' or 'mprotect'")
+    return tracker
+
+
+def crash_hook() -> tuple[str, int, int | None] | None:
+    """The test hook HPCCKPT_CRASH_AT="point[@epoch][:rank]", parsed, or None."""
+    spec = os.environ.get("HPCCKPT_CRASH_AT")
+    if not spec:
+        return None
+    spec, _, rank = spec.partition(":")
+    point, _, epoch = spec.partition("@")
+    return point, int(epoch or 0), int(rank) if rank else None
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError("an object name must be a non-empty string")
+    if "/" in name or "\0" in name:
+        raise ValueError(f"object name {name!r} may not contain '/' or NUL")
+    if len(name.encode()) > NAME_MAX:
+        raise ValueError(f"object name {name[:20]!r}... is {len(name.encode())} bytes; at most {NAME_MAX}")
+
+
+def _dtype_str(dtype: np.dtype) -> str:
+    if dtype.hasobject:
+        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in a persistent heap; "
+                        "use plain numeric, bytes or structured dtypes")
+    return repr(np.lib.format.dtype_to_descr(dtype))
+
+
+def _dtype_parse(text: str) -> np.dtype:
+    return np.lib.format.descr_to_dtype(ast.literal_eval(text))
+
+
+class Pool:
+    """Many same-dtype objects, each tracked on its own: ``pool[i]`` is object i.
+
+    >>> import hpcckpt, tempfile, os
+    >>> heap = hpcckpt.Heap.create(os.path.join(tempfile.mkdtemp(), "p.heap"), capacity="8MiB")
+    >>> p = heap.pool("cells", [("x", "f8"), ("n", "i4")], 1000)
+    >>> p[7]["x"] = 2.5
+    >>> len(p), float(p[7]["x"])
+    (1000, 2.5)
+    >>> heap.close()
+    """
+
+    def __init__(self, heap: Heap, index: int, name: str, dtype: np.dtype, shape: tuple, count: int):
+        self._heap, self._index, self.name, self.dtype, self.shape = heap, index, name, dtype, shape
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(f"pool {self.name!r} has {self._count} objects; index {i} is out of range")
+        return self._heap._view(self._index, i, self.shape, self.dtype)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(self._count))
+
+    def __repr__(self) -> str:
+        return f"<hpcckpt.Pool {self.name!r}: {self._count} x {self.dtype} {self.shape}>"
+
+
+class Heap:
+    """One rank's persistent heap: a dict of named numpy arrays and pools.
+
+    Create with :meth:`create`, reopen with :meth:`open` (after a crash it is
+    restored to the last committed checkpoint), or collectively under MPI with
+    :func:`hpcckpt.open`.  ``heap.checkpoint(step=n)`` commits an epoch.
+    Arrays that outlive :meth:`close` keep working on a private copy; writes
+    to them no longer reach the heap.
+    """
+
+    def __init__(self, native: Any, path: str, tracker: str):
+        self._native, self.path, self.tracker = native, path, tracker
+        self._names: dict[str, int] = {}
+        self._comm = None
+        self._stats: dict = {}
+        self.restored = False
+        info = native.info()
+        i = native.next_live(0)
+        while i >= 0:
+            self._names[native.lookup(i)[0]] = i
+            i = native.next_live(i + 1)
+        hook = crash_hook()
+        if hook and hook[0] in _CRASH_POINTS and (hook[2] is None or hook[2] == info["rank"]):
+            native.set_crash(_CRASH_POINTS[hook[0]], hook[1])
+
+    # -- opening and closing -------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, capacity: int | str = "1GiB", *, tracker: str = "auto",
+               max_objects: int | None = None, job: str = "", rank: int = 0, world_size: int = 1) -> Heap:
+        """Create a new heap file (sparse, mode 0600) holding up to `capacity` bytes of objects.
+
+        >>> import tempfile, os
+        >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "a.heap"), "4MiB", tracker="hash")
+        >>> h.tracker, len(h)
+        ('hash', 0)
+        >>> h.close()
+        """
+        path = os.fspath(path)
+        cap = parse_size(capacity)
+        maxe = max_objects if max_objects is not None else max(1024, cap // 1024)
+        _call(_native.create, path, cap, maxe, job, rank, world_size)
+        return cls._attach(path, tracker)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, tracker: str = "auto", job: str | None = None,
+             rank: int | None = None, world_size: int | None = None) -> Heap:
+        """Open an existing heap; after a crash it is restored to the last committed epoch.
+
+        `job`, `rank`, `world_size`, when given, must match the heap's owner.
+        """
+        heap = cls._attach(os.fspath(path), tracker)
+        try:
+            heap._check_owner(job, rank, world_size)
+            if not heap._info()["was_clean"]:
+                heap._recover(heap._info()["prepared"])
+        except BaseException:
+            heap._native.abandon()
+            raise
+        return heap
+
+    @classmethod
+    def _attach(cls, path: str, tracker: str) -> Heap:
+        name = resolve_tracker(tracker)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such heap; create it with hpcckpt.Heap.create()")
+        return cls(_call(_native.open, path, TRACKERS[name]), path, name)
+
+    def _check_owner(self, job: str | None, rank: int | None, world_size: int | None) -> None:
+        i = self._info()
+        if (job is not None and job != i["job"]) or (rank is not None and rank != i["rank"]) or \
+                (world_size is not None and world_size != i["world_size"]):
+            raise OwnerMismatchError(
+                f"{self.path}: heap belongs to job {i['job']!r}, rank {i['rank']} of {i['world_size']}, "
+                f"not job {job!r}, rank {rank} of {world_size}; use another root or name, or remove it")
+
+    def _recover(self, epoch: int) -> None:
+        _call(self._native.recover, epoch)
+        self.restored = True
+        self._names = {}
+        i = self._native.next_live(0)
+        while i >= 0:
+            self._names[self._native.lookup(i)[0]] = i
+            i = self._native.next_live(i + 1)
+
+    def close(self) -> None:
+        """Make everything durable and mark the heap cleanly closed."""
+        _call(self._native.close)
+
+    def __enter__(self) -> Heap:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:   # an exception is not a clean end: the next open restores the last checkpoint
+            self._native.abandon()
+
+    # -- objects -------------------------------------------------------------
+    def array(self, name: str, shape: int | tuple[int, ...], dtype: Any = "f8") -> np.ndarray:
+        """A new zero-filled array that *is* the persistent object (no copy).
+
+        >>> import tempfile, os
+        >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "b.heap"), "4MiB")
+        >>> a = h.array("a", (2, 3), "i4"); a[1, 2] = 7
+        >>> int(h["a"][1, 2])
+        7
+        >>> h.close()
+        """
+        _check_name(name)
+        shape = tuple(int(s) for s in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
+        if any(s < 0 for s in shape):
+            raise ValueError(f"shape {shape} has a negative dimension")
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        index = self._alloc(name, dt, shape, nbytes, 1, _KIND_ARRAY)
+        return self._view(index, 0, shape, dt)
+
+    def pool(self, name: str, dtype: Any, count: int, shape: tuple[int, ...] = ()) -> Pool:
+        """`count` objects of `dtype` (each of `shape`), each in its own tracked slot."""
+        _check_name(name)
+        dt, shape = np.dtype(dtype), tuple(shape)
+        if count < 1:
+            raise ValueError(f"a pool needs at least one object, got count={count}")
+        size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        index = self._alloc(name, dt, shape, size, int(count), _KIND_POOL)
+        return Pool(self, index, name, dt, shape, int(count))
+
+    def _alloc(self, name: str, dt: np.dtype, shape: tuple, size: int, count: int, kind: int) -> int:
+        if name in self._names:
+            raise KeyError(f"{self.path}: an object named {name!r} exists already; use heap[{name!r}] "
+                           f"or del heap[{name!r}] first")
+        index = _call(self._native.alloc, name, _dtype_str(dt), shape, size, count, kind)
+        self._names[name] = index
+        return index
+
+    def _view(self, index: int, obj: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        return np.ndarray(shape, dtype, buffer=self._native, offset=self._native.offset(index, obj))
+
+    def __getitem__(self, name: str) -> np.ndarray | Pool:
+        index = self._names.get(name)
+        if index is None:
+            raise KeyError(f"{self.path}: no object named {name!r}")
+        _, dtype, shape, _, count, kind = self._native.lookup(index)
+        dt = _dtype_parse(dtype)
+        if kind == _KIND_POOL:
+            return Pool(self, index, name, dt, tuple(shape), count)
+        return self._view(index, 0, tuple(shape), dt)
+
+    def __delitem__(self, name: str) -> None:
+        index = self._names.pop(name, None)
+        if index is None:
+            raise KeyError(f"{self.path}: no object named {name!r}")
+        _call(self._native.free, index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    # -- checkpoints ---------------------------------------------------------
+    def checkpoint(self, **meta: Any) -> int:
+        """Commit an epoch holding every object as it is now; returns its number.
+
+        `meta` is small JSON-able data (a step counter, a time) read back as ``heap.meta``.
+        Under MPI (:func:`hpcckpt.open`) this is collective.
+        """
+        blob = json.dumps(meta, sort_keys=True).encode()
+        if self._comm is not None:
+            from .mpi import coordinated_checkpoint
+            return coordinated_checkpoint(self, blob)
+        epoch = _call(self._native.prepare, blob)
+        _call(self._native.commit)
+        self._stats = self._local_stats()
+        return epoch
+
+    def _local_stats(self) -> dict:
+        s = self._native.stats()
+        s["tracker"] = self.tracker
+        return s
+
+    def set_nvm_model(self, write_gbps: float = 0.0, flush_latency_ns: float = 0.0) -> None:
+        """Slow checkpoint writes down as NVM with this write bandwidth and flush latency would."""
+        self._native.set_nvm(float(write_gbps), float(flush_latency_ns))
+
+    def verify(self) -> int:
+        """Check the checksum of every committed copy; returns how many were checked."""
+        return _call(self._native.verify)
+
+    def _info(self) -> dict:
+        return _call(self._native.info)
+
+    @property
+    def epoch(self) -> int | None:
+        """The last committed epoch, or None before the first checkpoint."""
+        return self._info()["committed"] or None
+
+    @property
+    def meta(self) -> dict:
+        """The metadata saved with the last committed epoch ({} before the first)."""
+        blob = _call(self._native.meta)
+        return json.loads(blob) if blob else {}
+
+    @property
+    def stats(self) -> dict:
+        """Figures of the last checkpoint: tracker, objects/bytes dirty and copied, phase times."""
+        return dict(self._stats)
+
+    @property
+    def info(self) -> dict:
+        """Geometry, owner and allocator state of the heap."""
+        return self._info()
+
+    def __repr__(self) -> str:
+        return f"<hpcckpt.Heap {self.path!r}: {len(self)} objects, tracker={self.tracker}, epoch={self.epoch}>"
+
+
+def _call(fn, *args):
+    """Call the binding; OSErrors become hpcckpt errors that name the file."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise translate(e) from None

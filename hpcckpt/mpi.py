@@ -1,0 +1,135 @@
+"""MPI coordination: a collective open that agrees on the restart epoch, and
+coordinated checkpoints (every rank prepares, one allgather decides).
+
+>>> from mpi4py import MPI                                   # doctest: +SKIP
+>>> heap = hpcckpt.open("stencil", comm=MPI.COMM_WORLD)       # doctest: +SKIP
+>>> start = heap.meta.get("step", 0) if heap.restored else 0  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+from typing import Any
+
+from .errors import CheckpointError, HeapError, OwnerMismatchError
+from .heap import Heap, crash_hook, _call
+
+_NUMERIC = ("objects_dirty", "units_dirty", "bytes_dirty", "bytes_copied", "bytes_meta", "bytes_page_baseline",
+            "pages_dirty", "views_degraded", "faults", "t_scan", "t_copy", "t_flush", "t_commit", "t_nvm_delay")
+
+
+def default_root() -> str:
+    """Where heaps live: $HPCCKPT_ROOT, else /dev/shm/hpcckpt-$USER (node-local tmpfs)."""
+    return os.environ.get("HPCCKPT_ROOT") or f"/dev/shm/hpcckpt-{getpass.getuser()}"
+
+
+def _agree(comm, ok_or_error: str | None) -> None:
+    """Raise the same error on every rank if any rank reported one."""
+    errors = comm.allgather(ok_or_error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise HeapError(f"on rank(s) {ranks}: {failed[0][1]}")
+
+
+def _private_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise HeapError(f"{path}: directory belongs to uid {st.st_uid}, not to you; set HPCCKPT_ROOT or root=")
+
+
+def open(name: str, comm: Any = None, root: str | None = None, capacity: int | str = "1GiB",
+         tracker: str = "auto", max_objects: int | None = None) -> Heap:
+    """Open or create this rank's heap `<root>/<name>/rank<r>.heap`, collectively.
+
+    The ranks agree on the restart epoch E = min over ranks of the prepared
+    epoch; if any rank crashed (or they differ) every rank restores E, and
+    ``heap.restored``, ``heap.epoch`` and ``heap.meta`` say where to resume.
+    """
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    directory = os.path.join(root or default_root(), name)
+    path = os.path.join(directory, f"rank{rank}.heap")
+    err = None
+    try:
+        _private_dir(directory)
+    except (OSError, HeapError) as e:
+        err = str(e)
+    _agree(comm, err)
+    present = comm.allgather(os.path.exists(path))
+    if any(present) and not all(present):
+        missing = [r for r, p in enumerate(present) if not p]
+        raise HeapError(f"{directory}: rank(s) {missing} have no heap while the others do; the job cannot "
+                        f"restart from local heaps (nothing was overwritten). Remove {directory} to start afresh.")
+    heap, err = None, None
+    try:
+        if present[rank]:
+            heap = Heap._attach(path, tracker)
+            heap._check_owner(name, rank, size)
+        else:
+            heap = Heap.create(path, capacity, tracker=tracker, max_objects=max_objects, job=name, rank=rank,
+                               world_size=size)
+    except (OSError, HeapError, ValueError) as e:
+        err = f"{type(e).__name__}: {e}"
+    try:
+        _agree(comm, err)
+        if present[rank]:
+            _restore_common_epoch(heap, comm)
+    except BaseException:
+        if heap is not None:
+            heap._native.abandon()
+        raise
+    heap._comm = comm
+    return heap
+
+
+def _restore_common_epoch(heap: Heap, comm) -> None:
+    info = heap._info()
+    states = comm.allgather((info["prepared"], info["was_clean"]))
+    epoch = min(p for p, _ in states)
+    if all(clean for _, clean in states) and all(p == epoch for p, _ in states):
+        return   # every rank closed cleanly at the same epoch: keep the working state
+    err = None
+    try:
+        heap._recover(epoch)
+    except (OSError, HeapError) as e:
+        err = f"{type(e).__name__}: {e}"
+    _agree(comm, err)
+
+
+def coordinated_checkpoint(heap: Heap, blob: bytes) -> int:
+    """Prepare locally, agree in one allgather, then commit everywhere or withdraw everywhere."""
+    comm, native = heap._comm, heap._native
+    epoch, err = 0, None
+    try:
+        epoch = _call(native.prepare, blob)
+        local = heap._local_stats()
+    except (OSError, HeapError) as e:
+        err, local = f"{type(e).__name__}: {e}", {}
+    votes = comm.allgather((err, epoch, [float(local.get(k, 0)) for k in _NUMERIC]))
+    hook = crash_hook()
+    if hook and hook[0] == "after-allreduce" and hook[1] in (0, epoch) and hook[2] in (None, comm.Get_rank()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    failed = [(r, e) for r, (e, _, _) in enumerate(votes) if e]
+    epochs = {n for e, n, _ in votes if not e}
+    if not failed and len(epochs) > 1:
+        failed = [(0, f"ranks prepared different epochs {sorted(epochs)}; the heaps are out of step")]
+    if failed:
+        if err is None:
+            _call(native.withdraw)
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise CheckpointError(f"checkpoint {epoch or '?'} failed on rank(s) {ranks}: {failed[0][1]}; "
+                              "the epoch was withdrawn on every rank, the previous one stays committed")
+    _call(native.commit)
+    columns = list(zip(*(v for _, _, v in votes)))
+    local["total"] = {k: sum(c) for k, c in zip(_NUMERIC, columns)}
+    local["max"] = {k: max(c) for k, c in zip(_NUMERIC, columns)}
+    heap._stats = local
+    return epoch
+
+
+__all__ = ["open", "default_root", "coordinated_checkpoint", "OwnerMismatchError"]

@@ -1,0 +1,398 @@
+/* ckpt.c -- checkpoints: collect the dirty units, copy each into the shadow
+ * slot that does not hold its newest committed version, tag it, make it
+ * durable, then persist the epoch record ("prepared = n") last.  Commit and
+ * withdraw finish the epoch; recover restores the working area to an epoch. */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "internal.h"
+
+#define ROW_FLAG 0x80000000u
+
+/* ckpt_crash -- the test hook: die here if asked to. */
+static void ckpt_crash(hk_heap *h, int point, uint64_t epoch)
+{
+    if (h->crash_point == point && (h->crash_epoch == 0 || h->crash_epoch == epoch))
+        kill(getpid(), SIGKILL);
+}
+
+static int entry_alive(const struct hk_entry *e)
+{
+    return e->kind != HK_KIND_FREE && HK_EPOCH_BORN(e->epochs) && !HK_EPOCH_DEAD(e->epochs);
+}
+
+/* ckpt_push -- queue unit u of entry idx for copying (with a precomputed crc or not). */
+static int ckpt_push(hk_heap *h, uint32_t idx, uint64_t u)
+{
+    struct unit x = {.entry = idx, .u = u};
+    heap_unit_place(h, &h->cat[idx], u, &x.off, &x.len);
+    return vec_push_unit(&h->work, &x);
+}
+
+/* ckpt_push_slot -- queue the unit in (page, slot) of a small-class page, if live. */
+static int ckpt_push_slot(hk_heap *h, uint64_t page, uint32_t slot)
+{
+    if (!((h->pmask[page] >> slot) & 1))
+        return 0;
+    uint32_t own = h->powner[page], idx;
+    uint64_t u = 0;
+    if (own & ROW_FLAG) {
+        idx = h->slotowner[(size_t)(own & ~ROW_FLAG) * 64 + slot];
+    } else {
+        idx = own;
+        u = (page - h->cat[idx].first_page) * (HK_PAGE / heap_class_size[h->pcls[page]]) + slot;
+    }
+    return entry_alive(&h->cat[idx]) ? ckpt_push(h, idx, u) : 0;
+}
+
+/* ckpt_emit -- tracker callback: (view, page) written -> the units it names. */
+static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
+{
+    if (page >= h->sb->npages)
+        return 0;
+    unsigned pc = h->pcls[page];
+    if (pc == HK_PAGE_FREE || pc == HK_PAGE_TAGS)
+        return 0;
+    if (pc == HK_PAGE_CLASS) {
+        uint32_t idx = h->powner[page];
+        return view == 0 && entry_alive(&h->cat[idx]) ? ckpt_push(h, idx, page - h->cat[idx].first_page) : 0;
+    }
+    if (view == 0 && !h->aliased) {   /* page-grained: the whole page is dirty */
+        int rc = 0;
+        for (uint32_t j = 0; j < HK_PAGE / heap_class_size[pc] && !rc; j++)
+            rc = ckpt_push_slot(h, page, j);
+        return rc;
+    }
+    unsigned cls = pc;
+    uint32_t slot = 0;
+    if (view > 0)
+        alias_unit_of(h, view, &cls, &slot);
+    return cls == pc ? ckpt_push_slot(h, page, slot) : 0;
+}
+
+/* ckpt_push_entry -- queue every unit of a live entry (hash: only the changed ones). */
+static int ckpt_push_entry(hk_heap *h, uint32_t idx, int by_hash)
+{
+    struct hk_entry *e = &h->cat[idx];
+    if (!entry_alive(e))
+        return 0;
+    for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
+        if (by_hash) {
+            uint64_t off;
+            uint32_t len;
+            heap_unit_place(h, e, u, &off, &len);
+            struct hk_tag *t = heap_tag(h, e, u);
+            if (t->latest && t->crc[HK_TAG_SLOT(t->latest)] == crc_compute(0, h->data + off, len))
+                continue;
+        }
+        int rc = ckpt_push(h, idx, u);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+static int unit_cmp(const void *a, const void *b)
+{
+    const struct unit *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* ckpt_collect -- the dirty set of this epoch, sorted by address, without repeats. */
+static int ckpt_collect(hk_heap *h)
+{
+    int rc = 0;
+    h->work.n = 0;
+    int everything = h->tracker == HK_TRACK_FULL || h->tracker == HK_TRACK_HASH || h->all_dirty;
+    if (h->ops)
+        rc = h->ops->collect(h, ckpt_emit);
+    for (uint64_t i = 0; !rc && everything && i < h->st->entries_hwm; i++)
+        rc = ckpt_push_entry(h, (uint32_t)i, h->tracker == HK_TRACK_HASH && !h->all_dirty);
+    for (size_t i = 0; !rc && i < h->fresh.n; i++)
+        rc = ckpt_push_entry(h, h->fresh.v[i], 0);
+    for (size_t i = 0; !rc && i < h->carry.n; i++) {
+        struct unit *c = &h->carry.v[i];
+        if (entry_alive(&h->cat[c->entry]) && c->u < heap_units(&h->cat[c->entry]))
+            rc = ckpt_push(h, c->entry, c->u);
+    }
+    if (rc)
+        return rc;
+    qsort(h->work.v, h->work.n, sizeof *h->work.v, unit_cmp);
+    size_t m = 0;
+    for (size_t i = 0; i < h->work.n; i++)
+        if (m == 0 || h->work.v[i].off != h->work.v[m - 1].off)
+            h->work.v[m++] = h->work.v[i];
+    h->work.n = m;
+    return 0;
+}
+
+/* ckpt_copy -- copy every queued unit into its free shadow slot and tag it. */
+static void ckpt_copy(hk_heap *h, uint64_t n)
+{
+    struct hk_stats *s = &h->stats;
+    uint64_t last_page = ~0ull, last_obj_entry = ~0ull, last_obj = ~0ull;
+    for (size_t i = 0; i < h->work.n; i++) {
+        if (i == h->work.n / 2)
+            ckpt_crash(h, HK_CRASH_MID_COPY, n);
+        struct unit *x = &h->work.v[i];
+        struct hk_entry *e = &h->cat[x->entry];
+        struct hk_tag *t = heap_tag(h, e, x->u);
+        uint32_t l = t->latest;
+        uint32_t slot = l == 0 ? 0 : HK_TAG_EPOCH(l) <= h->committed ? !HK_TAG_SLOT(l) : HK_TAG_SLOT(l);
+        uint8_t *dst = h->raw + h->sb->off_shadow[slot] + x->off;
+        memcpy(dst, h->data + x->off, x->len);
+        pmem_flush(h, dst, x->len);
+        t->crc[slot] = crc_compute(0, dst, x->len);
+        __atomic_store_n(&t->latest, (uint32_t)n | slot << 31, __ATOMIC_RELEASE);
+        pmem_flush(h, t, sizeof *t);
+        s->bytes_copied += x->len;
+        s->bytes_meta += 8;
+        uint64_t page = x->off / HK_PAGE;
+        s->pages_dirty += page != last_page;
+        last_page = page;
+        uint64_t obj = e->cls == HK_PAGE_CLASS ? x->u / ((e->obj_size + HK_PAGE - 1) / HK_PAGE) : x->u;
+        s->objects_dirty += x->entry != last_obj_entry || obj != last_obj;
+        last_obj_entry = x->entry;
+        last_obj = obj;
+    }
+    s->units_dirty = h->work.n;
+    s->bytes_dirty = s->bytes_copied;
+    s->bytes_page_baseline = s->pages_dirty * HK_PAGE;
+}
+
+/* ckpt_write_record -- persist "prepared = n" with the user's metadata. */
+static int ckpt_write_record(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len)
+{
+    struct hk_record *r = &h->st->rec[n & 1];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    r->magic = 0;   /* an interrupted rewrite stays invalid */
+    pmem_flush(h, r, 8);
+    r->epoch = n;
+    r->time_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    r->entries_hwm = h->st->entries_hwm;
+    r->meta_len = meta_len;
+    memset(r->meta, 0, sizeof r->meta);
+    memcpy(r->meta, meta, meta_len);
+    r->magic = HK_STATE_MAGIC;
+    r->crc = crc_compute(0, r, offsetof(struct hk_record, crc));
+    pmem_flush(h, r, sizeof *r);
+    return pmem_drain(h);
+}
+
+/* ckpt_prepare -- steps 1-3 of the protocol for epoch committed+1. */
+int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch)
+{
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    if (meta_len > HK_META_MAX)
+        return hk_fail(EINVAL, "checkpoint metadata is %u bytes, at most %d fit", meta_len, HK_META_MAX);
+    if (h->prepared != h->committed)
+        return hk_fail(EALREADY, "%s: epoch %lu is prepared but neither committed nor withdrawn", h->path,
+                       (unsigned long)h->prepared);
+    uint64_t n = h->committed + 1;
+    if (n >= 0x7fffffffu)
+        return hk_fail(EOVERFLOW, "%s: epoch counter exhausted", h->path);
+    struct hk_stats *s = &h->stats;
+    memset(s, 0, sizeof *s);
+    s->epoch = n;
+    double t0 = pmem_now();
+    int rc = ckpt_collect(h);
+    if (rc)
+        return rc;
+    double t1 = pmem_now();
+    ckpt_crash(h, HK_CRASH_BEFORE_COPY, n);
+    ckpt_copy(h, n);
+    double t2 = pmem_now();
+    if (h->nvm_gbps > 0 || h->nvm_lat_ns > 0) {
+        double model = (h->nvm_gbps > 0 ? s->bytes_copied / (h->nvm_gbps * 1e9) : 0) +
+                       h->work.n * h->nvm_lat_ns * 1e-9;
+        s->t_nvm_delay = model > t2 - t1 ? model - (t2 - t1) : 0;
+        pmem_delay(s->t_nvm_delay);
+    }
+    ckpt_crash(h, HK_CRASH_AFTER_COPY, n);
+    double t3 = pmem_now();
+    for (size_t i = 0; i < h->touched.n; i++)
+        pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
+    s->bytes_meta += h->touched.n * sizeof(struct hk_entry);
+    pmem_flush(h, &h->st->entries_hwm, 8);
+    if ((rc = pmem_drain(h)))
+        return rc;
+    double t4 = pmem_now();
+    if ((rc = ckpt_write_record(h, n, meta, meta_len)))
+        return rc;
+    s->bytes_meta += sizeof(struct hk_record);
+    ckpt_crash(h, HK_CRASH_AFTER_PREPARE, n);
+    h->prepared = n;
+    h->touched.n = h->fresh.n = h->carry.n = 0;
+    h->all_dirty = 0;
+    s->t_scan = t1 - t0;
+    s->t_copy = t2 - t1;
+    s->t_flush = t4 - t3;
+    s->t_commit = pmem_now() - t4;
+    *epoch = n;
+    return 0;
+}
+
+/* ckpt_commit -- every rank prepared: the epoch is committed; frees become reusable. */
+int ckpt_commit(hk_heap *h)
+{
+    if (h->prepared != h->committed + 1)
+        return hk_fail(EINVAL, "%s: no prepared epoch to commit", h->path);
+    h->committed = h->prepared;
+    for (size_t i = 0; i < h->pending.n; i++)
+        heap_release_entry(h, h->pending.v[i]);
+    h->pending.n = 0;
+    return 0;
+}
+
+/* ckpt_withdraw -- some rank failed: drop the prepared epoch, keep its dirty set for the retry. */
+int ckpt_withdraw(hk_heap *h)
+{
+    if (h->prepared != h->committed + 1)
+        return hk_fail(EINVAL, "%s: no prepared epoch to withdraw", h->path);
+    struct hk_record *r = &h->st->rec[h->prepared & 1];
+    r->magic = 0;
+    pmem_flush(h, r, 8);
+    int rc = pmem_drain(h);
+    if (rc)
+        return rc;
+    h->prepared = h->committed;
+    for (size_t i = 0; i < h->work.n; i++)
+        if ((rc = vec_push_unit(&h->carry, &h->work.v[i])))
+            return rc;
+    return 0;
+}
+
+/* ckpt_restore_entry -- bring every unit of a live entry back from its newest slot <= E. */
+static int ckpt_restore_entry(hk_heap *h, uint32_t idx, uint64_t E)
+{
+    struct hk_entry *e = &h->cat[idx];
+    for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
+        struct hk_tag *t = heap_tag(h, e, u);
+        uint32_t l = t->latest, slot = HK_TAG_EPOCH(l) <= E ? HK_TAG_SLOT(l) : !HK_TAG_SLOT(l);
+        if (l == 0)
+            return hk_fail(EBADMSG, "%s: object '%.63s' (unit %lu) has no checkpoint copy", h->path, e->name,
+                           (unsigned long)u);
+        uint64_t off;
+        uint32_t len;
+        heap_unit_place(h, e, u, &off, &len);
+        const uint8_t *src = h->raw + h->sb->off_shadow[slot] + off;
+        if (crc_compute(0, src, len) != t->crc[slot])
+            return hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu, epoch <= %lu) is corrupt "
+                           "(checksum mismatch)", h->path, e->name, (unsigned long)u, (unsigned long)E);
+        memcpy(h->data + off, src, len);
+        if (HK_TAG_EPOCH(l) > E)
+            __atomic_store_n(&t->latest, (uint32_t)E | slot << 31, __ATOMIC_RELEASE);
+    }
+    return 0;
+}
+
+/* ckpt_recover -- restore the working area to committed epoch E (prepared or prepared-1). */
+int ckpt_recover(hk_heap *h, uint64_t E)
+{
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    if (E > h->prepared || E + 1 < h->prepared)
+        return hk_fail(ERANGE, "%s: cannot restore epoch %lu: this heap is at epoch %lu and holds only "
+                       "epochs %lu..%lu", h->path, (unsigned long)E, (unsigned long)h->prepared,
+                       (unsigned long)(h->prepared ? h->prepared - 1 : 0), (unsigned long)h->prepared);
+    int rc;
+    if (h->prepared > E) {   /* first make the newer epoch unreachable, so a crash here is harmless */
+        struct hk_record *r = &h->st->rec[h->prepared & 1];
+        r->magic = 0;
+        pmem_flush(h, r, 8);
+        if ((rc = pmem_drain(h)))
+            return rc;
+    }
+    for (uint64_t i = 0; i < h->st->entries_hwm; i++) {
+        struct hk_entry *e = &h->cat[i];
+        uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
+        if (e->kind == HK_KIND_FREE)
+            continue;
+        if (born == 0 || born > E || (dead && dead <= E)) {
+            e->epochs = 0;
+            e->kind = HK_KIND_FREE;
+        } else {
+            if (dead)
+                __atomic_store_n(&e->epochs, HK_EPOCHS(born, 0), __ATOMIC_RELEASE);
+            if ((rc = ckpt_restore_entry(h, (uint32_t)i, E)))
+                return rc;
+        }
+        pmem_flush(h, e, sizeof *e);
+    }
+    h->prepared = h->committed = E;
+    h->carry.n = h->touched.n = 0;
+    h->all_dirty = 0;
+    if ((rc = heap_rebuild(h)) || (rc = pmem_drain(h)))
+        return rc;
+    return h->ops ? h->ops->arm(h) : 0;
+}
+
+/* ckpt_meta -- the metadata saved with the newest valid epoch record. */
+int ckpt_meta(hk_heap *h, char *buf, uint32_t cap, uint32_t *len)
+{
+    *len = 0;
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    if (h->prepared == 0)
+        return 0;
+    const struct hk_record *r = &h->st->rec[h->prepared & 1];
+    if (r->epoch != h->prepared || r->meta_len > cap)
+        return hk_fail(EBADMSG, "%s: epoch record %lu is damaged", h->path, (unsigned long)h->prepared);
+    memcpy(buf, r->meta, r->meta_len);
+    *len = r->meta_len;
+    return 0;
+}
+
+/* ckpt_stats -- figures of the last prepare. */
+int ckpt_stats(hk_heap *h, struct hk_stats *out)
+{
+    *out = h->stats;
+    return 0;
+}
+
+/* ckpt_verify -- check the checksum of every committed copy of every live unit. */
+int ckpt_verify(hk_heap *h, uint64_t *checked)
+{
+    *checked = 0;
+    for (uint64_t i = 0; i < h->st->entries_hwm; i++) {
+        struct hk_entry *e = &h->cat[i];
+        if (e->kind == HK_KIND_FREE)
+            continue;
+        if (e->crc != heap_entry_crc(e))
+            return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
+                           (unsigned long)i);
+        if (HK_EPOCH_BORN(e->epochs) > h->committed)
+            continue;
+        for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
+            struct hk_tag *t = heap_tag(h, e, u);
+            uint32_t l = t->latest, slot = HK_TAG_EPOCH(l) <= h->committed ? HK_TAG_SLOT(l) : !HK_TAG_SLOT(l);
+            uint64_t off;
+            uint32_t len;
+            heap_unit_place(h, e, u, &off, &len);
+            if (l == 0 || crc_compute(0, h->raw + h->sb->off_shadow[slot] + off, len) != t->crc[slot])
+                return hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu) is corrupt", h->path, e->name,
+                               (unsigned long)u);
+            (*checked)++;
+        }
+    }
+    return 0;
+}
+
+/* ckpt_set_crash -- arm the test hook: SIGKILL ourselves at `point` (of epoch, or any if 0). */
+void ckpt_set_crash(hk_heap *h, int point, uint64_t epoch)
+{
+    h->crash_point = point;
+    h->crash_epoch = epoch;
+}
+
+/* ckpt_set_nvm -- model NVM writes at `write_gbps` GB/s plus a latency per flushed unit. */
+void ckpt_set_nvm(hk_heap *h, double write_gbps, double flush_latency_ns)
+{
+    h->nvm_gbps = write_gbps;
+    h->nvm_lat_ns = flush_latency_ns;
+}

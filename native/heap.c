@@ -1,0 +1,757 @@
+/* heap.c -- the heap file (create, open, close), the catalog, and the
+ * allocator.  The allocator lives in DRAM and is rebuilt from the catalog at
+ * open; nothing is flushed per allocation: the catalog is made durable by the
+ * next checkpoint (ckpt.c) or a clean close. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "internal.h"
+
+#define ROW_FLAG 0x80000000u
+
+const uint32_t heap_class_size[HK_NCLASSES] = {64, 128, 256, 512, 1024, 2048, 4096};
+
+/* vec_push32 -- append to a growable u32 vector. */
+int vec_push32(struct u32vec *v, uint32_t x)
+{
+    if (v->n == v->cap) {
+        size_t cap = v->cap ? v->cap * 2 : 256;
+        uint32_t *p = realloc(v->v, cap * sizeof *p);
+        if (!p)
+            return hk_fail(ENOMEM, "out of memory growing a list to %zu entries", cap);
+        v->v = p;
+        v->cap = cap;
+    }
+    v->v[v->n++] = x;
+    return 0;
+}
+
+/* vec_push_unit -- append to a growable unit vector. */
+int vec_push_unit(struct unitvec *v, const struct unit *u)
+{
+    if (v->n == v->cap) {
+        size_t cap = v->cap ? v->cap * 2 : 1024;
+        struct unit *p = realloc(v->v, cap * sizeof *p);
+        if (!p)
+            return hk_fail(ENOMEM, "out of memory growing the dirty list to %zu units", cap);
+        v->v = p;
+        v->cap = cap;
+    }
+    v->v[v->n++] = *u;
+    return 0;
+}
+
+/* heap_class_of -- the size class of an object of `size` bytes. */
+static unsigned heap_class_of(uint64_t size)
+{
+    unsigned c = 0;
+    while (c < HK_PAGE_CLASS && heap_class_size[c] < size)
+        c++;
+    return c;
+}
+
+static uint64_t pages_per_obj(const struct hk_entry *e)
+{
+    return e->obj_size ? (e->obj_size + HK_PAGE - 1) / HK_PAGE : 1;
+}
+
+/* heap_units -- how many units an entry has: objects (small), pages (large). */
+uint64_t heap_units(const struct hk_entry *e)
+{
+    if (e->cls == HK_PAGE_CLASS)
+        return e->npages;
+    return e->npages ? e->count : 1;
+}
+
+/* heap_unit_place -- data-area offset and byte length of unit u of entry e. */
+void heap_unit_place(const hk_heap *h, const struct hk_entry *e, uint64_t u, uint64_t *off, uint32_t *len)
+{
+    (void)h;
+    if (e->cls == HK_PAGE_CLASS) {
+        uint64_t ppo = pages_per_obj(e), q = u % ppo, rest = e->obj_size - q * HK_PAGE;
+        *off = (e->first_page + u) * HK_PAGE;
+        *len = (uint32_t)(rest < HK_PAGE ? rest : HK_PAGE);
+        return;
+    }
+    uint32_t s = heap_class_size[e->cls], k = HK_PAGE / s;
+    uint64_t p = e->npages ? e->first_page + u / k : e->first_page;
+    uint32_t j = e->npages ? (uint32_t)(u % k) : e->slot;
+    *off = p * HK_PAGE + (uint64_t)j * s;
+    *len = (uint32_t)e->obj_size;
+}
+
+/* heap_tag -- the tag of unit u: inline for single-unit objects, else in the tag run. */
+struct hk_tag *heap_tag(hk_heap *h, struct hk_entry *e, uint64_t u)
+{
+    if (heap_units(e) == 1)
+        return &e->tag;
+    return (struct hk_tag *)(h->data + e->tag_page * HK_PAGE) + u;
+}
+
+/* heap_entry_crc -- checksum of an entry's immutable fields. */
+uint32_t heap_entry_crc(const struct hk_entry *e)
+{
+    uint32_t c = crc_compute(0, (const uint8_t *)e + 16, offsetof(struct hk_entry, tag) - 16);
+    return crc_compute(c, e->dtype, e->dtype_len < HK_DTYPE_MAX ? e->dtype_len : HK_DTYPE_MAX);
+}
+
+/* heap_pages_alloc -- next-fit run of n free pages; returns the first or -1. */
+static int64_t heap_pages_alloc(hk_heap *h, uint64_t n, uint8_t cls, uint32_t owner)
+{
+    uint64_t np = h->sb->npages, start = h->page_cursor, run = 0, p = start;
+    if (n == 0 || n > np)
+        return -1;
+    for (uint64_t scanned = 0; scanned < np + n; scanned++, p++) {
+        if (p == np) {
+            p = 0;
+            run = 0;
+        }
+        run = h->pcls[p] == HK_PAGE_FREE ? run + 1 : 0;
+        if (run == n) {
+            uint64_t first = p + 1 - n;
+            memset(h->pcls + first, cls, n);
+            for (uint64_t q = first; q <= p; q++) {
+                h->powner[q] = owner;
+                h->pmask[q] = 0;
+            }
+            h->page_cursor = (p + 1) % np;
+            h->pages_used += n;
+            return (int64_t)first;
+        }
+    }
+    return -1;
+}
+
+/* heap_pages_free -- return a run of pages. */
+static void heap_pages_free(hk_heap *h, uint64_t first, uint64_t n)
+{
+    memset(h->pcls + first, HK_PAGE_FREE, n);
+    h->pages_used -= n;
+}
+
+/* heap_zero -- zero a data range: punch whole pages out of the file, memset the rest. */
+static void heap_zero(hk_heap *h, uint64_t off, uint64_t len)
+{
+    if (len >= HK_PAGE && off % HK_PAGE == 0 && len % HK_PAGE == 0 &&
+        fallocate(h->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(h->sb->off_data + off),
+                  (off_t)len) == 0)
+        return;
+    memset(h->data + off, 0, len);
+}
+
+/* heap_row_new -- a 64-entry slot-owner row for a shared small page. */
+static int64_t heap_row_new(hk_heap *h)
+{
+    if (h->free_rows.n)
+        return h->free_rows.v[--h->free_rows.n];
+    if (h->slot_rows == h->slot_rows_cap) {
+        size_t cap = h->slot_rows_cap ? h->slot_rows_cap * 2 : 1024;
+        uint32_t *p = realloc(h->slotowner, cap * 64 * sizeof *p);
+        if (!p)
+            return -1;
+        h->slotowner = p;
+        h->slot_rows_cap = cap;
+    }
+    return (int64_t)h->slot_rows++;
+}
+
+/* heap_slot_alloc -- a free slot of class c on a shared page. */
+static int heap_slot_alloc(hk_heap *h, unsigned c, uint32_t idx, uint64_t *page, uint32_t *slot)
+{
+    uint32_t k = HK_PAGE / heap_class_size[c];
+    uint64_t full = k == 64 ? ~0ull : (1ull << k) - 1;
+    struct u32vec *pv = &h->partial[c];
+    if (pv->n == 0) {
+        int64_t row = heap_row_new(h);
+        int64_t p = row < 0 ? -1 : heap_pages_alloc(h, 1, (uint8_t)c, ROW_FLAG | (uint32_t)row);
+        if (p < 0) {
+            if (row >= 0)
+                vec_push32(&h->free_rows, (uint32_t)row);
+            return -ENOSPC;
+        }
+        int rc = vec_push32(pv, (uint32_t)p);
+        if (rc)
+            return rc;
+    }
+    uint64_t p = pv->v[pv->n - 1];
+    uint32_t j = (uint32_t)__builtin_ctzll(~h->pmask[p]);
+    h->pmask[p] |= 1ull << j;
+    if (h->pmask[p] == full)
+        pv->n--;
+    h->slotowner[(size_t)(h->powner[p] & ~ROW_FLAG) * 64 + j] = idx;
+    *page = p;
+    *slot = j;
+    return 0;
+}
+
+/* heap_slot_free -- give a shared slot back to its class. */
+static void heap_slot_free(hk_heap *h, uint64_t p, uint32_t j)
+{
+    unsigned c = h->pcls[p];
+    uint32_t k = HK_PAGE / heap_class_size[c];
+    uint64_t full = k == 64 ? ~0ull : (1ull << k) - 1;
+    if (h->pmask[p] == full)
+        vec_push32(&h->partial[c], (uint32_t)p);
+    h->pmask[p] &= ~(1ull << j);
+}
+
+/* heap_space_free -- return the pages or slot and the tag run of an entry to the allocator. */
+static void heap_space_free(hk_heap *h, struct hk_entry *e)
+{
+    if (e->npages)
+        heap_pages_free(h, e->first_page, e->npages);
+    else
+        heap_slot_free(h, e->first_page, e->slot);
+    if (heap_units(e) > 1)
+        heap_pages_free(h, e->tag_page, (heap_units(e) * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE);
+}
+
+/* heap_release_entry -- forget an entry for good: space and catalog slot become reusable. */
+void heap_release_entry(hk_heap *h, uint32_t idx)
+{
+    struct hk_entry *e = &h->cat[idx];
+    heap_space_free(h, e);
+    e->epochs = 0;
+    e->kind = HK_KIND_FREE;
+    pmem_flush(h, e, 16);
+    vec_push32(&h->free_entries, idx);
+    vec_push32(&h->touched, idx);
+    h->entries_live--;
+}
+
+/* heap_alloc -- create a catalog entry and its space; the object is zeroed and
+ * counts as dirty at the next checkpoint. */
+int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
+{
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    size_t nl = strlen(d->name);
+    if (nl == 0 || nl >= HK_NAME_MAX)
+        return hk_fail(EINVAL, "name must be 1 to %d bytes, got %zu", HK_NAME_MAX - 1, nl);
+    if (d->dtype_len >= HK_DTYPE_MAX)
+        return hk_fail(EINVAL, "dtype description is %u bytes, at most %d fit", d->dtype_len, HK_DTYPE_MAX - 1);
+    if (d->ndim > HK_NDIM_MAX)
+        return hk_fail(EINVAL, "at most %d dimensions, got %u", HK_NDIM_MAX, d->ndim);
+    uint32_t idx;
+    if (h->free_entries.n)
+        idx = h->free_entries.v[--h->free_entries.n];
+    else if (h->st->entries_hwm < h->sb->max_entries)
+        idx = (uint32_t)h->st->entries_hwm++;
+    else
+        return hk_fail(ENOSPC, "%s: catalog full (%lu objects); create the heap with a larger max_objects",
+                       h->path, (unsigned long)h->sb->max_entries);
+
+    struct hk_entry *e = &h->cat[idx];
+    memset(e, 0, offsetof(struct hk_entry, dtype));
+    e->kind = (uint16_t)d->kind;
+    e->count = d->count;
+    e->obj_size = d->obj_size;
+    e->cls = (uint8_t)heap_class_of(d->obj_size);
+    e->ndim = (uint8_t)d->ndim;
+    memcpy(e->shape, d->shape, sizeof e->shape);
+    memcpy(e->name, d->name, nl);
+    memcpy(e->dtype, d->dtype, d->dtype_len);
+    e->dtype_len = (uint16_t)d->dtype_len;
+
+    int64_t first = -1, tags = 0;
+    uint64_t page = 0;
+    uint32_t slot = 0;
+    int rc = 0;
+    if (e->cls == HK_PAGE_CLASS) {
+        e->npages = d->count * pages_per_obj(e);
+        first = heap_pages_alloc(h, e->npages, HK_PAGE_CLASS, idx);
+    } else if (d->kind == HK_KIND_POOL && d->count > 1) {
+        uint32_t k = HK_PAGE / heap_class_size[e->cls];
+        e->npages = (d->count + k - 1) / k;
+        first = heap_pages_alloc(h, e->npages, e->cls, idx);
+        for (uint64_t i = 0; first >= 0 && i < e->npages; i++) {
+            uint64_t left = d->count - i * k;
+            h->pmask[first + i] = left >= 64 ? ~0ull : (1ull << left) - 1;
+        }
+    } else {
+        rc = heap_slot_alloc(h, e->cls, idx, &page, &slot);
+        first = rc ? -1 : (int64_t)page;
+        e->slot = slot;
+    }
+    uint64_t units = heap_units(e);
+    if (first >= 0 && units > 1) {
+        uint64_t tp = (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE;
+        tags = heap_pages_alloc(h, tp, HK_PAGE_TAGS, idx);
+        if (tags < 0) {
+            if (e->npages)
+                heap_pages_free(h, (uint64_t)first, e->npages);
+            else
+                heap_slot_free(h, (uint64_t)first, slot);
+            first = -1;
+        } else {
+            heap_zero(h, (uint64_t)tags * HK_PAGE, tp * HK_PAGE);
+        }
+    }
+    if (first < 0) {
+        vec_push32(&h->free_entries, idx);
+        return hk_fail(ENOSPC, "%s: out of space for '%s' (%lu bytes): %lu of %lu pages free; free objects "
+                       "(del heap[name]) or create a larger heap",
+                       h->path, d->name, (unsigned long)(d->count * d->obj_size),
+                       (unsigned long)(h->sb->npages - h->pages_used), (unsigned long)h->sb->npages);
+    }
+    e->first_page = (uint64_t)first;
+    e->tag_page = (uint64_t)tags;
+    if (e->npages)
+        heap_zero(h, e->first_page * HK_PAGE, e->npages * HK_PAGE);
+    else
+        heap_zero(h, e->first_page * HK_PAGE + (uint64_t)slot * heap_class_size[e->cls], e->obj_size);
+    e->crc = heap_entry_crc(e);
+    __atomic_store_n(&e->epochs, HK_EPOCHS(h->committed + 1, 0), __ATOMIC_RELEASE);
+    if ((rc = vec_push32(&h->fresh, idx)) || (rc = vec_push32(&h->touched, idx)))
+        return rc;
+    h->entries_live++;
+    *index = idx;
+    return 0;
+}
+
+/* heap_free -- free an object.  Its space is reused once the free is committed. */
+int heap_free(hk_heap *h, uint64_t index)
+{
+    if (index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE ||
+        HK_EPOCH_DEAD(h->cat[index].epochs))
+        return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
+    struct hk_entry *e = &h->cat[index];
+    uint32_t born = HK_EPOCH_BORN(e->epochs);
+    if (born > h->committed) {   /* never part of a committed epoch: gone at once */
+        heap_release_entry(h, (uint32_t)index);
+        return 0;
+    }
+    __atomic_store_n(&e->epochs, HK_EPOCHS(born, h->committed + 1), __ATOMIC_RELEASE);
+    h->entries_live--;
+    int rc = vec_push32(&h->pending, (uint32_t)index);
+    return rc ? rc : vec_push32(&h->touched, (uint32_t)index);
+}
+
+/* heap_lookup -- describe a live entry; name and dtype are copied into the caller's buffers. */
+int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char *dtype)
+{
+    if (index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE)
+        return hk_fail(ENOENT, "no object at catalog index %lu", (unsigned long)index);
+    const struct hk_entry *e = &h->cat[index];
+    memcpy(name, e->name, HK_NAME_MAX);
+    name[HK_NAME_MAX - 1] = 0;
+    memcpy(dtype, e->dtype, e->dtype_len);
+    dtype[e->dtype_len] = 0;
+    d->name = name;
+    d->dtype = dtype;
+    d->dtype_len = e->dtype_len;
+    d->ndim = e->ndim;
+    memcpy(d->shape, e->shape, sizeof d->shape);
+    d->obj_size = e->obj_size;
+    d->count = e->count;
+    d->kind = e->kind;
+    return 0;
+}
+
+/* heap_next_live -- first live entry at or after `from`, or -1. */
+int64_t heap_next_live(hk_heap *h, uint64_t from)
+{
+    for (uint64_t i = from; i < h->st->entries_hwm; i++)
+        if (h->cat[i].kind != HK_KIND_FREE && !HK_EPOCH_DEAD(h->cat[i].epochs))
+            return (int64_t)i;
+    return -1;
+}
+
+/* heap_addr -- where object `obj` of entry `index` is seen by the program. */
+void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj)
+{
+    struct hk_entry *e = &h->cat[index];
+    uint64_t off;
+    uint32_t len;
+    if (e->cls == HK_PAGE_CLASS) {
+        heap_unit_place(h, e, obj * pages_per_obj(e), &off, &len);
+        return h->views + off;
+    }
+    heap_unit_place(h, e, obj, &off, &len);
+    uint32_t slot = (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls];
+    return h->views + (size_t)alias_view_of(h, e->cls, slot) * h->data_len + off;
+}
+
+/* heap_mark -- claim an existing entry's space while rebuilding; refuses overlaps. */
+static int heap_mark(hk_heap *h, uint32_t idx)
+{
+    struct hk_entry *e = &h->cat[idx];
+    uint64_t np = h->sb->npages, units = heap_units(e);
+    if (e->cls > HK_PAGE_CLASS || e->first_page >= np || e->npages > np - e->first_page)
+        return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') points outside the heap", h->path, idx, e->name);
+    if (e->npages) {
+        for (uint64_t p = e->first_page; p < e->first_page + e->npages; p++)
+            if (h->pcls[p] != HK_PAGE_FREE)
+                return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') overlaps another object", h->path, idx,
+                               e->name);
+        memset(h->pcls + e->first_page, e->cls, e->npages);
+        uint32_t k = HK_PAGE / heap_class_size[e->cls];
+        for (uint64_t i = 0; i < e->npages; i++) {
+            uint64_t left = e->cls == HK_PAGE_CLASS ? 64 : e->count - i * k;
+            h->powner[e->first_page + i] = idx;
+            h->pmask[e->first_page + i] = left >= 64 ? ~0ull : (1ull << left) - 1;
+        }
+        h->pages_used += e->npages;
+    } else {
+        uint64_t p = e->first_page;
+        uint32_t k = HK_PAGE / heap_class_size[e->cls];
+        if (e->cls == HK_PAGE_CLASS || e->slot >= k || (h->pcls[p] != HK_PAGE_FREE && h->pcls[p] != e->cls) ||
+            (h->pcls[p] == e->cls && (!(h->powner[p] & ROW_FLAG) || (h->pmask[p] >> e->slot) & 1)))
+            return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') has a bad slot", h->path, idx, e->name);
+        if (h->pcls[p] == HK_PAGE_FREE) {
+            int64_t row = heap_row_new(h);
+            if (row < 0)
+                return hk_fail(ENOMEM, "out of memory rebuilding the allocator");
+            h->pcls[p] = e->cls;
+            h->powner[p] = ROW_FLAG | (uint32_t)row;
+            h->pmask[p] = 0;
+            h->pages_used++;
+        }
+        h->pmask[p] |= 1ull << e->slot;
+        h->slotowner[(size_t)(h->powner[p] & ~ROW_FLAG) * 64 + e->slot] = idx;
+    }
+    if (units > 1) {
+        uint64_t tp = (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE;
+        if (e->tag_page >= np || tp > np - e->tag_page)
+            return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') has a bad tag run", h->path, idx, e->name);
+        for (uint64_t p = e->tag_page; p < e->tag_page + tp; p++) {
+            if (h->pcls[p] != HK_PAGE_FREE)
+                return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') tag run overlaps", h->path, idx, e->name);
+            h->pcls[p] = HK_PAGE_TAGS;
+            h->powner[p] = idx;
+        }
+        h->pages_used += tp;
+    }
+    return 0;
+}
+
+/* heap_rebuild -- rebuild the DRAM allocator from the catalog. */
+int heap_rebuild(hk_heap *h)
+{
+    uint64_t np = h->sb->npages;
+    memset(h->pcls, HK_PAGE_FREE, np);
+    h->pages_used = 0;
+    h->slot_rows = 0;
+    h->entries_live = 0;
+    h->free_entries.n = h->pending.n = h->fresh.n = h->free_rows.n = 0;
+    for (unsigned c = 0; c < HK_PAGE_CLASS; c++)
+        h->partial[c].n = 0;
+    if (h->st->entries_hwm > h->sb->max_entries)
+        return hk_fail(EBADMSG, "%s: catalog high-water mark %lu exceeds its size %lu", h->path,
+                       (unsigned long)h->st->entries_hwm, (unsigned long)h->sb->max_entries);
+    int rc;
+    for (uint64_t i = h->st->entries_hwm; i-- > 0;) {
+        struct hk_entry *e = &h->cat[i];
+        uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
+        int bad = e->kind > HK_KIND_POOL || (e->kind != HK_KIND_FREE && heap_entry_crc(e) != e->crc);
+        if (bad && born <= h->prepared && born != 0)
+            return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
+                           (unsigned long)i);
+        if (bad || e->kind == HK_KIND_FREE || born == 0 || (dead && dead <= h->committed)) {
+            /* uncommitted garbage, empty, or death committed: reusable */
+            e->epochs = 0;
+            e->kind = HK_KIND_FREE;
+            if ((rc = vec_push32(&h->free_entries, (uint32_t)i)))
+                return rc;
+            continue;
+        }
+        if ((rc = heap_mark(h, (uint32_t)i)))
+            return rc;
+        if (dead)
+            rc = vec_push32(&h->pending, (uint32_t)i);
+        else
+            h->entries_live++;
+        if (!rc && born > h->committed)
+            rc = vec_push32(&h->fresh, (uint32_t)i);
+        if (rc)
+            return rc;
+    }
+    for (uint64_t p = np; p-- > 0;) {
+        unsigned c = h->pcls[p];
+        if (c < HK_PAGE_CLASS && (h->powner[p] & ROW_FLAG)) {
+            uint32_t k = HK_PAGE / heap_class_size[c];
+            if (h->pmask[p] != (k == 64 ? ~0ull : (1ull << k) - 1) && (rc = vec_push32(&h->partial[c], (uint32_t)p)))
+                return rc;
+        }
+    }
+    h->page_cursor = 0;
+    return 0;
+}
+
+/* heap_record_valid -- is epoch record r intact? */
+static int heap_record_valid(const struct hk_record *r)
+{
+    return r->magic == HK_STATE_MAGIC && r->meta_len <= HK_META_MAX &&
+           r->crc == crc_compute(0, r, offsetof(struct hk_record, crc));
+}
+
+/* heap_create -- create a new heap file (sparse) with the given geometry and owner. */
+int heap_create(const char *path, const struct hk_create_opts *o)
+{
+    uint64_t npages = (o->capacity + HK_PAGE - 1) / HK_PAGE;
+    if (npages == 0 || npages > 0xfffffff0ull)
+        return hk_fail(EINVAL, "capacity %lu bytes is out of range", (unsigned long)o->capacity);
+    uint64_t maxe = o->max_entries ? o->max_entries : 1024;
+    if (maxe > 0xfffffff0ull)
+        return hk_fail(EINVAL, "max_objects %lu is out of range", (unsigned long)maxe);
+    struct hk_super sb = {0};
+    sb.magic = HK_MAGIC;
+    sb.major = HK_MAJOR;
+    sb.minor = HK_MINOR;
+    sb.page_size = HK_PAGE;
+    sb.entry_size = sizeof(struct hk_entry);
+    sb.capacity = npages * HK_PAGE;
+    sb.npages = npages;
+    sb.max_entries = maxe;
+    sb.off_catalog = 2 * HK_PAGE;
+    sb.off_data = sb.off_catalog + (maxe * sizeof(struct hk_entry) + HK_PAGE - 1) / HK_PAGE * HK_PAGE;
+    sb.off_shadow[0] = sb.off_data + sb.capacity;
+    sb.off_shadow[1] = sb.off_shadow[0] + sb.capacity;
+    sb.file_size = sb.off_shadow[1] + sb.capacity;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    sb.created_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    sb.rank = o->rank;
+    sb.world_size = o->world_size;
+    snprintf(sb.job, sizeof sb.job, "%s", o->job ? o->job : "");
+    sb.crc = crc_compute(0, &sb, offsetof(struct hk_super, crc));
+
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return hk_fail(errno, "%s: cannot create: %s", path, strerror(errno));
+    struct hk_state st = {0};
+    st.clean = 1;
+    int rc = 0;
+    if (ftruncate(fd, (off_t)sb.file_size) != 0 || pwrite(fd, &sb, sizeof sb, 0) != (ssize_t)sizeof sb ||
+        pwrite(fd, &st, sizeof st, HK_PAGE) != (ssize_t)sizeof st || fsync(fd) != 0)
+        rc = hk_fail(errno, "%s: cannot write the new heap: %s", path, strerror(errno));
+    close(fd);
+    if (rc)
+        unlink(path);
+    return rc;
+}
+
+/* heap_check_super -- refuse files that are not heaps of this format. */
+static int heap_check_super(const char *path, int fd, struct hk_super *sb)
+{
+    struct stat stt;
+    if (fstat(fd, &stt) != 0)
+        return hk_fail(errno, "%s: stat failed: %s", path, strerror(errno));
+    ssize_t n = pread(fd, sb, sizeof *sb, 0);
+    if (n < 0)
+        return hk_fail(errno, "%s: read failed: %s", path, strerror(errno));
+    if (n < 8 || sb->magic != HK_MAGIC)
+        return hk_fail(EBADMSG, "%s: not an hpcckpt heap (bad magic)", path);
+    if (n != (ssize_t)sizeof *sb)
+        return hk_fail(EBADMSG, "%s: truncated heap (superblock is %zd of %zu bytes)", path, n, sizeof *sb);
+    if (sb->major != HK_MAJOR)
+        return hk_fail(EPROTO, "%s: heap format version %u.%u, this hpcckpt reads %d.x", path, sb->major,
+                       sb->minor, HK_MAJOR);
+    if (sb->crc != crc_compute(0, sb, offsetof(struct hk_super, crc)))
+        return hk_fail(EBADMSG, "%s: superblock is corrupt (checksum mismatch)", path);
+    if (sb->page_size != HK_PAGE || sb->entry_size != sizeof(struct hk_entry))
+        return hk_fail(EPROTO, "%s: heap written with page size %u / entry size %u, expected %u / %zu", path,
+                       sb->page_size, sb->entry_size, HK_PAGE, sizeof(struct hk_entry));
+    if ((uint64_t)stt.st_size < sb->file_size)
+        return hk_fail(EBADMSG, "%s: truncated heap (%ld of %lu bytes)", path, (long)stt.st_size,
+                       (unsigned long)sb->file_size);
+    return 0;
+}
+
+/* heap_alloc_dram -- the allocator's DRAM arrays. */
+static int heap_alloc_dram(hk_heap *h)
+{
+    uint64_t np = h->sb->npages;
+    h->pcls = malloc(np);
+    h->pmask = malloc(np * sizeof *h->pmask);
+    h->powner = malloc(np * sizeof *h->powner);
+    if (!h->pcls || !h->pmask || !h->powner)
+        return hk_fail(ENOMEM, "out of memory for the allocator of %lu pages", (unsigned long)np);
+    return 0;
+}
+
+/* heap_free_dram -- free everything heap_open allocated in DRAM. */
+static void heap_free_dram(hk_heap *h)
+{
+    free(h->pcls);
+    free(h->pmask);
+    free(h->powner);
+    free(h->slotowner);
+    free(h->free_rows.v);
+    for (unsigned c = 0; c < HK_PAGE_CLASS; c++)
+        free(h->partial[c].v);
+    free(h->free_entries.v);
+    free(h->pending.v);
+    free(h->fresh.v);
+    free(h->touched.v);
+    free(h->carry.v);
+    free(h->work.v);
+}
+
+/* heap_set_tracker -- choose the tracker (before the views are mapped). */
+int heap_set_tracker(hk_heap *h, int tracker)
+{
+    h->tracker = tracker;
+    h->aliased = tracker == HK_TRACK_UFFD || tracker == HK_TRACK_MPROTECT;
+    h->ops = NULL;
+    if (tracker == HK_TRACK_UFFD || (tracker == HK_TRACK_PAGE && track_uffd_supported()))
+        h->ops = &track_uffd_ops;
+    else if (tracker == HK_TRACK_MPROTECT || tracker == HK_TRACK_PAGE)
+        h->ops = &track_mprotect_ops;
+    return 0;
+}
+
+/* heap_uffd_supported -- can tracker='uffd' work on this kernel? */
+int heap_uffd_supported(void) { return track_uffd_supported(); }
+
+/* heap_open -- map an existing heap and rebuild the allocator; no recovery here
+ * (ckpt_recover restores a committed epoch; the caller decides which). */
+int heap_open(const char *path, int tracker, hk_heap **out)
+{
+    hk_heap *h = calloc(1, sizeof *h);
+    if (!h)
+        return hk_fail(ENOMEM, "out of memory");
+    snprintf(h->path, sizeof h->path, "%s", path);
+    h->fd = open(path, O_RDWR | O_CLOEXEC);
+    if (h->fd < 0) {
+        int rc = hk_fail(errno, "%s: cannot open: %s", path, strerror(errno));
+        free(h);
+        return rc;
+    }
+    struct hk_super sb;
+    int rc = heap_check_super(path, h->fd, &sb);
+    if (!rc && flock(h->fd, LOCK_EX | LOCK_NB) != 0)
+        rc = errno == EWOULDBLOCK ? hk_fail(EBUSY, "%s: heap is open in another process", path)
+                                  : hk_fail(errno, "%s: flock failed: %s", path, strerror(errno));
+    h->data_len = sb.capacity;
+    heap_set_tracker(h, tracker);
+    if (!rc)
+        rc = alias_reserve(h, sb.file_size);
+    if (rc)
+        goto fail;
+    h->sb = (struct hk_super *)h->raw;
+    h->st = (struct hk_state *)(h->raw + HK_PAGE);
+    h->cat = (struct hk_entry *)(h->raw + h->sb->off_catalog);
+    h->data = h->raw + h->sb->off_data;
+    for (int i = 0; i < 2; i++) {
+        const struct hk_record *r = &h->st->rec[i];
+        if (heap_record_valid(r) && r->epoch > h->prepared)
+            h->prepared = r->epoch;
+    }
+    h->committed = h->prepared;
+    h->was_clean = h->st->clean == 1;
+    if ((rc = heap_alloc_dram(h)) || (rc = heap_rebuild(h)) || (rc = alias_map_views(h, 0)))
+        goto fail;
+    if (h->ops && ((rc = h->ops->attach(h)) || (rc = h->ops->arm(h))))
+        goto fail;
+    h->all_dirty = h->was_clean && h->prepared > 0;
+    h->st->clean = 0;
+    h->st->open_pid = (uint64_t)getpid();
+    pmem_flush(h, h->st, sizeof *h->st);
+    if ((rc = pmem_drain(h)))
+        goto fail;
+    *out = h;
+    return 0;
+fail:
+    if (h->ops && h->track)
+        h->ops->detach(h);
+    alias_release(h);
+    heap_free_dram(h);
+    close(h->fd);
+    free(h);
+    return rc;
+}
+
+/* heap_detach -- stop tracking, detach the views from the file, drop the file. */
+static void heap_detach(hk_heap *h)
+{
+    if (h->ops && h->track)
+        h->ops->detach(h);
+    alias_map_views(h, 1);   /* lingering numpy arrays keep working on private copies */
+    void *r = mmap(h->raw, (size_t)(h->views - h->raw), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    (void)r;
+    h->sb = NULL;
+    h->st = NULL;
+    h->cat = NULL;
+    flock(h->fd, LOCK_UN);   /* the private views still reference the file */
+    close(h->fd);
+    h->fd = -1;
+    h->closed = 1;
+}
+
+/* heap_close -- make the heap durable and mark it clean. */
+int heap_close(hk_heap *h)
+{
+    if (h->closed)
+        return 0;
+    for (size_t i = 0; i < h->touched.n; i++)
+        pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
+    int rc = h->dax ? 0 : (msync(h->raw, (size_t)(h->views - h->raw), MS_SYNC) ? -errno : 0);
+    if (rc)
+        rc = hk_fail(-rc, "%s: msync failed: %s", h->path, strerror(-rc));
+    if (!rc && !(rc = pmem_drain(h))) {
+        h->st->clean = 1;
+        h->st->open_pid = 0;
+        pmem_flush(h, h->st, sizeof *h->st);
+        rc = pmem_drain(h);
+    }
+    heap_detach(h);
+    return rc;
+}
+
+/* heap_abandon -- drop the heap as a crash would: nothing more is written. */
+int heap_abandon(hk_heap *h)
+{
+    if (!h->closed)
+        heap_detach(h);
+    return 0;
+}
+
+/* heap_release -- unmap the reservation and free the DRAM state. */
+void heap_release(hk_heap *h)
+{
+    if (!h)
+        return;
+    heap_abandon(h);
+    alias_release(h);
+    heap_free_dram(h);
+    free(h);
+}
+
+/* heap_info -- geometry, owner and state for the caller. */
+int heap_info(hk_heap *h, struct hk_info *o)
+{
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    memset(o, 0, sizeof *o);
+    o->major = h->sb->major;
+    o->minor = h->sb->minor;
+    o->page_size = h->sb->page_size;
+    o->tracker = (uint32_t)h->tracker;
+    o->capacity = h->sb->capacity;
+    o->npages = h->sb->npages;
+    o->max_entries = h->sb->max_entries;
+    o->file_size = h->sb->file_size;
+    o->rank = h->sb->rank;
+    o->world_size = h->sb->world_size;
+    memcpy(o->job, h->sb->job, sizeof o->job);
+    o->job[sizeof o->job - 1] = 0;
+    o->prepared = h->prepared;
+    o->committed = h->committed;
+    o->was_clean = h->was_clean;
+    o->dax = h->dax;
+    o->pages_used = h->pages_used;
+    o->pages_free = h->sb->npages - h->pages_used;
+    o->entries_live = h->entries_live;
+    o->entries_hwm = h->st->entries_hwm;
+    o->nviews = h->nviews;
+    o->va_bytes = h->va_len;
+    o->va_base = h->va;
+    return 0;
+}

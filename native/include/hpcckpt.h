@@ -1,0 +1,90 @@
+/* hpcckpt.h -- the C core's whole API: persistent heap, allocator, trackers,
+ * checkpoints.  No Python, no MPI.  Every function returning int gives 0 or a
+ * negative errno; hk_errmsg() then says what went wrong in words. */
+#ifndef HPCCKPT_H
+#define HPCCKPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct hk_heap hk_heap;
+
+enum hk_tracker { HK_TRACK_UFFD = 0, HK_TRACK_MPROTECT, HK_TRACK_PAGE, HK_TRACK_HASH, HK_TRACK_FULL,
+                  HK_TRACK_NONE };
+
+/* Crash points for tests: the process SIGKILLs itself there. */
+enum hk_crash { HK_CRASH_NONE = 0, HK_CRASH_BEFORE_COPY, HK_CRASH_MID_COPY, HK_CRASH_AFTER_COPY,
+                HK_CRASH_AFTER_PREPARE };
+
+struct hk_create_opts {
+    uint64_t capacity;      /* data bytes (rounded up to pages) */
+    uint64_t max_entries;   /* catalog entries */
+    const char *job;
+    int32_t rank, world_size;
+};
+
+/* hk_desc -- what an object is: filled by the caller at alloc, by the core at lookup. */
+struct hk_desc {
+    const char *name;
+    const char *dtype;
+    uint32_t dtype_len;
+    uint32_t ndim;
+    uint64_t shape[8];
+    uint64_t obj_size;      /* bytes per object */
+    uint64_t count;         /* 1 for an array, n for a pool */
+    int kind;               /* 1 array, 2 pool */
+};
+
+struct hk_info {
+    uint32_t major, minor, page_size, tracker;
+    uint64_t capacity, npages, max_entries, file_size;
+    int32_t rank, world_size;
+    char job[64];
+    uint64_t prepared;      /* newest valid epoch record (0: none) */
+    uint64_t committed;
+    int was_clean;          /* the previous process closed the heap */
+    int dax;                /* MAP_SYNC works: flushes are clwb + sfence */
+    uint64_t pages_used, pages_free, entries_live, entries_hwm, nviews, va_bytes;
+    void *va_base;
+};
+
+struct hk_stats {
+    uint64_t epoch, objects_dirty, units_dirty, bytes_dirty, bytes_copied, bytes_meta;
+    uint64_t bytes_page_baseline, pages_dirty, views_degraded, faults;
+    double t_scan, t_copy, t_flush, t_commit, t_nvm_delay;
+};
+
+const char *hk_errmsg(void);
+
+int heap_create(const char *path, const struct hk_create_opts *opts);
+int heap_open(const char *path, int tracker, hk_heap **out);
+int heap_close(hk_heap *h);                 /* durable, marked clean, views detached */
+int heap_abandon(hk_heap *h);               /* like a crash: nothing more written */
+void heap_release(hk_heap *h);              /* unmap everything; after close/abandon */
+int heap_info(hk_heap *h, struct hk_info *out);
+int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index);
+int heap_free(hk_heap *h, uint64_t index);
+int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char *dtype);
+int64_t heap_next_live(hk_heap *h, uint64_t from);
+void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj);
+int heap_set_tracker(hk_heap *h, int tracker);
+int heap_uffd_supported(void);
+
+int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch);
+int ckpt_commit(hk_heap *h);
+int ckpt_withdraw(hk_heap *h);
+int ckpt_recover(hk_heap *h, uint64_t epoch);
+int ckpt_meta(hk_heap *h, char *buf, uint32_t cap, uint32_t *len);
+int ckpt_stats(hk_heap *h, struct hk_stats *out);
+int ckpt_verify(hk_heap *h, uint64_t *units_checked);
+void ckpt_set_crash(hk_heap *h, int point, uint64_t epoch);
+void ckpt_set_nvm(hk_heap *h, double write_gbps, double flush_latency_ns);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,122 @@
+/* internal.h -- the in-DRAM heap object and the prototypes shared by the
+ * core's mechanisms.  Nothing here is on media; that is layout.h. */
+#ifndef HPCCKPT_INTERNAL_H
+#define HPCCKPT_INTERNAL_H
+
+#include <errno.h>
+#include <stdatomic.h>
+#include "layout.h"
+#include "hpcckpt.h"
+
+#define HK_NVIEWS_MAX   (1 + 63 + 31 + 15 + 7 + 3 + 1)
+#define HK_PAGE_FREE    0xffu
+#define HK_PAGE_TAGS    0xfeu
+#define HK_NO_OWNER     0xffffffffu
+
+/* One dirty unit, ready to copy: its file offset inside the data area. */
+struct unit {
+    uint64_t off;
+    uint32_t entry;
+    uint32_t len;
+    uint64_t u;     /* unit number inside its entry */
+};
+
+struct unitvec { struct unit *v; size_t n, cap; };
+struct u32vec { uint32_t *v; size_t n, cap; };
+
+struct track_ops;
+
+struct hk_heap {
+    int fd;
+    char path[4096];
+    int dax;
+    int tracker;
+    int aliased;                    /* views per slot (uffd, mprotect) or one view */
+    const struct track_ops *ops;
+    void *track;                    /* tracker private state */
+
+    /* address space: one reservation = raw file mapping, then the views */
+    uint8_t *va;
+    size_t va_len;
+    uint8_t *raw;                   /* whole file, untracked */
+    uint8_t *views;                 /* view g at views + g * data_len */
+    size_t data_len;
+    uint32_t nviews;
+    uint32_t first_view[HK_NCLASSES];   /* view of slot 1 of each class (slot 0 is view 0) */
+
+    struct hk_super *sb;
+    struct hk_state *st;
+    struct hk_entry *cat;
+    uint8_t *data;                  /* raw + off_data */
+
+    /* allocator, all DRAM, rebuilt at open */
+    uint8_t *pcls;                  /* class of each page, HK_PAGE_FREE, HK_PAGE_TAGS */
+    uint64_t *pmask;                /* used slots of a small-class page */
+    uint32_t *powner;               /* owning entry of a run page / slot-table row */
+    uint32_t *slotowner;            /* rows of 64 entry indexes for shared small pages */
+    size_t slot_rows, slot_rows_cap;
+    struct u32vec free_rows;
+    struct u32vec partial[HK_PAGE_CLASS];   /* shared pages with a free slot */
+    uint64_t page_cursor, pages_used;
+    struct u32vec free_entries;
+    struct u32vec pending;          /* freed in the open epoch: released at commit */
+    struct u32vec fresh;            /* born in the open epoch: dirty at next prepare */
+    struct u32vec touched;          /* catalog entries changed since the last prepare */
+    uint64_t entries_live;
+
+    /* checkpoint state */
+    uint64_t prepared, committed;
+    int was_clean, all_dirty, closed;
+    struct unitvec carry;           /* dirty units of a withdrawn epoch */
+    struct unitvec work;
+    struct hk_stats stats;
+    int crash_point;
+    uint64_t crash_epoch;
+    double nvm_gbps, nvm_lat_ns;
+};
+
+/* tracker interface: attach after the views exist, arm to protect all,
+ * collect appends dirty (view, page) pairs and re-protects, detach at close. */
+struct track_ops {
+    const char *name;
+    int (*attach)(hk_heap *h);
+    int (*arm)(hk_heap *h);
+    int (*collect)(hk_heap *h, int (*emit)(hk_heap *, uint32_t view, uint64_t page));
+    void (*detach)(hk_heap *h);
+};
+
+extern const struct track_ops track_uffd_ops, track_mprotect_ops;
+int track_uffd_supported(void);
+
+/* errors */
+int hk_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* crc.c */
+uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);
+
+/* pmem.c */
+int pmem_map_file(hk_heap *h, uint8_t *at, size_t len);
+void pmem_flush(hk_heap *h, const void *addr, size_t len);
+int pmem_drain(hk_heap *h);
+double pmem_now(void);
+void pmem_delay(double seconds);
+
+/* alias.c */
+int alias_reserve(hk_heap *h, size_t file_len);
+int alias_map_views(hk_heap *h, int private_copy);
+void alias_release(hk_heap *h);
+uint32_t alias_view_of(const hk_heap *h, unsigned cls, uint32_t slot);
+void alias_unit_of(const hk_heap *h, uint32_t view, unsigned *cls, uint32_t *slot);
+
+/* heap.c */
+extern const uint32_t heap_class_size[HK_NCLASSES];
+uint64_t heap_units(const struct hk_entry *e);
+void heap_unit_place(const hk_heap *h, const struct hk_entry *e, uint64_t u, uint64_t *off, uint32_t *len);
+struct hk_tag *heap_tag(hk_heap *h, struct hk_entry *e, uint64_t u);
+uint32_t heap_entry_crc(const struct hk_entry *e);
+int heap_rebuild(hk_heap *h);
+void heap_release_entry(hk_heap *h, uint32_t idx);
+int vec_push32(struct u32vec *v, uint32_t x);
+int vec_push_unit(struct unitvec *v, const struct unit *u);
+
+#endif

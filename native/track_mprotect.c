@@ -1,0 +1,189 @@
+/* track_mprotect.c -- the paper's tracker: views are PROT_READ, the first write
+ * to a page raises SIGSEGV, the handler records (view, page) and unprotects
+ * that page.  Only SEGV_ACCERR inside a registered heap is ours; everything
+ * else goes to the handler that was installed before (faulthandler, MPI).
+ * When the kernel refuses to split more VMAs (vm.max_map_count) or the record
+ * is full, the whole view is unprotected and counted dirty: degraded, never lost. */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include "internal.h"
+
+#define MP_MAX_HEAPS 16
+#define MP_RECORD    (1u << 20)
+
+struct mp_state {
+    _Atomic uint64_t head;          /* buffer << 32 | count */
+    uint64_t *rec[2];               /* view << 32 | page, +1 so 0 means "not yet written" */
+    _Atomic uint8_t *degraded;      /* per view */
+    _Atomic uint64_t faults, ndegraded;
+};
+
+static struct { _Atomic(hk_heap *) heap; } mp_heaps[MP_MAX_HEAPS];
+static struct sigaction mp_prev;
+static int mp_installed;
+
+static void mp_handler(int sig, siginfo_t *si, void *ctx);
+
+/* mp_install -- put our handler in front, remembering the one we replace. */
+static int mp_install(void)
+{
+    struct sigaction cur;
+    if (sigaction(SIGSEGV, NULL, &cur) != 0)
+        return -errno;
+    if (mp_installed && (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == mp_handler)
+        return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = mp_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &mp_prev) != 0)
+        return -errno;
+    mp_installed = 1;
+    return 0;
+}
+
+/* mp_chain -- hand a fault that is not ours to the previous handler. */
+static void mp_chain(int sig, siginfo_t *si, void *ctx)
+{
+    if (mp_prev.sa_flags & SA_SIGINFO) {
+        mp_prev.sa_sigaction(sig, si, ctx);
+    } else if (mp_prev.sa_handler == SIG_DFL || mp_prev.sa_handler == SIG_IGN) {
+        signal(sig, SIG_DFL);   /* the faulting instruction runs again and dies */
+    } else {
+        mp_prev.sa_handler(sig);
+    }
+}
+
+/* mp_degrade -- unprotect a whole view and count all of it dirty. */
+static void mp_degrade(hk_heap *h, struct mp_state *s, uint32_t view)
+{
+    if (!atomic_exchange(&s->degraded[view], 1))
+        atomic_fetch_add(&s->ndegraded, 1);
+    if (mprotect(h->views + (size_t)view * h->data_len, h->data_len, PROT_READ | PROT_WRITE) != 0)
+        abort();   /* cannot make progress without losing the write */
+}
+
+/* mp_handler -- record and unprotect the page of a write fault on a heap view. */
+static void mp_handler(int sig, siginfo_t *si, void *ctx)
+{
+    uint8_t *a = si->si_addr;
+    for (int i = 0; si->si_code == SEGV_ACCERR && i < MP_MAX_HEAPS; i++) {
+        hk_heap *h = atomic_load(&mp_heaps[i].heap);
+        if (!h || a < h->views || a >= h->views + (size_t)h->nviews * h->data_len)
+            continue;
+        struct mp_state *s = h->track;
+        uint64_t rel = (uint64_t)(a - h->views);
+        uint32_t view = (uint32_t)(rel / h->data_len);
+        uint64_t page = (rel % h->data_len) / HK_PAGE;
+        atomic_fetch_add(&s->faults, 1);
+        uint64_t hd = atomic_fetch_add(&s->head, 1);
+        uint32_t buf = (uint32_t)(hd >> 32), idx = (uint32_t)hd;
+        if (idx >= MP_RECORD) {
+            mp_degrade(h, s, view);
+            return;
+        }
+        __atomic_store_n(&s->rec[buf][idx], ((uint64_t)view << 32 | page) + 1, __ATOMIC_RELEASE);
+        if (mprotect(h->views + rel - rel % HK_PAGE, HK_PAGE, PROT_READ | PROT_WRITE) != 0)
+            mp_degrade(h, s, view);
+        return;
+    }
+    mp_chain(sig, si, ctx);
+}
+
+/* mp_attach -- register the heap's views with the process-wide handler. */
+static int mp_attach(hk_heap *h)
+{
+    struct mp_state *s = calloc(1, sizeof *s);
+    if (!s)
+        return hk_fail(ENOMEM, "out of memory");
+    s->rec[0] = calloc(MP_RECORD, sizeof(uint64_t));
+    s->rec[1] = calloc(MP_RECORD, sizeof(uint64_t));
+    s->degraded = calloc(h->nviews, 1);
+    if (!s->rec[0] || !s->rec[1] || !s->degraded) {
+        free(s->rec[0]);
+        free(s->rec[1]);
+        free((void *)s->degraded);
+        free(s);
+        return hk_fail(ENOMEM, "out of memory for the fault record");
+    }
+    h->track = s;
+    int rc = mp_install();
+    if (rc)
+        return hk_fail(-rc, "installing the SIGSEGV handler failed: %s", strerror(-rc));
+    for (int i = 0; i < MP_MAX_HEAPS; i++) {
+        hk_heap *none = NULL;
+        if (atomic_compare_exchange_strong(&mp_heaps[i].heap, &none, h))
+            return 0;
+    }
+    return hk_fail(EMFILE, "at most %d heaps per process with tracker='mprotect'", MP_MAX_HEAPS);
+}
+
+/* mp_protect_all -- make every view read-only again (this also merges split VMAs). */
+static int mp_protect_all(hk_heap *h, int prot)
+{
+    if (mprotect(h->views, (size_t)h->nviews * h->data_len, prot) != 0)
+        return hk_fail(errno, "%s: mprotect of the views failed: %s", h->path, strerror(errno));
+    return 0;
+}
+
+/* mp_arm -- protect everything and forget earlier faults. */
+static int mp_arm(hk_heap *h)
+{
+    int rc = mp_install();
+    if (rc)
+        return hk_fail(-rc, "installing the SIGSEGV handler failed: %s", strerror(-rc));
+    return mp_protect_all(h, PROT_READ);
+}
+
+/* mp_collect -- re-protect first, then drain the record: a write racing with
+ * us faults again and lands in the next epoch, never nowhere. */
+static int mp_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
+{
+    struct mp_state *s = h->track;
+    int rc = mp_arm(h);
+    if (rc)
+        return rc;
+    uint64_t hd = atomic_load(&s->head), next;
+    do
+        next = ((hd >> 32) ^ 1) << 32;
+    while (!atomic_compare_exchange_weak(&s->head, &hd, next));
+    uint32_t buf = (uint32_t)(hd >> 32), n = (uint32_t)hd < MP_RECORD ? (uint32_t)hd : MP_RECORD;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t v;
+        while ((v = __atomic_load_n(&s->rec[buf][i], __ATOMIC_ACQUIRE)) == 0)
+            ;   /* a handler took the index and is about to store */
+        s->rec[buf][i] = 0;
+        if (!rc)
+            rc = emit(h, (uint32_t)((v - 1) >> 32), (uint32_t)(v - 1));
+    }
+    for (uint32_t g = 0; g < h->nviews && !rc; g++)
+        if (atomic_exchange(&s->degraded[g], 0))
+            for (uint64_t p = 0; p < h->sb->npages && !rc; p++)
+                if (h->pcls[p] != HK_PAGE_FREE && h->pcls[p] != HK_PAGE_TAGS)
+                    rc = emit(h, g, p);
+    h->stats.faults = atomic_exchange(&s->faults, 0);
+    h->stats.views_degraded = atomic_exchange(&s->ndegraded, 0);
+    return rc;
+}
+
+/* mp_detach -- leave the registry and make the views writable for good. */
+static void mp_detach(hk_heap *h)
+{
+    struct mp_state *s = h->track;
+    for (int i = 0; i < MP_MAX_HEAPS; i++) {
+        hk_heap *me = h;
+        atomic_compare_exchange_strong(&mp_heaps[i].heap, &me, NULL);
+    }
+    mp_protect_all(h, PROT_READ | PROT_WRITE);
+    free(s->rec[0]);
+    free(s->rec[1]);
+    free((void *)s->degraded);
+    free(s);
+    h->track = NULL;
+}
+
+const struct track_ops track_mprotect_ops = {"mprotect", mp_attach, mp_arm, mp_collect, mp_detach};

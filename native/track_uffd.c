@@ -1,0 +1,149 @@
+/* track_uffd.c -- userfaultfd asynchronous write-protect tracker.  Writes to a
+ * protected page resolve in the kernel (no signal, no VMA split) and mark the
+ * PTE written; PAGEMAP_SCAN reads the written pages and re-protects them in one
+ * ioctl.  Needs Linux >= 6.7; the constants are defined here for older headers. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include "internal.h"
+
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+
+struct uffd_page_region { uint64_t start, end, categories; };
+struct uffd_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define UFFD_PAGEMAP_SCAN      _IOWR('f', 16, struct uffd_scan_arg)
+#define UFFD_PM_WP_MATCHING    (1 << 0)
+#define UFFD_PM_CHECK_WPASYNC  (1 << 1)
+#define UFFD_PAGE_IS_WRITTEN   (1 << 1)
+#define UFFD_VEC_LEN           4096
+
+struct uffd_state {
+    int uffd, pagemap;
+    struct uffd_page_region vec[UFFD_VEC_LEN];
+};
+
+static const uint64_t uffd_features =
+    UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+
+/* uffd_open -- a userfaultfd with the async write-protect features, or -errno. */
+static int uffd_open(void)
+{
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+    if (fd < 0)
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return -errno;
+    struct uffdio_api api = {.api = UFFD_API, .features = uffd_features};
+    if (ioctl(fd, UFFDIO_API, &api) != 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+/* track_uffd_supported -- does this kernel give us async write-protect? */
+int track_uffd_supported(void)
+{
+    int fd = uffd_open();
+    if (fd < 0)
+        return 0;
+    close(fd);
+    return 1;
+}
+
+/* uffd_attach -- open the uffd and /proc/self/pagemap and register all views. */
+static int uffd_attach(hk_heap *h)
+{
+    struct uffd_state *s = calloc(1, sizeof *s);
+    if (!s)
+        return hk_fail(ENOMEM, "out of memory");
+    s->uffd = uffd_open();
+    if (s->uffd < 0) {
+        int e = -s->uffd;
+        free(s);
+        return hk_fail(e, "userfaultfd with async write-protect is not available (%s); use tracker='mprotect'",
+                       strerror(e));
+    }
+    s->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    struct uffdio_register reg = {
+        .range = {.start = (uintptr_t)h->views, .len = (uint64_t)h->nviews * h->data_len},
+        .mode = UFFDIO_REGISTER_MODE_WP};
+    if (s->pagemap < 0 || ioctl(s->uffd, UFFDIO_REGISTER, &reg) != 0) {
+        int e = errno;
+        if (s->pagemap >= 0)
+            close(s->pagemap);
+        close(s->uffd);
+        free(s);
+        return hk_fail(e, "%s: registering the views with userfaultfd failed: %s", h->path, strerror(e));
+    }
+    h->track = s;
+    return 0;
+}
+
+/* uffd_arm -- write-protect every view (unpopulated pages included). */
+static int uffd_arm(hk_heap *h)
+{
+    struct uffd_state *s = h->track;
+    struct uffdio_writeprotect wp = {
+        .range = {.start = (uintptr_t)h->views, .len = (uint64_t)h->nviews * h->data_len},
+        .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+    if (ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp) != 0)
+        return hk_fail(errno, "%s: UFFDIO_WRITEPROTECT failed: %s", h->path, strerror(errno));
+    return 0;
+}
+
+/* uffd_collect -- emit every written (view, page) and re-protect it, in one pass. */
+static int uffd_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
+{
+    struct uffd_state *s = h->track;
+    uint64_t start = (uintptr_t)h->views, end = start + (uint64_t)h->nviews * h->data_len;
+    while (start < end) {
+        struct uffd_scan_arg a = {
+            .size = sizeof a, .flags = UFFD_PM_WP_MATCHING | UFFD_PM_CHECK_WPASYNC,
+            .start = start, .end = end, .vec = (uintptr_t)s->vec, .vec_len = UFFD_VEC_LEN,
+            .category_mask = UFFD_PAGE_IS_WRITTEN, .return_mask = UFFD_PAGE_IS_WRITTEN};
+        long n = ioctl(s->pagemap, UFFD_PAGEMAP_SCAN, &a);
+        if (n < 0)
+            return hk_fail(errno, "%s: PAGEMAP_SCAN failed: %s", h->path, strerror(errno));
+        for (long i = 0; i < n; i++)
+            for (uint64_t va = s->vec[i].start; va < s->vec[i].end; va += HK_PAGE) {
+                uint64_t rel = va - (uintptr_t)h->views;
+                int rc = emit(h, (uint32_t)(rel / h->data_len), (rel % h->data_len) / HK_PAGE);
+                if (rc)
+                    return rc;
+            }
+        if (a.walk_end <= start)
+            return hk_fail(EIO, "%s: PAGEMAP_SCAN made no progress", h->path);
+        start = a.walk_end;
+    }
+    return 0;
+}
+
+/* uffd_detach -- closing the uffd unregisters the ranges. */
+static void uffd_detach(hk_heap *h)
+{
+    struct uffd_state *s = h->track;
+    close(s->pagemap);
+    close(s->uffd);
+    free(s);
+    h->track = NULL;
+}
+
+const struct track_ops track_uffd_ops = {"uffd", uffd_attach, uffd_arm, uffd_collect, uffd_detach};
