@@ -1,0 +1,278 @@
+"""The main job: 2D heat diffusion plus a pool of particles, checkpointed with hpcckpt.
+
+The grid is block-distributed over a 2D Cartesian communicator (5-point stencil, halo
+exchange with ``Sendrecv``); each rank also owns its share of the particles, a few percent
+of which change at every step. All state lives in the rank's heap: the grid ``u`` (with
+its halo), the pool ``particles``, and the step counter saved as checkpoint meta. The last
+line rank 0 prints is ``checksum: <sha256>`` of the final global state, the same for a
+run that was killed and relaunched as for a failure-free one.
+
+Example::
+
+    $ mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --quiet      # the baseline
+    $ hpcckpt run -n 4 -- python -m hpcckpt.demo --kill-rank 2 --kill-at-step 55
+
+SIGUSR1 (e.g. Slurm's ``--signal``) asks for a checkpoint at the next step boundary.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+from typing import Iterable, NamedTuple
+
+import numpy as np
+from mpi4py import MPI
+
+PARTICLE = np.dtype([("pos", "f8", 2), ("vel", "f8", 2), ("temp", "f8"), ("id", "i8")])
+ALPHA = 0.2  # diffusion number; stable below 0.25
+RELAX = 0.1  # how fast a particle's temperature follows the grid
+HOT_WALL = 100.0  # the top edge of the plate; the other edges are held at 0
+
+
+class Block(NamedTuple):
+    """This rank's part of the global grid: rows [x0, x0+nx), columns [y0, y0+ny)."""
+
+    x0: int
+    y0: int
+    nx: int
+    ny: int
+
+
+def split(n: int, parts: int, i: int) -> tuple[int, int]:
+    """Offset and length of part ``i`` of ``n`` items cut into near-equal parts: split(10, 3, 2) == (7, 3)."""
+    q, r = divmod(n, parts)
+    return i * q + min(i, r), q + (i < r)
+
+
+def decompose(comm: MPI.Comm, nx: int, ny: int) -> tuple[MPI.Cartcomm, Block]:
+    """A 2D Cartesian communicator (ranks kept as in ``comm``) and this rank's block."""
+    dims = MPI.Compute_dims(comm.Get_size(), 2)
+    if nx < dims[0] or ny < dims[1]:
+        raise SystemExit(f"demo: a {nx}x{ny} grid is too small for {dims[0]}x{dims[1]} ranks; raise --nx/--ny")
+    cart = comm.Create_cart(dims, periods=[False, False], reorder=False)
+    (x0, bx), (y0, by) = (split(n, d, c) for n, d, c in zip((nx, ny), dims, cart.Get_coords(cart.Get_rank())))
+    return cart, Block(x0, y0, bx, by)
+
+
+# -- physics: plain functions on numpy arrays (heap arrays or ordinary ones) -----------
+
+def init_grid(u: np.ndarray, block: Block, nx: int, ny: int) -> None:
+    """Fill ``u`` (block plus halo) with two warm bumps; the global top halo is the hot wall."""
+    x = (np.arange(block.x0, block.x0 + block.nx)[:, None] + 0.5) / nx
+    y = (np.arange(block.y0, block.y0 + block.ny)[None, :] + 0.5) / ny
+
+    def bump(cx: float, cy: float, r: float) -> np.ndarray:
+        return np.maximum(0.0, 1.0 - ((x - cx) ** 2 + (y - cy) ** 2) / r**2) ** 2
+
+    u[...] = 0.0
+    u[1:-1, 1:-1] = 80.0 * bump(0.3, 0.3, 0.15) + 50.0 * bump(0.7, 0.6, 0.1)
+    if block.x0 == 0:
+        u[0, 1:-1] = HOT_WALL
+
+
+def edge(u: np.ndarray, axis: int, i: int) -> np.ndarray:
+    """Row (axis 0) or column (axis 1) ``i`` of ``u`` without the corners."""
+    return u[i, 1:-1] if axis == 0 else u[1:-1, i]
+
+
+def exchange_halos(cart: MPI.Cartcomm, u: np.ndarray) -> None:
+    """Fill the halo of ``u`` from the four neighbours; the global edges keep theirs."""
+    for axis in (0, 1):
+        lower, upper = cart.Shift(axis, 1)
+        for send, recv, dest, source in ((-2, 0, upper, lower), (1, -1, lower, upper)):
+            out = np.ascontiguousarray(edge(u, axis, send))
+            into = np.empty_like(out)
+            cart.Sendrecv(out, dest, recvbuf=into, source=source)
+            if source != MPI.PROC_NULL:
+                edge(u, axis, recv)[...] = into
+
+
+def diffuse(u: np.ndarray, scratch: np.ndarray) -> None:
+    """One explicit step of the heat equation on the interior of ``u`` (halo filled)."""
+    c = u[1:-1, 1:-1]
+    np.add(u[:-2, 1:-1], u[2:, 1:-1], out=scratch)
+    scratch += u[1:-1, :-2]
+    scratch += u[1:-1, 2:]
+    scratch -= 4.0 * c
+    scratch *= ALPHA
+    c += scratch
+
+
+def init_particles(block: Block, first: int, count: int, seed: int) -> np.ndarray:
+    """``count`` particles with ids from ``first``, spread over this rank's block, at 0 degrees."""
+    rng = np.random.default_rng([seed, first])
+    p = np.zeros(count, PARTICLE)
+    p["id"] = np.arange(first, first + count)
+    p["pos"] = np.array([block.x0, block.y0]) + rng.random((count, 2)) * [block.nx, block.ny]
+    p["vel"] = rng.uniform(-0.5, 0.5, (count, 2))
+    return p
+
+
+def chosen(step: int, total: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted global ids of the particles that change at ``step`` (the same on every rank)."""
+    rng = np.random.default_rng([seed, step])
+    return np.sort(rng.choice(total, size=round(total * fraction), replace=False))
+
+
+def move(p: np.ndarray, u: np.ndarray, block: Block) -> None:
+    """Advance particles ``p`` in place: drift, bounce off the block's walls, relax toward the grid."""
+    lo = np.array([block.x0, block.y0], dtype=float)
+    hi = lo + [block.nx, block.ny]
+    pos = p["pos"] + p["vel"]
+    low, high = pos < lo, pos > hi
+    p["pos"] = np.where(low, 2 * lo - pos, np.where(high, 2 * hi - pos, pos))
+    p["vel"] = np.where(low | high, -p["vel"], p["vel"])
+    cell = np.minimum(np.floor(p["pos"] - lo).astype(np.int64), [block.nx - 1, block.ny - 1])
+    p["temp"] += RELAX * (u[1 + cell[:, 0], 1 + cell[:, 1]] - p["temp"])
+
+
+# -- storage: the heap's pool, or a plain array with the same p[i] access --------------
+
+class Records:
+    """A plain structured array seen like a heap pool: ``r[i]`` is a 0-d view of record i."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.array[i, ...]
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+
+def load(pool, indices: Iterable[int]) -> np.ndarray:
+    """Copy the records at ``indices`` out of ``pool`` into a plain array."""
+    indices = list(indices)
+    out = np.empty(len(indices), PARTICLE)
+    for j, i in enumerate(indices):
+        out[j] = pool[i]
+    return out
+
+
+def store(pool, indices: Iterable[int], records: np.ndarray) -> None:
+    """Write ``records`` back to ``pool``, touching only the objects at ``indices``."""
+    for i, rec in zip(indices, records):
+        pool[i][()] = rec
+
+
+def checksums(comm: MPI.Comm, block: Block, u: np.ndarray, pool, nx: int, ny: int) -> tuple[str, str] | None:
+    """On rank 0: SHA-256 of the global grid, and of grid plus all particles sorted by id."""
+    mine = (tuple(block), np.ascontiguousarray(u[1:-1, 1:-1]), load(pool, range(len(pool))))
+    parts = comm.gather(mine, root=0)
+    if parts is None:
+        return None
+    grid = np.empty((nx, ny))
+    for (x0, y0, bx, by), a, _ in parts:
+        grid[x0:x0 + bx, y0:y0 + by] = a
+    particles = np.concatenate([p for *_, p in parts])
+    particles = particles[np.argsort(particles["id"], kind="stable")]
+    h = hashlib.sha256(grid.tobytes())
+    grid_hex = h.hexdigest()
+    h.update(particles.tobytes())
+    return grid_hex, h.hexdigest()
+
+
+def report(step: int, epoch: int, stats: dict) -> str:
+    """One progress line from ``heap.stats``: bytes summed over ranks, times the slowest rank's."""
+    tot, slow = stats.get("total", stats), stats.get("max", stats)
+    mb = lambda k: f"{tot.get(k, 0) / 1e6:.2f} MB"  # noqa: E731
+    ms = " ".join(f"{k[2:]} {slow.get(k, 0) * 1e3:.1f}" for k in ("t_scan", "t_copy", "t_flush", "t_commit"))
+    return (f"step {step} epoch {epoch}: {int(tot.get('objects_dirty', 0))} objects / {mb('bytes_dirty')} dirty, "
+            f"copied {mb('bytes_copied')} (pages: {mb('bytes_page_baseline')}); ms {ms} [{stats.get('tracker')}]")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m hpcckpt.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--nx", type=int, default=512)
+    ap.add_argument("--ny", type=int, default=512)
+    ap.add_argument("--particles", type=int, default=100_000, help="in total, split over the ranks")
+    ap.add_argument("--change", type=float, default=0.02, help="fraction of particles changed per step")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--checkpoint-every", type=int, default=10, metavar="K", help="0: only at the end")
+    ap.add_argument("--tracker", default="auto")
+    ap.add_argument("--name", default="demo", help="heap name; a run with an existing name resumes it")
+    ap.add_argument("--root", help="heap directory (default $HPCCKPT_ROOT or hpcckpt's default)")
+    ap.add_argument("--capacity", default="1GiB")
+    ap.add_argument("--kill-rank", type=int, metavar="R")
+    ap.add_argument("--kill-at-step", type=int, metavar="S", help="rank R SIGKILLs itself after step S (attempt 1 only)")
+    ap.add_argument("--no-checkpoint", action="store_true", help="plain numpy arrays, no hpcckpt: the baseline")
+    ap.add_argument("--quiet", action="store_true", help="print only the checksum")
+    args = ap.parse_args(argv)
+    if (args.kill_rank is None) != (args.kill_at_step is None):
+        ap.error("give --kill-rank and --kill-at-step together")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo on ``MPI.COMM_WORLD``; returns 0."""
+    args = parse(argv)
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 and not args.quiet else (lambda *a: None)
+    cart, block = decompose(comm, args.nx, args.ny)
+    first, count = split(args.particles, size, rank)
+    shape = (block.nx + 2, block.ny + 2)
+
+    heap, start = None, 0
+    if args.no_checkpoint:
+        u, pool = np.zeros(shape), Records(np.zeros(count, PARTICLE))
+    else:
+        import hpcckpt
+
+        heap = hpcckpt.open(args.name, comm=comm, root=args.root, capacity=args.capacity, tracker=args.tracker)
+        u = heap["u"] if "u" in heap else heap.array("u", shape, np.float64)
+        pool = heap["particles"] if "particles" in heap else heap.pool("particles", PARTICLE, count)
+        if u.shape != shape or len(pool) != count:
+            raise SystemExit(f"demo: heap {args.name!r} holds a run of another size; choose another --name")
+        start = heap.meta.get("step", 0) if heap.epoch is not None else 0
+    if start == 0:
+        init_grid(u, block, args.nx, args.ny)
+        store(pool, range(count), init_particles(block, first, count, args.seed))
+    dims = cart.Get_topo()[0]
+    say(f"demo: {size} ranks ({dims[0]}x{dims[1]}), grid {args.nx}x{args.ny}, {args.particles} particles, "
+        + ("no checkpoints" if heap is None else f"heap {args.name!r} " + (
+            f"resumed from epoch {heap.epoch} at step {start}" if start else "started fresh")))
+
+    wanted = []  # set by SIGUSR1: checkpoint at the next step boundary
+    signal.signal(signal.SIGUSR1, lambda *_: wanted.append(True))
+    first_attempt = os.environ.get("HPCCKPT_ATTEMPT", "") in ("", "1")
+    scratch = np.empty((block.nx, block.ny))
+    t_start, t_ckpt, n_ckpt = MPI.Wtime(), 0.0, 0
+    for step in range(start + 1, args.steps + 1):
+        exchange_halos(cart, u)
+        diffuse(u, scratch)
+        ids = chosen(step, args.particles, args.change, args.seed)
+        mine = (ids[np.searchsorted(ids, first):np.searchsorted(ids, first + count)] - first).tolist()
+        p = load(pool, mine)
+        move(p, u, block)
+        store(pool, mine, p)
+        if step == args.kill_at_step and rank == args.kill_rank and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if heap is None:
+            continue
+        asked = comm.allreduce(bool(wanted), op=MPI.LOR)
+        if asked or step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0):
+            wanted.clear()
+            t = MPI.Wtime()
+            epoch = heap.checkpoint(step=step)
+            t_ckpt, n_ckpt = t_ckpt + MPI.Wtime() - t, n_ckpt + 1
+            say(report(step, epoch, heap.stats) + (" (asked by SIGUSR1)" if asked else ""))
+    elapsed = MPI.Wtime() - t_start
+    say(f"time: {elapsed:.3f} s for {args.steps - start} steps, {t_ckpt:.3f} s in {n_ckpt} checkpoints")
+
+    sums = checksums(comm, block, u, pool, args.nx, args.ny)
+    if heap is not None:
+        heap.close()
+    if sums:
+        say(f"grid checksum: {sums[0]}")
+        print(f"checksum: {sums[1]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

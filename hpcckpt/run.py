@@ -1,0 +1,144 @@
+"""Relaunch an MPI job until it succeeds: ``hpcckpt run -n N -- cmd args...``.
+
+Runs ``mpiexec -n N cmd args...``; when it exits non-zero, runs it again (up to
+``--max-restarts`` times) so that the application resumes from its last committed
+checkpoint, as ``scr_srun`` does. Each attempt sees ``HPCCKPT_ATTEMPT=1, 2, ...``.
+SIGTERM and SIGINT are forwarded to the running job and end the relaunching;
+SIGUSR1 and SIGUSR2 are forwarded only (e.g. "checkpoint now"). A second SIGTERM or
+SIGINT kills the launcher, whose proxies then kill the ranks.
+
+Example::
+
+    $ hpcckpt run -n 4 --max-restarts 2 -- python -m hpcckpt.demo --kill-rank 2 --kill-at-step 55
+    hpcckpt run: attempt 1/3 exited with 9; relaunching
+    hpcckpt run: attempt 2/3 succeeded
+
+This module uses only the standard library, so ``python hpcckpt/run.py`` works too.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PASS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def find_mpiexec() -> str:
+    """The ``mpiexec`` next to the running Python (the ``mpich`` wheel's), else on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if not found:
+        raise SystemExit("hpcckpt run: no mpiexec found; `pip install mpich` or pass --mpiexec PATH")
+    return found
+
+
+def describe(code: int) -> str:
+    """``137`` -> ``'137 (killed by SIGKILL)'``; a negative code is the launcher's own death."""
+    sig = -code if code < 0 else code - 128 if code > 128 else 0
+    try:
+        return f"{code} (killed by {signal.Signals(sig).name})" if sig else str(code)
+    except ValueError:
+        return str(code)
+
+
+class Relauncher:
+    """Runs the command attempt by attempt; forwards signals to the live attempt."""
+
+    def __init__(self, command: list[str], attempts: int) -> None:
+        self.command, self.attempts = command, attempts
+        self.child: subprocess.Popen | None = None
+        self.stopped_by: signal.Signals | None = None
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        sig = signal.Signals(signum)
+        escalate = sig in STOP_SIGNALS and self.stopped_by is not None
+        if sig in STOP_SIGNALS:
+            self.stopped_by = sig
+        if self.child and self.child.poll() is None:
+            self.child.send_signal(signal.SIGKILL if escalate else sig)
+
+    def attempt(self, number: int) -> int:
+        env = {**os.environ, "HPCCKPT_ATTEMPT": str(number)}
+        self.child = subprocess.Popen(self.command, env=env, start_new_session=True)
+        try:
+            return self.child.wait()
+        finally:
+            self.reap()
+
+    def reap(self) -> None:
+        """Kill whatever the attempt left behind in its process group, and wait for it."""
+        child = self.child
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.child = None
+
+    def run(self) -> int:
+        old = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS + PASS_SIGNALS}
+        try:
+            code = 0
+            for number in range(1, self.attempts + 1):
+                if self.stopped_by:
+                    break
+                code = self.attempt(number)
+                head = f"hpcckpt run: attempt {number}/{self.attempts}"
+                if code == 0:
+                    log(f"{head} succeeded")
+                    break
+                if self.stopped_by:
+                    log(f"{head} exited with {describe(code)}; not relaunching after {self.stopped_by.name}")
+                elif number == self.attempts:
+                    log(f"{head} exited with {describe(code)}; giving up")
+                else:
+                    log(f"{head} exited with {describe(code)}; relaunching")
+            return 128 - code if code < 0 else code
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hpcckpt run",
+        description="Run an MPI job under mpiexec and relaunch it after a failure.",
+        epilog="example: hpcckpt run -n 4 -- python app.py --steps 100",
+    )
+    parser.add_argument("-n", "--np", type=int, required=True, metavar="N", help="number of ranks")
+    parser.add_argument("--max-restarts", type=int, default=3, metavar="R",
+                        help="relaunch at most R times after a failure (default 3)")
+    parser.add_argument("--mpiexec", metavar="PATH", help="launcher (default: the one beside python, else on PATH)")
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, extra = parser.parse_known_args(argv[:cut])
+    args.command = argv[cut + 1:]
+    if extra or not args.command:
+        example = " ".join(extra) or "python app.py"
+        parser.error(f"put the command after --, e.g. hpcckpt run -n {args.np} -- {example}")
+    if args.np < 1 or args.max_restarts < 0:
+        parser.error("need -n >= 1 and --max-restarts >= 0")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``hpcckpt run``; returns the exit code of the last attempt."""
+    args = parse(argv)
+    launcher = args.mpiexec or find_mpiexec()
+    command = [launcher, "-n", str(args.np), *args.command]
+    return Relauncher(command, args.max_restarts + 1).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

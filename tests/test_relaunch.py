@@ -1,0 +1,110 @@
+"""The relauncher ``hpcckpt run`` with tiny jobs under the real mpiexec (no heap needed).
+
+run.py is started as a script, so these tests work before the native core is built.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[1] / "hpcckpt" / "run.py"
+pytestmark = pytest.mark.timeout(240)
+
+
+def script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def relaunch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``hpcckpt run ARGS`` to completion; a hang fails the test instead of stalling it."""
+    return subprocess.run([sys.executable, str(RUN_PY), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def attempt_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("hpcckpt run: attempt")]
+
+
+def test_relaunches_until_an_attempt_succeeds(tmp_path: Path) -> None:
+    job = script(tmp_path, """
+        import os, sys
+        sys.exit(3 if os.environ["HPCCKPT_ATTEMPT"] == "1" else 0)
+    """)
+    done = relaunch("-n", "1", "--", sys.executable, str(job))
+    assert done.returncode == 0, done.stderr
+    assert attempt_lines(done.stderr) == [
+        "hpcckpt run: attempt 1/4 exited with 3; relaunching",
+        "hpcckpt run: attempt 2/4 succeeded",
+    ]
+
+
+def test_gives_up_after_max_restarts_with_the_last_exit_code(tmp_path: Path) -> None:
+    job = script(tmp_path, "import sys; sys.exit(5)\n")
+    done = relaunch("-n", "1", "--max-restarts", "2", "--", sys.executable, str(job))
+    assert done.returncode == 5
+    lines = attempt_lines(done.stderr)
+    assert len(lines) == 3
+    assert lines[-1] == "hpcckpt run: attempt 3/3 exited with 5; giving up"
+
+
+def test_relaunches_after_rank_killed(tmp_path: Path) -> None:
+    job = script(tmp_path, f"""
+        import os, signal
+        from mpi4py import MPI
+        rank, attempt = MPI.COMM_WORLD.Get_rank(), os.environ["HPCCKPT_ATTEMPT"]
+        open(os.path.join({str(tmp_path)!r}, f"ran-{{attempt}}-{{rank}}"), "w").close()
+        MPI.COMM_WORLD.Barrier()
+        if rank == 1 and attempt == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        MPI.COMM_WORLD.Barrier()
+    """)
+    done = relaunch("-n", "2", "--", sys.executable, str(job))
+    assert done.returncode == 0, done.stderr
+    lines = attempt_lines(done.stderr)
+    assert len(lines) == 2 and lines[0].endswith("; relaunching") and lines[1].endswith("succeeded")
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-1-0", "ran-1-1", "ran-2-0", "ran-2-1"]
+
+
+def test_sigterm_reaches_the_ranks_and_stops_relaunching(tmp_path: Path) -> None:
+    job = script(tmp_path, f"""
+        import os, signal, sys, time
+        from mpi4py import MPI
+        out = os.path.join({str(tmp_path)!r}, f"rank{{MPI.COMM_WORLD.Get_rank()}}")
+        def stop(signum, frame):
+            open(out + ".term", "w").close()
+            sys.exit(7)
+        signal.signal(signal.SIGTERM, stop)
+        with open(out + ".pid", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(100)
+    """)
+    proc = subprocess.Popen([sys.executable, str(RUN_PY), "-n", "2", "--", sys.executable, str(job)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert attempt_lines(stderr) == [f"hpcckpt run: attempt 1/4 exited with {proc.returncode}; not relaunching after SIGTERM"]
+    assert sorted(p.name for p in tmp_path.glob("rank*.term")) == ["rank0.term", "rank1.term"]
+    for pid_file in tmp_path.glob("rank*.pid"):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+
+
+def test_missing_command_says_to_put_it_after_double_dash() -> None:
+    done = relaunch("-n", "2", "python", "app.py")
+    assert done.returncode == 2
+    assert "put the command after --, e.g. hpcckpt run -n 2 -- python app.py" in done.stderr
