@@ -753,5 +753,7 @@ int heap_info(hk_heap *h, struct hk_info *o)
     o->nviews = h->nviews;
     o->va_bytes = h->va_len;
     o->va_base = h->va;
+    o->off_data = h->sb->off_data;
+    o->views_offset = (uint64_t)(h->views - h->va);
     return 0;
 }

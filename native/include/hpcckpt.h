@@ -49,6 +49,7 @@ struct hk_info {
     int was_clean;          /* the previous process closed the heap */
     int dax;                /* MAP_SYNC works: flushes are clwb + sfence */
     uint64_t pages_used, pages_free, entries_live, entries_hwm, nviews, va_bytes;
+    uint64_t off_data, views_offset;   /* data area in the file; views in the buffer */
     void *va_base;
 };
 
