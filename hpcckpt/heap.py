@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import operator
 import os
 from typing import Any, Iterator
 
@@ -98,6 +99,7 @@ class Pool:
         return self._count
 
     def __getitem__(self, i: int) -> np.ndarray:
+        i = operator.index(i)
         if i < 0:
             i += self._count
         if not 0 <= i < self._count:

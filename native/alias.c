@@ -74,3 +74,23 @@ void alias_unit_of(const hk_heap *h, uint32_t view, unsigned *cls, uint32_t *slo
     *cls = c;
     *slot = view - h->first_view[c] + 1;
 }
+
+/* alias_view_span -- the pages of a view that can hold objects: the span of its
+ * class (view 0: of every class).  Trackers arm and scan only these. */
+void alias_view_span(const hk_heap *h, uint32_t view, uint64_t *lo, uint64_t *hi)
+{
+    unsigned first = 0, last = HK_NCLASSES - 1;
+    uint32_t slot;
+    if (view > 0) {
+        alias_unit_of(h, view, &first, &slot);
+        last = first;
+    }
+    *lo = UINT64_MAX;
+    *hi = 0;
+    for (unsigned c = first; c <= last; c++) {
+        if (h->span_lo[c] < *lo)
+            *lo = h->span_lo[c];
+        if (h->span_hi[c] > *hi)
+            *hi = h->span_hi[c];
+    }
+}

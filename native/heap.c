@@ -101,6 +101,17 @@ uint32_t heap_entry_crc(const struct hk_entry *e)
     return crc_compute(c, e->dtype, e->dtype_len < HK_DTYPE_MAX ? e->dtype_len : HK_DTYPE_MAX);
 }
 
+/* heap_span_add -- widen a class's span to include pages [first, first+n). */
+static void heap_span_add(hk_heap *h, unsigned cls, uint64_t first, uint64_t n)
+{
+    if (cls >= HK_NCLASSES)
+        return;
+    if (first < h->span_lo[cls])
+        h->span_lo[cls] = first;
+    if (first + n > h->span_hi[cls])
+        h->span_hi[cls] = first + n;
+}
+
 /* heap_pages_alloc -- next-fit run of n free pages; returns the first or -1. */
 static int64_t heap_pages_alloc(hk_heap *h, uint64_t n, uint8_t cls, uint32_t owner)
 {
@@ -122,6 +133,7 @@ static int64_t heap_pages_alloc(hk_heap *h, uint64_t n, uint8_t cls, uint32_t ow
             }
             h->page_cursor = (p + 1) % np;
             h->pages_used += n;
+            heap_span_add(h, cls, first, n);
             return (int64_t)first;
         }
     }
@@ -391,6 +403,7 @@ static int heap_mark(hk_heap *h, uint32_t idx)
                 return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') overlaps another object", h->path, idx,
                                e->name);
         memset(h->pcls + e->first_page, e->cls, e->npages);
+        heap_span_add(h, e->cls, e->first_page, e->npages);
         uint32_t k = HK_PAGE / heap_class_size[e->cls];
         for (uint64_t i = 0; i < e->npages; i++) {
             uint64_t left = e->cls == HK_PAGE_CLASS ? 64 : e->count - i * k;
@@ -405,6 +418,7 @@ static int heap_mark(hk_heap *h, uint32_t idx)
             (h->pcls[p] == e->cls && (!(h->powner[p] & ROW_FLAG) || (h->pmask[p] >> e->slot) & 1)))
             return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') has a bad slot", h->path, idx, e->name);
         if (h->pcls[p] == HK_PAGE_FREE) {
+            heap_span_add(h, e->cls, p, 1);
             int64_t row = heap_row_new(h);
             if (row < 0)
                 return hk_fail(ENOMEM, "out of memory rebuilding the allocator");
@@ -431,7 +445,8 @@ static int heap_mark(hk_heap *h, uint32_t idx)
     return 0;
 }
 
-/* heap_rebuild -- rebuild the DRAM allocator from the catalog. */
+/* heap_rebuild -- rebuild the DRAM allocator from the catalog.  A death in the
+ * newest epoch stays pending: under MPI the job may restart one epoch earlier. */
 int heap_rebuild(hk_heap *h)
 {
     uint64_t np = h->sb->npages;
@@ -439,6 +454,10 @@ int heap_rebuild(hk_heap *h)
     h->pages_used = 0;
     h->slot_rows = 0;
     h->entries_live = 0;
+    for (unsigned c = 0; c < HK_NCLASSES; c++) {
+        h->span_lo[c] = UINT64_MAX;
+        h->span_hi[c] = 0;
+    }
     h->free_entries.n = h->pending.n = h->fresh.n = h->free_rows.n = 0;
     for (unsigned c = 0; c < HK_PAGE_CLASS; c++)
         h->partial[c].n = 0;
@@ -453,7 +472,7 @@ int heap_rebuild(hk_heap *h)
         if (bad && born <= h->prepared && born != 0)
             return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
                            (unsigned long)i);
-        if (bad || e->kind == HK_KIND_FREE || born == 0 || (dead && dead <= h->committed)) {
+        if (bad || e->kind == HK_KIND_FREE || born == 0 || (dead && dead < h->committed)) {
             /* uncommitted garbage, empty, or death committed: reusable */
             e->epochs = 0;
             e->kind = HK_KIND_FREE;

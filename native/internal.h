@@ -58,6 +58,7 @@ struct hk_heap {
     struct u32vec free_rows;
     struct u32vec partial[HK_PAGE_CLASS];   /* shared pages with a free slot */
     uint64_t page_cursor, pages_used;
+    uint64_t span_lo[HK_NCLASSES], span_hi[HK_NCLASSES];  /* pages ever given to each class */
     struct u32vec free_entries;
     struct u32vec pending;          /* freed in the open epoch: released at commit */
     struct u32vec fresh;            /* born in the open epoch: dirty at next prepare */
@@ -107,6 +108,7 @@ int alias_map_views(hk_heap *h, int private_copy);
 void alias_release(hk_heap *h);
 uint32_t alias_view_of(const hk_heap *h, unsigned cls, uint32_t slot);
 void alias_unit_of(const hk_heap *h, uint32_t view, unsigned *cls, uint32_t *slot);
+void alias_view_span(const hk_heap *h, uint32_t view, uint64_t *lo, uint64_t *hi);
 
 /* heap.c */
 extern const uint32_t heap_class_size[HK_NCLASSES];

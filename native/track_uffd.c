@@ -97,23 +97,18 @@ static int uffd_attach(hk_heap *h)
     return 0;
 }
 
-/* uffd_arm -- write-protect every view (unpopulated pages included). */
-static int uffd_arm(hk_heap *h)
+/* uffd_scan -- PAGEMAP_SCAN one view's span: emit written pages (emit may be
+ * NULL) and write-protect them.  Never-touched pages count as written, so the
+ * first scan of a span arms it; pages outside the spans are never touched. */
+static int uffd_scan(hk_heap *h, uint32_t view, int (*emit)(hk_heap *, uint32_t, uint64_t))
 {
     struct uffd_state *s = h->track;
-    struct uffdio_writeprotect wp = {
-        .range = {.start = (uintptr_t)h->views, .len = (uint64_t)h->nviews * h->data_len},
-        .mode = UFFDIO_WRITEPROTECT_MODE_WP};
-    if (ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp) != 0)
-        return hk_fail(errno, "%s: UFFDIO_WRITEPROTECT failed: %s", h->path, strerror(errno));
-    return 0;
-}
-
-/* uffd_collect -- emit every written (view, page) and re-protect it, in one pass. */
-static int uffd_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
-{
-    struct uffd_state *s = h->track;
-    uint64_t start = (uintptr_t)h->views, end = start + (uint64_t)h->nviews * h->data_len;
+    uint64_t lo, hi;
+    alias_view_span(h, view, &lo, &hi);
+    if (lo >= hi)
+        return 0;
+    uint64_t base = (uintptr_t)h->views + (uint64_t)view * h->data_len;
+    uint64_t start = base + lo * HK_PAGE, end = base + hi * HK_PAGE;
     while (start < end) {
         struct uffd_scan_arg a = {
             .size = sizeof a, .flags = UFFD_PM_WP_MATCHING | UFFD_PM_CHECK_WPASYNC,
@@ -122,10 +117,9 @@ static int uffd_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
         long n = ioctl(s->pagemap, UFFD_PAGEMAP_SCAN, &a);
         if (n < 0)
             return hk_fail(errno, "%s: PAGEMAP_SCAN failed: %s", h->path, strerror(errno));
-        for (long i = 0; i < n; i++)
+        for (long i = 0; emit && i < n; i++)
             for (uint64_t va = s->vec[i].start; va < s->vec[i].end; va += HK_PAGE) {
-                uint64_t rel = va - (uintptr_t)h->views;
-                int rc = emit(h, (uint32_t)(rel / h->data_len), (rel % h->data_len) / HK_PAGE);
+                int rc = emit(h, view, (va - base) / HK_PAGE);
                 if (rc)
                     return rc;
             }
@@ -134,6 +128,23 @@ static int uffd_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
         start = a.walk_end;
     }
     return 0;
+}
+
+/* uffd_collect -- emit every written (view, page) and re-protect it. */
+static int uffd_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
+{
+    for (uint32_t g = 0; g < h->nviews; g++) {
+        int rc = uffd_scan(h, g, emit);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* uffd_arm -- protect the spans in use, forgetting what was written before. */
+static int uffd_arm(hk_heap *h)
+{
+    return uffd_collect(h, NULL);
 }
 
 /* uffd_detach -- closing the uffd unregisters the ranges. */
