@@ -304,12 +304,12 @@ static PyObject *mod_create(PyObject *m, PyObject *args)
 
 static PyObject *mod_open(PyObject *m, PyObject *args)
 {
-    const char *path;
-    int tracker;
-    if (!PyArg_ParseTuple(args, "si", &path, &tracker))
+    const char *path, *job;
+    int tracker, rank, world;
+    if (!PyArg_ParseTuple(args, "sizii", &path, &tracker, &job, &rank, &world))
         return NULL;
     hk_heap *h;
-    CALL(heap_open(path, tracker, &h));
+    CALL(heap_open(path, tracker, job, rank, world, &h));
     NativeHeap *self = PyObject_New(NativeHeap, &NativeHeapType);
     if (!self) {
         heap_abandon(h);
@@ -324,7 +324,7 @@ static PyObject *mod_open(PyObject *m, PyObject *args)
 
 static PyMethodDef mod_methods[] = {
     {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size)"},
-    {"open", mod_open, METH_VARARGS, "open(path, tracker) -> NativeHeap (no recovery)"},
+    {"open", mod_open, METH_VARARGS, "open(path, tracker, job|None, rank|-1, world|-1) -> NativeHeap (no recovery)"},
     {NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "hpcckpt._native", "C core binding", -1, mod_methods};
@@ -348,6 +348,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyModule_AddIntConstant(m, "CRASH_MID_COPY", HK_CRASH_MID_COPY);
     PyModule_AddIntConstant(m, "CRASH_AFTER_COPY", HK_CRASH_AFTER_COPY);
     PyModule_AddIntConstant(m, "CRASH_AFTER_PREPARE", HK_CRASH_AFTER_PREPARE);
+    PyModule_AddIntConstant(m, "CRASH_MID_RESTORE", HK_CRASH_MID_RESTORE);
     PyModule_AddIntConstant(m, "UFFD_SUPPORTED", heap_uffd_supported());
     return m;
 }

@@ -34,6 +34,7 @@ class CheckpointError(HeapError):
 
 _BY_ERRNO = {
     errno.EBADMSG: CorruptHeapError,
+    errno.EACCES: OwnerMismatchError,
     errno.EPROTO: FormatVersionError,
     errno.EBUSY: HeapBusyError,
     errno.ENOSPC: HeapFullError,

@@ -29,7 +29,8 @@ TRACKERS = {"uffd": _native.TRACK_UFFD, "mprotect": _native.TRACK_MPROTECT, "pag
 _TRACKER_NAMES = {v: k for k, v in TRACKERS.items()}
 _KIND_ARRAY, _KIND_POOL = 1, 2
 _CRASH_POINTS = {"before-copy": _native.CRASH_BEFORE_COPY, "mid-copy": _native.CRASH_MID_COPY,
-                 "after-copy": _native.CRASH_AFTER_COPY, "after-prepare": _native.CRASH_AFTER_PREPARE}
+                 "after-copy": _native.CRASH_AFTER_COPY, "after-prepare": _native.CRASH_AFTER_PREPARE,
+                 "mid-restore": _native.CRASH_MID_RESTORE}
 NAME_MAX = 63
 
 
@@ -49,14 +50,21 @@ def resolve_tracker(tracker: str) -> str:
     return tracker
 
 
-def crash_hook() -> tuple[str, int, int | None] | None:
-    """The test hook HPCCKPT_CRASH_AT="point[@epoch][:rank]", parsed, or None."""
+def crash_hook(rank: int) -> tuple[str, int] | None:
+    """The test hook, if it applies to this rank and attempt: (point, epoch or 0).
+
+    HPCCKPT_CRASH_AT="point[@epoch][:rank[,rank...]]" makes the process SIGKILL
+    itself at that point; it fires only while HPCCKPT_ATTEMPT (set by
+    ``hpcckpt run``, default 1) equals HPCCKPT_CRASH_ATTEMPT (default 1).
+    """
     spec = os.environ.get("HPCCKPT_CRASH_AT")
-    if not spec:
+    if not spec or os.environ.get("HPCCKPT_ATTEMPT", "1") != os.environ.get("HPCCKPT_CRASH_ATTEMPT", "1"):
         return None
-    spec, _, rank = spec.partition(":")
+    spec, _, ranks = spec.partition(":")
     point, _, epoch = spec.partition("@")
-    return point, int(epoch or 0), int(rank) if rank else None
+    if ranks and rank not in {int(r) for r in ranks.split(",")}:
+        return None
+    return point, int(epoch or 0)
 
 
 def _check_name(name: str) -> None:
@@ -130,12 +138,9 @@ class Heap:
         self._stats: dict = {}
         self.restored = False
         info = native.info()
-        i = native.next_live(0)
-        while i >= 0:
-            self._names[native.lookup(i)[0]] = i
-            i = native.next_live(i + 1)
-        hook = crash_hook()
-        if hook and hook[0] in _CRASH_POINTS and (hook[2] is None or hook[2] == info["rank"]):
+        self._load_names()
+        hook = crash_hook(info["rank"])
+        if hook and hook[0] in _CRASH_POINTS:
             native.set_crash(_CRASH_POINTS[hook[0]], hook[1])
 
     # -- opening and closing -------------------------------------------------
@@ -163,9 +168,8 @@ class Heap:
 
         `job`, `rank`, `world_size`, when given, must match the heap's owner.
         """
-        heap = cls._attach(os.fspath(path), tracker)
+        heap = cls._attach(os.fspath(path), tracker, job, rank, world_size)
         try:
-            heap._check_owner(job, rank, world_size)
             if not heap._info()["was_clean"]:
                 heap._recover(heap._info()["prepared"])
         except BaseException:
@@ -174,23 +178,23 @@ class Heap:
         return heap
 
     @classmethod
-    def _attach(cls, path: str, tracker: str) -> Heap:
+    def _attach(cls, path: str, tracker: str, job: str | None = None, rank: int | None = None,
+                world_size: int | None = None) -> Heap:
+        """Open without recovery; a heap of another owner is refused before anything is written."""
         name = resolve_tracker(tracker)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such heap; create it with hpcckpt.Heap.create()")
-        return cls(_call(_native.open, path, TRACKERS[name]), path, name)
-
-    def _check_owner(self, job: str | None, rank: int | None, world_size: int | None) -> None:
-        i = self._info()
-        if (job is not None and job != i["job"]) or (rank is not None and rank != i["rank"]) or \
-                (world_size is not None and world_size != i["world_size"]):
-            raise OwnerMismatchError(
-                f"{self.path}: heap belongs to job {i['job']!r}, rank {i['rank']} of {i['world_size']}, "
-                f"not job {job!r}, rank {rank} of {world_size}; use another root or name, or remove it")
+        native = _call(_native.open, path, TRACKERS[name], job, -1 if rank is None else rank,
+                       -1 if world_size is None else world_size)
+        return cls(native, path, name)
 
     def _recover(self, epoch: int) -> None:
         _call(self._native.recover, epoch)
         self.restored = True
+        self._load_names()
+
+    def _load_names(self) -> None:
+        """Index the live catalog entries by name."""
         self._names = {}
         i = self._native.next_live(0)
         while i >= 0:

@@ -68,8 +68,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     heap, err = None, None
     try:
         if present[rank]:
-            heap = Heap._attach(path, tracker)
-            heap._check_owner(name, rank, size)
+            heap = Heap._attach(path, tracker, name, rank, size)
         else:
             heap = Heap.create(path, capacity, tracker=tracker, max_objects=max_objects, job=name, rank=rank,
                                world_size=size)
@@ -111,8 +110,8 @@ def coordinated_checkpoint(heap: Heap, blob: bytes) -> int:
     except (OSError, HeapError) as e:
         err, local = f"{type(e).__name__}: {e}", {}
     votes = comm.allgather((err, epoch, [float(local.get(k, 0)) for k in _NUMERIC]))
-    hook = crash_hook()
-    if hook and hook[0] == "after-allreduce" and hook[1] in (0, epoch) and hook[2] in (None, comm.Get_rank()):
+    hook = crash_hook(comm.Get_rank())
+    if hook and hook[0] == "after-allreduce" and hook[1] in (0, epoch):
         os.kill(os.getpid(), signal.SIGKILL)
     failed = [(r, e) for r, (e, _, _) in enumerate(votes) if e]
     epochs = {n for e, n, _ in votes if not e}

@@ -311,6 +311,8 @@ int ckpt_recover(hk_heap *h, uint64_t E)
     for (uint64_t i = 0; i < h->st->entries_hwm; i++) {
         struct hk_entry *e = &h->cat[i];
         uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
+        if (i == h->st->entries_hwm / 2)
+            ckpt_crash(h, HK_CRASH_MID_RESTORE, 0);
         if (e->kind == HK_KIND_FREE)
             continue;
         if (born == 0 || born > E || (dead && dead <= E)) {

@@ -631,7 +631,7 @@ int heap_uffd_supported(void) { return track_uffd_supported(); }
 
 /* heap_open -- map an existing heap and rebuild the allocator; no recovery here
  * (ckpt_recover restores a committed epoch; the caller decides which). */
-int heap_open(const char *path, int tracker, hk_heap **out)
+int heap_open(const char *path, int tracker, const char *job, int32_t rank, int32_t world, hk_heap **out)
 {
     hk_heap *h = calloc(1, sizeof *h);
     if (!h)
@@ -645,6 +645,11 @@ int heap_open(const char *path, int tracker, hk_heap **out)
     }
     struct hk_super sb;
     int rc = heap_check_super(path, h->fd, &sb);
+    if (!rc && ((job && strncmp(job, sb.job, HK_JOB_MAX) != 0) || (rank >= 0 && rank != sb.rank) ||
+                (world >= 0 && world != sb.world_size)))
+        rc = hk_fail(EACCES, "%s: heap belongs to job '%.63s', rank %d of %d, not job '%s', rank %d of %d; use "
+                     "another root or name, or remove it", path, sb.job, sb.rank, sb.world_size,
+                     job ? job : sb.job, rank >= 0 ? rank : sb.rank, world >= 0 ? world : sb.world_size);
     if (!rc && flock(h->fd, LOCK_EX | LOCK_NB) != 0)
         rc = errno == EWOULDBLOCK ? hk_fail(EBUSY, "%s: heap is open in another process", path)
                                   : hk_fail(errno, "%s: flock failed: %s", path, strerror(errno));

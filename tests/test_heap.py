@@ -179,6 +179,18 @@ def test_truncated_heap_is_refused(heap_path, keep):
         hpcckpt.Heap.open(heap_path)
 
 
+def test_heap_of_another_owner_is_refused_before_anything_is_written(heap_path):
+    hpcckpt.Heap.create(heap_path, "1MiB", job="alpha", rank=1, world_size=4).close()
+    with open(heap_path, "rb") as f:
+        before = f.read()
+    with pytest.raises(hpcckpt.OwnerMismatchError, match="job 'alpha', rank 1 of 4, not job 'beta', rank 1 of 4"):
+        hpcckpt.Heap.open(heap_path, job="beta", rank=1, world_size=4)
+    with pytest.raises(hpcckpt.OwnerMismatchError, match="rank 1 of 4, not job 'alpha', rank 1 of 8"):
+        hpcckpt.Heap.open(heap_path, world_size=8)
+    with open(heap_path, "rb") as f:
+        assert f.read() == before
+
+
 def test_heap_open_twice_is_refused(heap_path):
     heap = hpcckpt.Heap.create(heap_path, "1MiB")
     with pytest.raises(hpcckpt.HeapBusyError, match="open in another process"):

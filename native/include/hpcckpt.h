@@ -18,7 +18,7 @@ enum hk_tracker { HK_TRACK_UFFD = 0, HK_TRACK_MPROTECT, HK_TRACK_PAGE, HK_TRACK_
 
 /* Crash points for tests: the process SIGKILLs itself there. */
 enum hk_crash { HK_CRASH_NONE = 0, HK_CRASH_BEFORE_COPY, HK_CRASH_MID_COPY, HK_CRASH_AFTER_COPY,
-                HK_CRASH_AFTER_PREPARE };
+                HK_CRASH_AFTER_PREPARE, HK_CRASH_MID_RESTORE };
 
 struct hk_create_opts {
     uint64_t capacity;      /* data bytes (rounded up to pages) */
@@ -62,7 +62,8 @@ struct hk_stats {
 const char *hk_errmsg(void);
 
 int heap_create(const char *path, const struct hk_create_opts *opts);
-int heap_open(const char *path, int tracker, hk_heap **out);
+/* heap_open -- job NULL / rank or world_size < 0: not checked; a mismatch is refused before any write. */
+int heap_open(const char *path, int tracker, const char *job, int32_t rank, int32_t world_size, hk_heap **out);
 int heap_close(hk_heap *h);                 /* durable, marked clean, views detached */
 int heap_abandon(hk_heap *h);               /* like a crash: nothing more written */
 void heap_release(hk_heap *h);              /* unmap everything; after close/abandon */

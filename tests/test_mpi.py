@@ -1,0 +1,161 @@
+"""MPI: coordinated checkpoints, rank failures at every point of the protocol, and restarts.
+
+Every job runs under the real mpiexec (the mpich wheel) at 2 and 4 ranks, through the
+relauncher, with a timeout: a hang fails the test, it does not stall CI.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+DEMO = ["--nx", "96", "--ny", "64", "--particles", "4000", "--steps", "30", "--checkpoint-every", "5",
+        "--capacity", "64MiB"]
+SIZES = [2, 4]
+
+
+def launch(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout the whole group is killed."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def demo(n: int, root: str, *extra: str, restarts: int = 0, env: dict | None = None, name: str = "t"):
+    """``hpcckpt run -n N -- python -m hpcckpt.demo ...``; returns the process and its checksum line."""
+    cmd = [sys.executable, "-m", "hpcckpt", "run", "-n", str(n), "--max-restarts", str(restarts), "--",
+           sys.executable, "-m", "hpcckpt.demo", *DEMO, "--root", root, "--name", name, *extra]
+    proc = launch(cmd, env)
+    sums = [line for line in proc.stdout.splitlines() if line.startswith("checksum: ")]
+    return proc, sums[-1] if sums else None
+
+
+_reference: dict[int, str] = {}
+
+
+def reference(n: int, root: str) -> str:
+    """The failure-free answer at n ranks, with no hpcckpt at all."""
+    if n not in _reference:
+        proc, line = demo(n, root, "--no-checkpoint", name="reference")
+        assert proc.returncode == 0 and line, proc.stderr
+        _reference[n] = line
+    return _reference[n]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_checkpointed_run_gives_the_failure_free_answer(heap_dir, n):
+    proc, line = demo(n, heap_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert line == reference(n, heap_dir)
+    assert sorted(os.listdir(os.path.join(heap_dir, "t"))) == [f"rank{r}.heap" for r in range(n)]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("point", ["before-copy", "mid-copy", "after-copy", "after-prepare", "after-allreduce"])
+def test_restart_after_rank_killed_at_each_point_of_the_protocol(heap_dir, n, point):
+    proc, line = demo(n, heap_dir, restarts=2, env={"HPCCKPT_CRASH_AT": f"{point}@3:{n - 1}"})
+    assert proc.returncode == 0, proc.stderr
+    assert "attempt 1/3 exited" in proc.stderr and "attempt 2/3 succeeded" in proc.stderr
+    assert line == reference(n, heap_dir)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_restart_after_rank_killed_at_a_random_step(heap_dir, n):
+    step = int(hashlib.sha256(f"{n}".encode()).hexdigest(), 16) % 28 + 1
+    proc, line = demo(n, heap_dir, "--kill-rank", "1", "--kill-at-step", str(step), restarts=2)
+    assert proc.returncode == 0, proc.stderr
+    assert "attempt 2/3 succeeded" in proc.stderr
+    assert line == reference(n, heap_dir)
+
+
+def test_two_ranks_die_in_the_same_run(heap_dir):
+    proc, line = demo(4, heap_dir, restarts=2, env={"HPCCKPT_CRASH_AT": "mid-copy@2:1,3"})
+    assert proc.returncode == 0 and "attempt 2/3 succeeded" in proc.stderr, proc.stderr
+    assert line == reference(4, heap_dir)
+
+
+def test_a_rank_dies_during_the_restore_of_the_restart(heap_dir):
+    env = {"HPCCKPT_CRASH_AT": "mid-restore:2", "HPCCKPT_CRASH_ATTEMPT": "2"}
+    proc, line = demo(4, heap_dir, "--kill-rank", "0", "--kill-at-step", "17", restarts=3, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "attempt 2/4 exited" in proc.stderr and "attempt 3/4 succeeded" in proc.stderr
+    assert line == reference(4, heap_dir)
+
+
+def test_heap_from_another_world_size_is_refused(heap_dir):
+    assert demo(4, heap_dir)[0].returncode == 0
+    before = {p: _digest(p) for p in glob.glob(os.path.join(heap_dir, "t", "*.heap"))}
+    proc, line = demo(2, heap_dir)
+    assert proc.returncode != 0 and line is None
+    assert "belongs to job 't', rank 0 of 4, not job 't', rank 0 of 2" in proc.stderr
+    assert before == {p: _digest(p) for p in before}
+
+
+def test_heap_of_another_job_name_is_refused(heap_dir):
+    assert demo(2, heap_dir, name="alpha")[0].returncode == 0
+    os.rename(os.path.join(heap_dir, "alpha"), os.path.join(heap_dir, "beta"))
+    proc, _ = demo(2, heap_dir, name="beta")
+    assert proc.returncode != 0 and "belongs to job 'alpha'" in proc.stderr
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_missing_heap_on_one_rank_is_refused_and_nothing_is_overwritten(heap_dir):
+    assert demo(2, heap_dir)[0].returncode == 0
+    kept = os.path.join(heap_dir, "t", "rank0.heap")
+    digest = _digest(kept)
+    os.unlink(os.path.join(heap_dir, "t", "rank1.heap"))
+    proc, _ = demo(2, heap_dir)
+    assert proc.returncode != 0 and "rank(s) [1] have no heap" in proc.stderr
+    assert _digest(kept) == digest and not os.path.exists(os.path.join(heap_dir, "t", "rank1.heap"))
+
+
+FAILING_CHECKPOINT = """
+import sys, hpcckpt
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+heap = hpcckpt.open("f", comm=comm, root=sys.argv[1], capacity="4MiB")
+a = heap.array("a", 100)
+a[:] = 1
+assert heap.checkpoint(step=1) == 1
+a[:] = 2
+try:   # only the last rank's metadata is too large: its prepare fails
+    heap.checkpoint(blob="x" * (4000 if comm.rank == comm.size - 1 else 1))
+except hpcckpt.CheckpointError as e:
+    assert f"failed on rank(s) {comm.size - 1}" in str(e) and "withdrawn" in str(e), e
+else:
+    raise SystemExit("the failed checkpoint was not reported on rank %d" % comm.rank)
+assert heap.epoch == 1 and heap.meta == {"step": 1}
+assert heap.checkpoint(step=2) == 2 and heap.stats["total"]["objects_dirty"] == comm.size
+heap.close()
+done = comm.gather(comm.rank)
+if comm.rank == 0:
+    print("ok", *done)
+"""
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_a_checkpoint_failing_on_one_rank_raises_on_every_rank_and_is_withdrawn(heap_dir, n):
+    script = os.path.join(heap_dir, "job.py")
+    with open(script, "w") as f:
+        f.write(textwrap.dedent(FAILING_CHECKPOINT))
+    proc = launch([sys.executable, "-m", "hpcckpt", "run", "-n", str(n), "--max-restarts", "0", "--",
+                   sys.executable, script, heap_dir])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok", *map(str, range(n))]
