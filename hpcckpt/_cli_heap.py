@@ -1,0 +1,106 @@
+"""``hpcckpt info | verify | bench``: look at heaps without changing them, and measure trackers.
+
+>>> info(["/no/such/heap"])   # doctest: +SKIP
+hpcckpt info: /no/such/heap: no heap file or directory of heaps; give a path or a job name
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+from .errors import HeapError
+from .heap import Heap, Pool
+from .mpi import default_root
+
+
+def heap_files(target: str) -> list[str]:
+    """A heap file, a directory of rank*.heap, or a job name under the default root."""
+    for cand in (target, os.path.join(default_root(), target)):
+        if os.path.isfile(cand):
+            return [cand]
+        if os.path.isdir(cand):
+            found = sorted(glob.glob(os.path.join(cand, "rank*.heap")),
+                           key=lambda p: int(os.path.basename(p)[4:-5] or 0))
+            if found:
+                return found
+    raise SystemExit(f"hpcckpt: {target}: no heap file or directory of heaps; give a path or a job name")
+
+
+def describe(path: str, objects: bool) -> dict:
+    """What `hpcckpt info` shows of one heap, read-only."""
+    with Heap.open(path, readonly=True) as heap:
+        i = heap.info
+        out = {"path": path, "job": i["job"], "rank": i["rank"], "world_size": i["world_size"],
+               "format": f"{i['major']}.{i['minor']}", "capacity": i["capacity"],
+               "used_bytes": i["pages_used"] * i["page_size"], "objects": len(heap),
+               "epoch": i["prepared"] or None, "meta": heap.meta if i["prepared"] else {},
+               "state": "closed cleanly" if i["was_clean"] else
+                        f"not closed cleanly: the next open restores epoch {i['prepared'] or 'none (empty)'}",
+               "dax": i["dax"]}
+        if objects:
+            out["objects_list"] = []
+            for name in heap:
+                obj = heap[name]
+                kind = f"pool of {len(obj)} x {obj.dtype} {obj.shape}" if isinstance(obj, Pool) \
+                    else f"array {obj.dtype} {obj.shape}"
+                out["objects_list"].append(f"{name}: {kind}")
+        return out
+
+
+def info(argv: list[str]) -> int:
+    """Print what each heap holds: owner, epoch, meta, state, objects."""
+    ap = argparse.ArgumentParser(prog="hpcckpt info", description="show heaps (read-only)")
+    ap.add_argument("targets", nargs="+", help="heap file, directory of rank*.heap, or job name")
+    ap.add_argument("--objects", action="store_true", help="list the objects")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = [describe(p, args.objects) for t in args.targets for p in heap_files(t)]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        print(f"{r['path']}: job {r['job']!r} rank {r['rank']}/{r['world_size']}, format {r['format']}, "
+              f"{r['objects']} objects, {r['used_bytes'] / 2**20:.1f} of {r['capacity'] / 2**20:.0f} MiB used, "
+              f"epoch {r['epoch']} {json.dumps(r['meta'])}, {r['state']}")
+        for line in r.get("objects_list", []):
+            print("   ", line)
+    return 0
+
+
+def verify(argv: list[str]) -> int:
+    """Check the checksum of every committed copy; exit 1 naming the first bad heap and object."""
+    ap = argparse.ArgumentParser(prog="hpcckpt verify", description="check checkpoint checksums (read-only)")
+    ap.add_argument("targets", nargs="+")
+    args = ap.parse_args(argv)
+    bad = 0
+    for path in (p for t in args.targets for p in heap_files(t)):
+        try:
+            with Heap.open(path, readonly=True) as heap:
+                print(f"{path}: ok, epoch {heap.info['prepared'] or None}, {heap.verify()} committed copies verified")
+        except (HeapError, OSError) as e:
+            print(f"{path}: FAILED: {e}", file=sys.stderr)
+            bad += 1
+    return 1 if bad else 0
+
+
+def bench(argv: list[str]) -> int:
+    """Checkpoint cost and bytes copied per tracker for one pool size and dirty fraction."""
+    from .bench import available_trackers, measure_trackers
+    ap = argparse.ArgumentParser(prog="hpcckpt bench", description="checkpoint cost per tracker")
+    ap.add_argument("--count", type=int, default=100_000)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--fraction", type=float, default=0.01)
+    ap.add_argument("--nvm-gbps", type=float, default=0.0, help="model NVM write bandwidth (0: off)")
+    ap.add_argument("--trackers", default=",".join(available_trackers()))
+    args = ap.parse_args(argv)
+    rows = measure_trackers(args.count, args.size, args.fraction, args.trackers.split(","), args.nvm_gbps)
+    print(f"{args.count} objects of {args.size} B, {args.fraction:.1%} rewritten"
+          + (f", NVM model {args.nvm_gbps} GB/s" if args.nvm_gbps else ""))
+    print(f"{'tracker':>9} {'ckpt ms':>9} {'copied MB':>10} {'page-grained MB':>16}")
+    for r in rows:
+        print(f"{r['tracker']:>9} {r['t_checkpoint'] * 1e3:9.2f} {r['bytes_copied'] / 1e6:10.3f} "
+              f"{r['bytes_page_baseline'] / 1e6:16.3f}")
+    return 0

@@ -53,7 +53,8 @@ static int nh_getbuffer(NativeHeap *self, Py_buffer *view, int flags)
 {
     if (!live(self))
         return -1;
-    int rc = PyBuffer_FillInfo(view, (PyObject *)self, self->info.va_base, (Py_ssize_t)self->info.va_bytes, 0, flags);
+    int rc = PyBuffer_FillInfo(view, (PyObject *)self, self->info.va_base, (Py_ssize_t)self->info.va_bytes,
+                               self->info.tracker == HK_TRACK_NONE, flags);
     if (rc == 0)
         self->exports++;
     return rc;

@@ -1,4 +1,4 @@
-"""The ``hpcckpt`` command: ``hpcckpt run | info | verify | export | restore | bench``.
+"""The ``hpcckpt`` command: ``hpcckpt run | info | verify | bench``.
 
 Each subcommand parses its own options, so ``hpcckpt run --help`` shows those of ``run``.
 
@@ -18,8 +18,6 @@ COMMANDS = {
     "run": "run an MPI job under mpiexec and relaunch it after a failure",
     "info": "show heaps and exports: epochs, objects, sizes",
     "verify": "check the checksums of a heap or an export",
-    "export": "write a committed epoch of the heaps to HDF5",
-    "restore": "restore heaps from an HDF5 export",
     "bench": "measure checkpoint cost per tracker",
 }
 

@@ -163,11 +163,15 @@ class Heap:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, tracker: str = "auto", job: str | None = None,
-             rank: int | None = None, world_size: int | None = None) -> Heap:
+             rank: int | None = None, world_size: int | None = None, readonly: bool = False) -> Heap:
         """Open an existing heap; after a crash it is restored to the last committed epoch.
 
         `job`, `rank`, `world_size`, when given, must match the heap's owner.
+        `readonly=True` inspects the heap as it lies on media: nothing is written,
+        nothing restored, arrays are read-only.
         """
+        if readonly:
+            return cls._attach(os.fspath(path), "read-only", job, rank, world_size)
         heap = cls._attach(os.fspath(path), tracker, job, rank, world_size)
         try:
             if not heap._info()["was_clean"]:
@@ -181,10 +185,10 @@ class Heap:
     def _attach(cls, path: str, tracker: str, job: str | None = None, rank: int | None = None,
                 world_size: int | None = None) -> Heap:
         """Open without recovery; a heap of another owner is refused before anything is written."""
-        name = resolve_tracker(tracker)
+        name = tracker if tracker == "read-only" else resolve_tracker(tracker)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such heap; create it with hpcckpt.Heap.create()")
-        native = _call(_native.open, path, TRACKERS[name], job, -1 if rank is None else rank,
+        native = _call(_native.open, path, TRACKERS.get(name, _native.TRACK_NONE), job, -1 if rank is None else rank,
                        -1 if world_size is None else world_size)
         return cls(native, path, name)
 

@@ -43,7 +43,8 @@ int alias_map_views(hk_heap *h, int private_copy)
 {
     int flags = MAP_FIXED | (private_copy ? MAP_PRIVATE : MAP_SHARED);
     for (uint32_t g = 0; g < h->nviews; g++) {
-        void *p = mmap(h->views + (size_t)g * h->data_len, h->data_len, PROT_READ | PROT_WRITE, flags, h->fd,
+        int prot = h->readonly && !private_copy ? PROT_READ : PROT_READ | PROT_WRITE;
+        void *p = mmap(h->views + (size_t)g * h->data_len, h->data_len, prot, flags, h->fd,
                        (off_t)h->sb->off_data);
         if (p == MAP_FAILED)
             return hk_fail(errno, "%s: mapping view %u failed: %s", h->path, g, strerror(errno));

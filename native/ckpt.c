@@ -186,8 +186,8 @@ static int ckpt_write_record(hk_heap *h, uint64_t n, const char *meta, uint32_t 
 /* ckpt_prepare -- steps 1-3 of the protocol for epoch committed+1. */
 int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch)
 {
-    if (h->closed)
-        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    if (h->closed || h->readonly)
+        return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
     if (meta_len > HK_META_MAX)
         return hk_fail(EINVAL, "checkpoint metadata is %u bytes, at most %d fit", meta_len, HK_META_MAX);
     if (h->prepared != h->committed)
@@ -294,8 +294,8 @@ static int ckpt_restore_entry(hk_heap *h, uint32_t idx, uint64_t E)
 /* ckpt_recover -- restore the working area to committed epoch E (prepared or prepared-1). */
 int ckpt_recover(hk_heap *h, uint64_t E)
 {
-    if (h->closed)
-        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    if (h->closed || h->readonly)
+        return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
     if (E > h->prepared || E + 1 < h->prepared)
         return hk_fail(ERANGE, "%s: cannot restore epoch %lu: this heap is at epoch %lu and holds only "
                        "epochs %lu..%lu", h->path, (unsigned long)E, (unsigned long)h->prepared,

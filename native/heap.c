@@ -241,8 +241,8 @@ void heap_release_entry(hk_heap *h, uint32_t idx)
  * counts as dirty at the next checkpoint. */
 int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
 {
-    if (h->closed)
-        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    if (h->closed || h->readonly)
+        return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
     size_t nl = strlen(d->name);
     if (nl == 0 || nl >= HK_NAME_MAX)
         return hk_fail(EINVAL, "name must be 1 to %d bytes, got %zu", HK_NAME_MAX - 1, nl);
@@ -330,6 +330,8 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
 /* heap_free -- free an object.  Its space is reused once the free is committed. */
 int heap_free(hk_heap *h, uint64_t index)
 {
+    if (h->closed || h->readonly)
+        return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
     if (index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE ||
         HK_EPOCH_DEAD(h->cat[index].epochs))
         return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
@@ -474,8 +476,10 @@ int heap_rebuild(hk_heap *h)
                            (unsigned long)i);
         if (bad || e->kind == HK_KIND_FREE || born == 0 || (dead && dead < h->committed)) {
             /* uncommitted garbage, empty, or death committed: reusable */
-            e->epochs = 0;
-            e->kind = HK_KIND_FREE;
+            if (!h->readonly) {
+                e->epochs = 0;
+                e->kind = HK_KIND_FREE;
+            }
             if ((rc = vec_push32(&h->free_entries, (uint32_t)i)))
                 return rc;
             continue;
@@ -637,7 +641,8 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
     if (!h)
         return hk_fail(ENOMEM, "out of memory");
     snprintf(h->path, sizeof h->path, "%s", path);
-    h->fd = open(path, O_RDWR | O_CLOEXEC);
+    h->readonly = tracker == HK_TRACK_NONE;
+    h->fd = open(path, (h->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (h->fd < 0) {
         int rc = hk_fail(errno, "%s: cannot open: %s", path, strerror(errno));
         free(h);
@@ -650,7 +655,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
         rc = hk_fail(EACCES, "%s: heap belongs to job '%.63s', rank %d of %d, not job '%s', rank %d of %d; use "
                      "another root or name, or remove it", path, sb.job, sb.rank, sb.world_size,
                      job ? job : sb.job, rank >= 0 ? rank : sb.rank, world >= 0 ? world : sb.world_size);
-    if (!rc && flock(h->fd, LOCK_EX | LOCK_NB) != 0)
+    if (!rc && flock(h->fd, (h->readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0)
         rc = errno == EWOULDBLOCK ? hk_fail(EBUSY, "%s: heap is open in another process", path)
                                   : hk_fail(errno, "%s: flock failed: %s", path, strerror(errno));
     h->data_len = sb.capacity;
@@ -675,6 +680,10 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
     if (h->ops && ((rc = h->ops->attach(h)) || (rc = h->ops->arm(h))))
         goto fail;
     h->all_dirty = h->was_clean && h->prepared > 0;
+    if (h->readonly) {
+        *out = h;
+        return 0;
+    }
     h->st->clean = 0;
     h->st->open_pid = (uint64_t)getpid();
     pmem_flush(h, h->st, sizeof *h->st);
@@ -714,6 +723,8 @@ int heap_close(hk_heap *h)
 {
     if (h->closed)
         return 0;
+    if (h->readonly)
+        return heap_abandon(h);
     for (size_t i = 0; i < h->touched.n; i++)
         pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
     int rc = h->dax ? 0 : (msync(h->raw, (size_t)(h->views - h->raw), MS_SYNC) ? -errno : 0);

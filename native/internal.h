@@ -30,6 +30,7 @@ struct hk_heap {
     int fd;
     char path[4096];
     int dax;
+    int readonly;                   /* tracker HK_TRACK_NONE: inspect only, never write */
     int tracker;
     int aliased;                    /* views per slot (uffd, mprotect) or one view */
     const struct track_ops *ops;

@@ -35,10 +35,11 @@ int hk_fail(int err, const char *fmt, ...)
 /* pmem_map_file -- map the whole file shared at `at`; MAP_SYNC when the file is on DAX. */
 int pmem_map_file(hk_heap *h, uint8_t *at, size_t len)
 {
-    void *p = mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED_VALIDATE | MAP_SYNC | MAP_FIXED, h->fd, 0);
+    int prot = h->readonly ? PROT_READ : PROT_READ | PROT_WRITE;
+    void *p = h->readonly ? MAP_FAILED : mmap(at, len, prot, MAP_SHARED_VALIDATE | MAP_SYNC | MAP_FIXED, h->fd, 0);
     h->dax = p != MAP_FAILED;
     if (p == MAP_FAILED)
-        p = mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, h->fd, 0);
+        p = mmap(at, len, prot, MAP_SHARED | MAP_FIXED, h->fd, 0);
     if (p == MAP_FAILED)
         return hk_fail(errno, "%s: mmap of %zu bytes failed: %s", h->path, len, strerror(errno));
     return 0;

@@ -279,3 +279,21 @@ def test_writes_from_c_land_in_the_object(heap_path):
         ctypes.memmove(a.ctypes.data, b"0123456789abcdef", 16)
     with hpcckpt.Heap.open(heap_path) as heap:
         assert heap["a"].tobytes() == b"0123456789abcdef"
+
+
+def test_readonly_open_writes_nothing_and_refuses_changes(heap_path):
+    heap = hpcckpt.Heap.create(heap_path, "1MiB")
+    heap.array("a", 4)[:] = 1
+    heap.checkpoint()
+    heap._native.abandon()                        # crashed: the next real open must still restore
+    with open(heap_path, "rb") as f:
+        before = f.read()
+    with hpcckpt.Heap.open(heap_path, readonly=True) as ro:
+        assert ro["a"].tolist() == [1.0] * 4 and not ro["a"].flags.writeable
+        assert not ro.info["was_clean"] and ro.verify() == 1
+        with pytest.raises(hpcckpt.HeapError, match="read-only"):
+            ro.array("b", 1)
+    with open(heap_path, "rb") as f:
+        assert f.read() == before
+    with hpcckpt.Heap.open(heap_path) as heap:
+        assert heap.restored
