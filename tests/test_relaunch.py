@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-RUN_PY = Path(__file__).resolve().parents[1] / "hpcckpt" / "run.py"
+RUN_PY = Path(__file__).resolve().parents[1] / "src" / "hpcckpt" / "run.py"
 pytestmark = pytest.mark.timeout(240)
 
 
