@@ -10,6 +10,7 @@ run that was killed and relaunched as for a failure-free one.
 Example::
 
     $ mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --quiet      # the baseline
+    $ mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --save-with h5py   # plain dumps
     $ hpcckpt run -n 4 -- python -m hpcckpt.demo --kill-rank 2 --kill-at-step 55
 
 SIGUSR1 (e.g. Slurm's ``--signal``) asks for a checkpoint at the next step boundary.
@@ -18,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Iterable, NamedTuple
 
 import numpy as np
@@ -176,6 +180,33 @@ def checksums(comm: MPI.Comm, block: Block, u: np.ndarray, pool, nx: int, ny: in
     return grid_hex, h.hexdigest()
 
 
+def save_state(how: str, directory: str, rank: int, u: np.ndarray, particles: np.ndarray, step: int) -> None:
+    """Save this rank's full state without hpcckpt, overwriting the previous save.
+
+    ``h5py``: ``<directory>/rank<r>.h5`` (datasets "u", "particles", attribute "step"),
+    flushed and closed; ``npy``: ``rank<r>_u.npy`` and ``rank<r>_particles.npy``, each fsynced.
+
+    >>> d = tempfile.mkdtemp()
+    >>> save_state("npy", d, 0, np.zeros((3, 3)), np.zeros(2, PARTICLE), 10)
+    >>> sorted(os.listdir(d)), shutil.rmtree(d)
+    (['rank0_particles.npy', 'rank0_u.npy'], None)
+    """
+    if how == "h5py":
+        import h5py
+
+        with h5py.File(os.path.join(directory, f"rank{rank}.h5"), "w") as f:
+            f.create_dataset("u", data=u)
+            f.create_dataset("particles", data=particles)
+            f.attrs["step"] = step
+            f.flush()
+        return
+    for suffix, a in (("u", u), ("particles", particles)):
+        with open(os.path.join(directory, f"rank{rank}_{suffix}.npy"), "wb") as f:
+            np.save(f, a)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def report(step: int, epoch: int, stats: dict) -> str:
     """One progress line from ``heap.stats``: bytes summed over ranks, times the slowest rank's."""
     tot, slow = stats.get("total", stats), stats.get("max", stats)
@@ -201,10 +232,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kill-rank", type=int, metavar="R")
     ap.add_argument("--kill-at-step", type=int, metavar="S", help="rank R SIGKILLs itself after step S (attempt 1 only)")
     ap.add_argument("--no-checkpoint", action="store_true", help="plain numpy arrays, no hpcckpt: the baseline")
+    ap.add_argument("--save-with", choices=("h5py", "npy"),
+                    help="with --no-checkpoint: save the full state this way every K steps instead")
     ap.add_argument("--quiet", action="store_true", help="print only the checksum")
     args = ap.parse_args(argv)
     if (args.kill_rank is None) != (args.kill_at_step is None):
         ap.error("give --kill-rank and --kill-at-step together")
+    if args.save_with and not args.no_checkpoint:
+        ap.error("--save-with needs --no-checkpoint")
     return args
 
 
@@ -233,9 +268,19 @@ def main(argv: list[str] | None = None) -> int:
     if start == 0:
         init_grid(u, block, args.nx, args.ny)
         store(pool, range(count), init_particles(block, first, count, args.seed))
+    save_dir, own_dir = None, None
+    if args.save_with:
+        root = args.root or os.environ.get("HPCCKPT_ROOT")
+        if root is None:  # a fresh tempdir, removed at the end
+            root = own_dir = comm.bcast(tempfile.mkdtemp(prefix="hpcckpt-demo-") if rank == 0 else None)
+        save_dir = os.path.join(root, args.name)
+        if args.save_with == "h5py":
+            import h5py  # noqa: F401  (imported here, not inside the timed saves)
+        os.makedirs(save_dir, exist_ok=True)
     dims = cart.Get_topo()[0]
     say(f"demo: {size} ranks ({dims[0]}x{dims[1]}), grid {args.nx}x{args.ny}, {args.particles} particles, "
-        + ("no checkpoints" if heap is None else f"heap {args.name!r} " + (
+        + (f"no checkpoints, saves with {args.save_with} to {save_dir}" if save_dir else
+           "no checkpoints" if heap is None else f"heap {args.name!r} " + (
             f"resumed from epoch {heap.epoch} at step {start}" if start else "started fresh")))
 
     wanted = []  # set by SIGUSR1: checkpoint at the next step boundary
@@ -243,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     first_attempt = os.environ.get("HPCCKPT_ATTEMPT", "") in ("", "1")
     scratch = np.empty((block.nx, block.ny))
     t_start, t_ckpt, n_ckpt = MPI.Wtime(), 0.0, 0
+    phases = dict.fromkeys(("t_scan", "t_copy", "t_flush", "t_commit"), 0.0)  # summed slowest-rank times
     for step in range(start + 1, args.steps + 1):
         exchange_halos(cart, u)
         diffuse(u, scratch)
@@ -253,21 +299,37 @@ def main(argv: list[str] | None = None) -> int:
         store(pool, mine, p)
         if step == args.kill_at_step and rank == args.kill_rank and first_attempt:
             os.kill(os.getpid(), signal.SIGKILL)
+        due = step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0)
+        if save_dir and due:
+            t = MPI.Wtime()
+            save_state(args.save_with, save_dir, rank, u, pool.array, step)
+            t_ckpt, n_ckpt = t_ckpt + MPI.Wtime() - t, n_ckpt + 1
         if heap is None:
             continue
         asked = comm.allreduce(bool(wanted), op=MPI.LOR)
-        if asked or step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0):
+        if asked or due:
             wanted.clear()
             t = MPI.Wtime()
             epoch = heap.checkpoint(step=step)
             t_ckpt, n_ckpt = t_ckpt + MPI.Wtime() - t, n_ckpt + 1
+            slow = heap.stats.get("max", {})
+            for k in phases:
+                phases[k] += slow.get(k, 0.0)
             say(report(step, epoch, heap.stats) + (" (asked by SIGUSR1)" if asked else ""))
     elapsed = MPI.Wtime() - t_start
-    say(f"time: {elapsed:.3f} s for {args.steps - start} steps, {t_ckpt:.3f} s in {n_ckpt} checkpoints")
+    what = "saves" if save_dir else "checkpoints"
+    say(f"time: {elapsed:.3f} s for {args.steps - start} steps, {t_ckpt:.3f} s in {n_ckpt} {what}")
+    mode = args.save_with or ("none" if heap is None else "hpcckpt")
+    say("timing: " + json.dumps({"elapsed": elapsed, "t_save": t_ckpt, "n_save": n_ckpt, "steps": args.steps - start,
+                                 "mode": mode, **(phases if heap is not None else {})}))
 
     sums = checksums(comm, block, u, pool, args.nx, args.ny)
     if heap is not None:
         heap.close()
+    if own_dir:
+        comm.Barrier()
+        if rank == 0:
+            shutil.rmtree(own_dir, ignore_errors=True)
     if sums:
         say(f"grid checksum: {sums[0]}")
         print(f"checksum: {sums[1]}", flush=True)

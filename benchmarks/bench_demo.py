@@ -1,0 +1,147 @@
+"""Issue 4's benchmark: the demo with hpcckpt checkpoints against no checkpoints, h5py and np.save.
+
+Runs ``mpiexec -n R python -m hpcckpt.demo`` in four modes, interleaved ``--repeats`` times:
+``none`` (``--no-checkpoint``, the baseline), ``hpcckpt`` (a checkpoint every K steps, fresh
+heaps under /dev/shm), ``h5py`` and ``npy`` (``--no-checkpoint --save-with ...`` every K steps,
+also under /dev/shm). Takes the median per mode; writes ``benchmarks/results/demo.json``.
+
+Goals: at most 5% run-time overhead at K = 10; at least 10x less time per checkpoint than
+per h5py dump.
+
+Example::
+
+    $ python benchmarks/bench_demo.py --repeats 3
+    $ python benchmarks/bench_demo.py --steps 50 --nx 256 --ny 256 --particles 20000 --repeats 1
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODES = {"none": ["--no-checkpoint"], "hpcckpt": [],
+         "h5py": ["--no-checkpoint", "--save-with", "h5py"], "npy": ["--no-checkpoint", "--save-with", "npy"]}
+GOALS = {"max_overhead": 0.05, "min_h5py_over_hpcckpt": 10.0}
+RESULTS = Path(__file__).resolve().parent / "results" / "demo.json"
+
+
+def find_mpiexec() -> str:
+    """The ``mpiexec`` next to the running Python, else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if not found:
+        raise SystemExit("bench_demo: no mpiexec found")
+    return found
+
+
+def run(cmd: list[str], cwd: str, timeout: float) -> str:
+    """Run ``cmd`` in its own process group; kill the whole group on timeout. Returns stdout.
+
+    >>> run([sys.executable, "-c", "print('hi')"], tempfile.gettempdir(), 10)
+    'hi\\n'
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise SystemExit(f"bench_demo: timed out after {timeout} s: {' '.join(cmd)}")
+    finally:
+        try:  # nothing of the group may outlive the run
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_demo: exit {proc.returncode}: {' '.join(cmd)}\n{out}\n{err}")
+    return out
+
+
+def demo(mode: str, opts: argparse.Namespace, cwd: str, number: int) -> dict:
+    """One demo run in ``mode`` with a fresh root under /dev/shm; its timing line plus its checksum."""
+    root = tempfile.mkdtemp(prefix="hpcckpt-bench-", dir="/dev/shm")
+    try:
+        cmd = [find_mpiexec(), "-n", str(opts.ranks), sys.executable, "-m", "hpcckpt.demo", *MODES[mode],
+               "--steps", str(opts.steps), "--nx", str(opts.nx), "--ny", str(opts.ny),
+               "--particles", str(opts.particles), "--checkpoint-every", str(opts.checkpoint_every),
+               "--root", root, "--name", f"bench{number}"]
+        lines = run(cmd, cwd, opts.timeout).splitlines()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    timing = json.loads(next(line for line in lines if line.startswith("timing: "))[len("timing: "):])
+    return {**timing, "checksum": lines[-1].removeprefix("checksum: ")}
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Medians per mode, overheads against ``none``, time per save and the h5py/hpcckpt ratio."""
+    med = {m: {"elapsed": statistics.median(r["elapsed"] for r in rs),
+               "per_save": statistics.median(r["t_save"] / r["n_save"] if r["n_save"] else 0.0 for r in rs)}
+           for m, rs in runs.items()}
+    base = med["none"]["elapsed"]
+    for m in med:
+        med[m]["overhead"] = med[m]["elapsed"] / base - 1
+    ratio = med["h5py"]["per_save"] / med["hpcckpt"]["per_save"]
+    passed = {"overhead": med["hpcckpt"]["overhead"] <= GOALS["max_overhead"],
+              "h5py_over_hpcckpt": ratio >= GOALS["min_h5py_over_hpcckpt"]}
+    return {"median": med, "h5py_over_hpcckpt": ratio, "pass": passed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--nx", type=int, default=512)
+    ap.add_argument("--ny", type=int, default=512)
+    ap.add_argument("--particles", type=int, default=100_000)
+    ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per demo run")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    opts = ap.parse_args(argv)
+
+    shm_before = set(glob.glob("/dev/shm/mpich_shm_*"))
+    cwd = tempfile.mkdtemp(prefix="hpcckpt-bench-cwd-")  # never the source tree: import the installed package
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    try:
+        for i in range(opts.repeats):
+            for mode in MODES:
+                r = demo(mode, opts, cwd, i)
+                runs[mode].append(r)
+                print(f"repeat {i + 1}/{opts.repeats} {mode:8s} elapsed {r['elapsed']:.3f} s, "
+                      f"{r['t_save']:.3f} s in {r['n_save']} saves", flush=True)
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
+        for leftover in set(glob.glob("/dev/shm/mpich_shm_*")) - shm_before:
+            Path(leftover).unlink(missing_ok=True)
+
+    checksums = {r["checksum"] for rs in runs.values() for r in rs}
+    summary = summarize(runs)
+    summary["pass"]["checksums_equal"] = len(checksums) == 1
+    params = {k: getattr(opts, k) for k in ("ranks", "steps", "nx", "ny", "particles", "checkpoint_every", "repeats")}
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps({"params": params, "goals": GOALS, **summary, "checksums": sorted(checksums),
+                                    "runs": runs}, indent=1) + "\n")
+
+    print(f"\n{'mode':8s} {'elapsed s':>9s} {'overhead':>9s} {'ms/save':>8s}")
+    for m, s in summary["median"].items():
+        print(f"{m:8s} {s['elapsed']:9.3f} {s['overhead']:+9.1%} {s['per_save'] * 1e3:8.2f}")
+    p = summary["pass"]
+    print(f"overhead {summary['median']['hpcckpt']['overhead']:+.1%} (goal <= {GOALS['max_overhead']:.0%}): "
+          f"{'PASS' if p['overhead'] else 'FAIL'}")
+    print(f"h5py / hpcckpt time per save {summary['h5py_over_hpcckpt']:.1f}x "
+          f"(goal >= {GOALS['min_h5py_over_hpcckpt']:.0f}x): {'PASS' if p['h5py_over_hpcckpt'] else 'FAIL'}")
+    print(f"checksums equal: {'PASS' if p['checksums_equal'] else 'FAIL'}; wrote {opts.out}")
+    return 0 if all(p.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
