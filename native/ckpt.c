@@ -316,8 +316,7 @@ int ckpt_recover(hk_heap *h, uint64_t E)
         if (e->kind == HK_KIND_FREE)
             continue;
         if (born == 0 || born > E || (dead && dead <= E)) {
-            e->epochs = 0;
-            e->kind = HK_KIND_FREE;
+            heap_wipe(h, e);
         } else {
             if (dead)
                 __atomic_store_n(&e->epochs, HK_EPOCHS(born, 0), __ATOMIC_RELEASE);

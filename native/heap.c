@@ -4,6 +4,7 @@
  * next checkpoint (ckpt.c) or a clean close. */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
@@ -148,9 +149,9 @@ static void heap_pages_free(hk_heap *h, uint64_t first, uint64_t n)
 }
 
 /* heap_zero -- zero a data range: punch whole pages out of the file, memset the rest. */
-static void heap_zero(hk_heap *h, uint64_t off, uint64_t len)
+void heap_zero(hk_heap *h, uint64_t off, uint64_t len)
 {
-    if (len >= HK_PAGE && off % HK_PAGE == 0 && len % HK_PAGE == 0 &&
+    if (!(h->sb->flags & HK_FLAG_PREALLOCATED) && len >= HK_PAGE && off % HK_PAGE == 0 && len % HK_PAGE == 0 &&
         fallocate(h->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(h->sb->off_data + off),
                   (off_t)len) == 0)
         return;
@@ -224,14 +225,34 @@ static void heap_space_free(hk_heap *h, struct hk_entry *e)
         heap_pages_free(h, e->tag_page, (heap_units(e) * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE);
 }
 
+/* heap_wipe -- zero an entry's data, its tag run, then the entry itself.  Free space
+ * and free entries are always zero, so allocation never has to clear anything.  Data
+ * first: a crash in between leaves the entry, which is wiped again at the next open.
+ * Returns -1 when the entry points outside the heap (then only the entry is cleared). */
+int heap_wipe(hk_heap *h, struct hk_entry *e)
+{
+    uint64_t np = h->sb->npages, units = heap_units(e);
+    uint64_t tp = (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE;
+    int ok = e->cls <= HK_PAGE_CLASS && e->first_page < np && e->npages <= np - e->first_page &&
+             (units <= 1 || (e->tag_page < np && tp <= np - e->tag_page));
+    if (ok && e->npages)
+        heap_zero(h, e->first_page * HK_PAGE, e->npages * HK_PAGE);
+    else if (ok && e->cls < HK_PAGE_CLASS && e->slot < HK_PAGE / heap_class_size[e->cls])
+        heap_zero(h, e->first_page * HK_PAGE + (uint64_t)e->slot * heap_class_size[e->cls],
+                  heap_class_size[e->cls]);
+    if (ok && units > 1)
+        heap_zero(h, e->tag_page * HK_PAGE, tp * HK_PAGE);
+    memset(e, 0, sizeof *e);
+    pmem_flush(h, e, sizeof *e);
+    return ok ? 0 : -1;
+}
+
 /* heap_release_entry -- forget an entry for good: space and catalog slot become reusable. */
 void heap_release_entry(hk_heap *h, uint32_t idx)
 {
     struct hk_entry *e = &h->cat[idx];
     heap_space_free(h, e);
-    e->epochs = 0;
-    e->kind = HK_KIND_FREE;
-    pmem_flush(h, e, 16);
+    heap_wipe(h, e);
     vec_push32(&h->free_entries, idx);
     vec_push32(&h->touched, idx);
     h->entries_live--;
@@ -259,14 +280,13 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
         return hk_fail(ENOSPC, "%s: catalog full (%lu objects); create the heap with a larger max_objects",
                        h->path, (unsigned long)h->sb->max_entries);
 
-    struct hk_entry *e = &h->cat[idx];
-    memset(e, 0, offsetof(struct hk_entry, dtype));
+    struct hk_entry *e = &h->cat[idx];   /* free entries are all zero (heap_wipe) */
     e->kind = (uint16_t)d->kind;
     e->count = d->count;
     e->obj_size = d->obj_size;
     e->cls = (uint8_t)heap_class_of(d->obj_size);
     e->ndim = (uint8_t)d->ndim;
-    memcpy(e->shape, d->shape, sizeof e->shape);
+    memcpy(e->shape, d->shape, d->ndim * sizeof e->shape[0]);
     memcpy(e->name, d->name, nl);
     memcpy(e->dtype, d->dtype, d->dtype_len);
     e->dtype_len = (uint16_t)d->dtype_len;
@@ -301,11 +321,10 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
             else
                 heap_slot_free(h, (uint64_t)first, slot);
             first = -1;
-        } else {
-            heap_zero(h, (uint64_t)tags * HK_PAGE, tp * HK_PAGE);
         }
     }
     if (first < 0) {
+        memset(e, 0, sizeof *e);
         vec_push32(&h->free_entries, idx);
         return hk_fail(ENOSPC, "%s: out of space for '%s' (%lu bytes): %lu of %lu pages free; free objects "
                        "(del heap[name]) or create a larger heap",
@@ -313,11 +332,7 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
                        (unsigned long)(h->sb->npages - h->pages_used), (unsigned long)h->sb->npages);
     }
     e->first_page = (uint64_t)first;
-    e->tag_page = (uint64_t)tags;
-    if (e->npages)
-        heap_zero(h, e->first_page * HK_PAGE, e->npages * HK_PAGE);
-    else
-        heap_zero(h, e->first_page * HK_PAGE + (uint64_t)slot * heap_class_size[e->cls], e->obj_size);
+    e->tag_page = (uint64_t)tags;   /* data and tags are zero: free space always is */
     e->crc = heap_entry_crc(e);
     __atomic_store_n(&e->epochs, HK_EPOCHS(h->committed + 1, 0), __ATOMIC_RELEASE);
     if ((rc = vec_push32(&h->fresh, idx)) || (rc = vec_push32(&h->touched, idx)))
@@ -447,6 +462,36 @@ static int heap_mark(hk_heap *h, uint32_t idx)
     return 0;
 }
 
+/* entry_is_zero -- is a free catalog entry all zero, as allocation expects? */
+static int entry_is_zero(const struct hk_entry *e)
+{
+    const uint64_t *w = (const uint64_t *)e;
+    for (size_t i = 0; i < sizeof *e / 8; i++)
+        if (w[i])
+            return 0;
+    return 1;
+}
+
+/* heap_sweep -- zero all free space (after damage: the slow path that restores the invariant). */
+static void heap_sweep(hk_heap *h)
+{
+    for (uint64_t p = 0; p < h->sb->npages; p++) {
+        unsigned c = h->pcls[p];
+        if (c == HK_PAGE_FREE) {
+            uint64_t q = p;
+            while (q < h->sb->npages && h->pcls[q] == HK_PAGE_FREE)
+                q++;
+            heap_zero(h, p * HK_PAGE, (q - p) * HK_PAGE);
+            p = q - 1;
+        } else if (c < HK_PAGE_CLASS && (h->powner[p] & ROW_FLAG)) {
+            uint32_t s = heap_class_size[c];
+            for (uint32_t j = 0; j < HK_PAGE / s; j++)
+                if (!((h->pmask[p] >> j) & 1))
+                    heap_zero(h, p * HK_PAGE + (uint64_t)j * s, s);
+        }
+    }
+}
+
 /* heap_rebuild -- rebuild the DRAM allocator from the catalog.  A death in the
  * newest epoch stays pending: under MPI the job may restart one epoch earlier. */
 int heap_rebuild(hk_heap *h)
@@ -466,7 +511,7 @@ int heap_rebuild(hk_heap *h)
     if (h->st->entries_hwm > h->sb->max_entries)
         return hk_fail(EBADMSG, "%s: catalog high-water mark %lu exceeds its size %lu", h->path,
                        (unsigned long)h->st->entries_hwm, (unsigned long)h->sb->max_entries);
-    int rc;
+    int rc, sweep = 0;
     for (uint64_t i = h->st->entries_hwm; i-- > 0;) {
         struct hk_entry *e = &h->cat[i];
         uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
@@ -475,11 +520,13 @@ int heap_rebuild(hk_heap *h)
             return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
                            (unsigned long)i);
         if (bad || e->kind == HK_KIND_FREE || born == 0 || (dead && dead < h->committed)) {
-            /* uncommitted garbage, empty, or death committed: reusable */
-            if (!h->readonly) {
-                e->epochs = 0;
-                e->kind = HK_KIND_FREE;
-            }
+            /* uncommitted garbage, empty, or death committed: wipe it, reusable */
+            if (!h->readonly && e->kind != HK_KIND_FREE && heap_wipe(h, e) != 0)
+                sweep = 1;
+            else if (!h->readonly && bad)
+                sweep = 1;   /* a damaged entry's space cannot be trusted to be zero */
+            else if (!h->readonly && !entry_is_zero(e))
+                memset(e, 0, sizeof *e);
             if ((rc = vec_push32(&h->free_entries, (uint32_t)i)))
                 return rc;
             continue;
@@ -504,6 +551,8 @@ int heap_rebuild(hk_heap *h)
         }
     }
     h->page_cursor = 0;
+    if (sweep)
+        heap_sweep(h);
     return 0;
 }
 
@@ -542,6 +591,7 @@ int heap_create(const char *path, const struct hk_create_opts *o)
     sb.created_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
     sb.rank = o->rank;
     sb.world_size = o->world_size;
+    sb.flags = o->preallocate ? HK_FLAG_PREALLOCATED : 0;
     snprintf(sb.job, sizeof sb.job, "%s", o->job ? o->job : "");
     sb.crc = crc_compute(0, &sb, offsetof(struct hk_super, crc));
 
@@ -551,7 +601,10 @@ int heap_create(const char *path, const struct hk_create_opts *o)
     struct hk_state st = {0};
     st.clean = 1;
     int rc = 0;
-    if (ftruncate(fd, (off_t)sb.file_size) != 0 || pwrite(fd, &sb, sizeof sb, 0) != (ssize_t)sizeof sb ||
+    if (o->preallocate && (rc = posix_fallocate(fd, 0, (off_t)sb.file_size)) != 0)
+        rc = hk_fail(rc, "%s: cannot reserve %lu bytes for the heap: %s", path, (unsigned long)sb.file_size,
+                     strerror(rc));
+    else if (ftruncate(fd, (off_t)sb.file_size) != 0 || pwrite(fd, &sb, sizeof sb, 0) != (ssize_t)sizeof sb ||
         pwrite(fd, &st, sizeof st, HK_PAGE) != (ssize_t)sizeof st || fsync(fd) != 0)
         rc = hk_fail(errno, "%s: cannot write the new heap: %s", path, strerror(errno));
     close(fd);
@@ -677,6 +730,8 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
     h->was_clean = h->st->clean == 1;
     if ((rc = heap_alloc_dram(h)) || (rc = heap_rebuild(h)) || (rc = alias_map_views(h, 0)))
         goto fail;
+    if ((h->sb->flags & HK_FLAG_PREALLOCATED) && !h->readonly)
+        pmem_populate(h, h->raw + h->sb->off_catalog, h->sb->off_data + h->sb->capacity - h->sb->off_catalog);
     if (h->ops && ((rc = h->ops->attach(h)) || (rc = h->ops->arm(h))))
         goto fail;
     h->all_dirty = h->was_clean && h->prepared > 0;

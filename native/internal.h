@@ -100,6 +100,7 @@ uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);
 int pmem_map_file(hk_heap *h, uint8_t *at, size_t len);
 void pmem_flush(hk_heap *h, const void *addr, size_t len);
 int pmem_drain(hk_heap *h);
+void pmem_populate(hk_heap *h, void *addr, size_t len);
 double pmem_now(void);
 void pmem_delay(double seconds);
 
@@ -119,6 +120,8 @@ struct hk_tag *heap_tag(hk_heap *h, struct hk_entry *e, uint64_t u);
 uint32_t heap_entry_crc(const struct hk_entry *e);
 int heap_rebuild(hk_heap *h);
 void heap_release_entry(hk_heap *h, uint32_t idx);
+void heap_zero(hk_heap *h, uint64_t off, uint64_t len);
+int heap_wipe(hk_heap *h, struct hk_entry *e);
 int vec_push32(struct u32vec *v, uint32_t x);
 int vec_push_unit(struct unitvec *v, const struct unit *u);
 

@@ -30,6 +30,7 @@
 #define HK_NDIM_MAX       8
 #define HK_META_MAX       1536
 #define HK_JOB_MAX        64
+#define HK_FLAG_PREALLOCATED 1u  /* file space reserved at create; catalog and data populated at open */
 
 /* hk_super -- identity and geometry; written once at create. */
 struct hk_super {
@@ -45,7 +46,8 @@ struct hk_super {
     uint64_t created_ns;
     int32_t  rank, world_size;
     char     job[HK_JOB_MAX];
-    uint8_t  pad[4096 - 168 - 4];
+    uint32_t flags;           /* HK_FLAG_* */
+    uint8_t  pad[4096 - 172 - 4];
     uint32_t crc;             /* CRC32C of everything before it */
 };
 

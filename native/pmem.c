@@ -84,6 +84,18 @@ int pmem_drain(hk_heap *h)
     return 0;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* pmem_populate -- map [addr, addr+len) in now, so the allocator never page-faults
+ * (best effort: kernels before 5.14 lack MADV_POPULATE_WRITE and fault lazily). */
+void pmem_populate(hk_heap *h, void *addr, size_t len)
+{
+    (void)h;
+    madvise(addr, len, MADV_POPULATE_WRITE);
+}
+
 /* pmem_now -- monotonic seconds. */
 double pmem_now(void)
 {

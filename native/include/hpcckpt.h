@@ -25,6 +25,7 @@ struct hk_create_opts {
     uint64_t max_entries;   /* catalog entries */
     const char *job;
     int32_t rank, world_size;
+    int preallocate;        /* reserve all file space now: ENOSPC at create, never SIGBUS later */
 };
 
 /* hk_desc -- what an object is: filled by the caller at alloc, by the core at lookup. */

@@ -295,10 +295,11 @@ static PyObject *mod_create(PyObject *m, PyObject *args)
 {
     const char *path, *job;
     unsigned long long cap, maxe;
-    int rank, world;
-    if (!PyArg_ParseTuple(args, "sKKsii", &path, &cap, &maxe, &job, &rank, &world))
+    int rank, world, prealloc;
+    if (!PyArg_ParseTuple(args, "sKKsiip", &path, &cap, &maxe, &job, &rank, &world, &prealloc))
         return NULL;
-    struct hk_create_opts o = {.capacity = cap, .max_entries = maxe, .job = job, .rank = rank, .world_size = world};
+    struct hk_create_opts o = {.capacity = cap, .max_entries = maxe, .job = job, .rank = rank, .world_size = world,
+                               .preallocate = prealloc};
     CALL(heap_create(path, &o));
     Py_RETURN_NONE;
 }
@@ -324,7 +325,7 @@ static PyObject *mod_open(PyObject *m, PyObject *args)
 }
 
 static PyMethodDef mod_methods[] = {
-    {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size)"},
+    {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size, preallocate)"},
     {"open", mod_open, METH_VARARGS, "open(path, tracker, job|None, rank|-1, world|-1) -> NativeHeap (no recovery)"},
     {NULL}};
 

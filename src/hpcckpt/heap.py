@@ -146,8 +146,13 @@ class Heap:
     # -- opening and closing -------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, capacity: int | str = "1GiB", *, tracker: str = "auto",
-               max_objects: int | None = None, job: str = "", rank: int = 0, world_size: int = 1) -> Heap:
+               max_objects: int | None = None, job: str = "", rank: int = 0, world_size: int = 1,
+               preallocate: bool = False) -> Heap:
         """Create a new heap file (sparse, mode 0600) holding up to `capacity` bytes of objects.
+
+        `preallocate=True` reserves the whole file now (about 3x capacity: data and two
+        checkpoint copies), so a full file system fails here instead of killing the job
+        later, and maps the catalog and data in at every open (no page faults while allocating).
 
         >>> import tempfile, os
         >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "a.heap"), "4MiB", tracker="hash")
@@ -158,7 +163,7 @@ class Heap:
         path = os.fspath(path)
         cap = parse_size(capacity)
         maxe = max_objects if max_objects is not None else max(1024, cap // 1024)
-        _call(_native.create, path, cap, maxe, job, rank, world_size)
+        _call(_native.create, path, cap, maxe, job, rank, world_size, preallocate)
         return cls._attach(path, tracker)
 
     @classmethod

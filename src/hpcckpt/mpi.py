@@ -41,7 +41,7 @@ def _private_dir(path: str) -> None:
 
 
 def open(name: str, comm: Any = None, root: str | None = None, capacity: int | str = "1GiB",
-         tracker: str = "auto", max_objects: int | None = None) -> Heap:
+         tracker: str = "auto", max_objects: int | None = None, preallocate: bool = False) -> Heap:
     """Open or create this rank's heap `<root>/<name>/rank<r>.heap`, collectively.
 
     The ranks agree on the restart epoch E = min over ranks of the prepared
@@ -71,7 +71,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
             heap = Heap._attach(path, tracker, name, rank, size)
         else:
             heap = Heap.create(path, capacity, tracker=tracker, max_objects=max_objects, job=name, rank=rank,
-                               world_size=size)
+                               world_size=size, preallocate=preallocate)
     except (OSError, HeapError, ValueError) as e:
         err = f"{type(e).__name__}: {e}"
     try:
