@@ -129,34 +129,56 @@ static int ckpt_collect(hk_heap *h)
     return 0;
 }
 
-/* ckpt_copy -- copy every queued unit into its free shadow slot and tag it. */
+/* ckpt_count -- stats of one copied unit (units arrive sorted by address). */
+static void ckpt_count(hk_heap *h, const struct unit *x, uint64_t *last_page, uint64_t *last_entry, uint64_t *last_obj)
+{
+    struct hk_stats *s = &h->stats;
+    const struct hk_entry *e = &h->cat[x->entry];
+    uint64_t page = x->off / HK_PAGE;
+    uint64_t obj = e->cls == HK_PAGE_CLASS ? x->u / ((e->obj_size + HK_PAGE - 1) / HK_PAGE) : x->u;
+    s->bytes_copied += x->len;
+    s->bytes_meta += 8;
+    s->pages_dirty += page != *last_page;
+    s->objects_dirty += x->entry != *last_entry || obj != *last_obj;
+    *last_page = page;
+    *last_entry = x->entry;
+    *last_obj = obj;
+}
+
+/* ckpt_copy -- copy every queued unit into its free shadow slot and tag it,
+ * three at a time so that their checksums run on interleaved chains. */
 static void ckpt_copy(hk_heap *h, uint64_t n)
 {
     struct hk_stats *s = &h->stats;
-    uint64_t last_page = ~0ull, last_obj_entry = ~0ull, last_obj = ~0ull;
-    for (size_t i = 0; i < h->work.n; i++) {
-        if (i == h->work.n / 2)
+    uint64_t last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
+    for (size_t i = 0; i < h->work.n; i += 3) {
+        size_t m = h->work.n - i < 3 ? h->work.n - i : 3;
+        if (i <= h->work.n / 2 && h->work.n / 2 < i + m)
             ckpt_crash(h, HK_CRASH_MID_COPY, n);
+        struct hk_tag *t[3];
+        uint8_t *dst[3];
+        uint32_t slot[3], crc[3];
+        for (size_t k = 0; k < m; k++) {
+            struct unit *x = &h->work.v[i + k];
+            t[k] = heap_tag(h, &h->cat[x->entry], x->u);
+            uint32_t l = t[k]->latest;
+            slot[k] = l == 0 ? 0 : HK_TAG_EPOCH(l) <= h->committed ? !HK_TAG_SLOT(l) : HK_TAG_SLOT(l);
+            dst[k] = h->raw + h->sb->off_shadow[slot[k]] + x->off;
+            memcpy(dst[k], h->data + x->off, x->len);
+            pmem_flush(h, dst[k], x->len);
+        }
         struct unit *x = &h->work.v[i];
-        struct hk_entry *e = &h->cat[x->entry];
-        struct hk_tag *t = heap_tag(h, e, x->u);
-        uint32_t l = t->latest;
-        uint32_t slot = l == 0 ? 0 : HK_TAG_EPOCH(l) <= h->committed ? !HK_TAG_SLOT(l) : HK_TAG_SLOT(l);
-        uint8_t *dst = h->raw + h->sb->off_shadow[slot] + x->off;
-        memcpy(dst, h->data + x->off, x->len);
-        pmem_flush(h, dst, x->len);
-        t->crc[slot] = crc_compute(0, dst, x->len);
-        __atomic_store_n(&t->latest, (uint32_t)n | slot << 31, __ATOMIC_RELEASE);
-        pmem_flush(h, t, sizeof *t);
-        s->bytes_copied += x->len;
-        s->bytes_meta += 8;
-        uint64_t page = x->off / HK_PAGE;
-        s->pages_dirty += page != last_page;
-        last_page = page;
-        uint64_t obj = e->cls == HK_PAGE_CLASS ? x->u / ((e->obj_size + HK_PAGE - 1) / HK_PAGE) : x->u;
-        s->objects_dirty += x->entry != last_obj_entry || obj != last_obj;
-        last_obj_entry = x->entry;
-        last_obj = obj;
+        if (m == 3 && x[0].len == x[1].len && x[1].len == x[2].len)
+            crc_compute3(dst[0], dst[1], dst[2], x[0].len, crc);
+        else
+            for (size_t k = 0; k < m; k++)
+                crc[k] = crc_compute(0, dst[k], x[k].len);
+        for (size_t k = 0; k < m; k++) {
+            t[k]->crc[slot[k]] = crc[k];
+            __atomic_store_n(&t[k]->latest, (uint32_t)n | slot[k] << 31, __ATOMIC_RELEASE);
+            pmem_flush(h, t[k], sizeof *t[k]);
+            ckpt_count(h, &x[k], &last_page, &last_entry, &last_obj);
+        }
     }
     s->units_dirty = h->work.n;
     s->bytes_dirty = s->bytes_copied;

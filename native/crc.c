@@ -63,6 +63,44 @@ static uint32_t crc_sw_update(uint32_t c, const uint8_t *p, size_t len)
     return c;
 }
 
+#if defined(__x86_64__)
+/* crc_hw3 -- three independent buffers of len bytes on three interleaved crc32q chains. */
+__attribute__((target("sse4.2")))
+static void crc_hw3(const uint8_t *a, const uint8_t *b, const uint8_t *c, size_t len, uint32_t out[3])
+{
+    uint64_t x = ~0u, y = ~0u, z = ~0u;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t wa, wb, wc;
+        memcpy(&wa, a + i, 8);
+        memcpy(&wb, b + i, 8);
+        memcpy(&wc, c + i, 8);
+        x = __builtin_ia32_crc32di(x, wa);
+        y = __builtin_ia32_crc32di(y, wb);
+        z = __builtin_ia32_crc32di(z, wc);
+    }
+    out[0] = ~crc_hw_update((uint32_t)x, a + i, len - i);
+    out[1] = ~crc_hw_update((uint32_t)y, b + i, len - i);
+    out[2] = ~crc_hw_update((uint32_t)z, c + i, len - i);
+}
+#endif
+
+/* crc_compute3 -- CRC32C of three equal-length buffers, faster than three calls. */
+void crc_compute3(const void *a, const void *b, const void *c, size_t len, uint32_t out[3])
+{
+    if (crc_hw < 0)
+        crc_init();
+#if defined(__x86_64__)
+    if (crc_hw) {
+        crc_hw3(a, b, c, len, out);
+        return;
+    }
+#endif
+    out[0] = crc_compute(0, a, len);
+    out[1] = crc_compute(0, b, len);
+    out[2] = crc_compute(0, c, len);
+}
+
 /* crc_compute -- continue CRC32C `crc` (0 to start) over buf. */
 uint32_t crc_compute(uint32_t crc, const void *buf, size_t len)
 {
