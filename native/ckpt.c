@@ -120,7 +120,11 @@ static int ckpt_collect(hk_heap *h)
     }
     if (rc)
         return rc;
-    qsort(h->work.v, h->work.n, sizeof *h->work.v, unit_cmp);
+    size_t sorted = 1;
+    while (sorted < h->work.n && h->work.v[sorted - 1].off <= h->work.v[sorted].off)
+        sorted++;
+    if (sorted < h->work.n)   /* the full and hash trackers emit in address order already */
+        qsort(h->work.v, h->work.n, sizeof *h->work.v, unit_cmp);
     size_t m = 0;
     for (size_t i = 0; i < h->work.n; i++)
         if (m == 0 || h->work.v[i].off != h->work.v[m - 1].off)
