@@ -42,8 +42,33 @@ def find_mpiexec() -> str:
     return found
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL the process groups of ``pid`` and of all its descendants.
+
+    Hydra's proxy and each rank run in sessions of their own, so the launcher's group alone
+    would miss them. Example: ``kill_tree(proc.pid)``.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            ppid = int(Path(stat).read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.split("/")[2]))
+    tree, todo = [pid], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        tree += kids
+        todo += kids
+    for p in tree:
+        try:
+            os.killpg(os.getpgid(p), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def run(cmd: list[str], cwd: str, timeout: float) -> str:
-    """Run ``cmd`` in its own process group; kill the whole group on timeout. Returns stdout.
+    """Run ``cmd`` in its own process group; kill its process groups on timeout. Returns stdout.
 
     >>> run([sys.executable, "-c", "print('hi')"], tempfile.gettempdir(), 10)
     'hi\\n'
@@ -52,18 +77,24 @@ def run(cmd: list[str], cwd: str, timeout: float) -> str:
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except BaseException:  # a timeout, or ^C
+        kill_tree(proc.pid)
         proc.communicate()
-        raise SystemExit(f"bench_demo: timed out after {timeout} s: {' '.join(cmd)}")
-    finally:
-        try:  # nothing of the group may outlive the run
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        raise SystemExit(f"bench_demo: timed out or interrupted after at most {timeout} s: {' '.join(cmd)}")
     if proc.returncode != 0:
         raise SystemExit(f"bench_demo: exit {proc.returncode}: {' '.join(cmd)}\n{out}\n{err}")
     return out
+
+
+def in_use() -> set[str]:
+    """Files under /dev/shm that some process has open or mapped (another job's live MPICH files)."""
+    used = set()
+    for entry in glob.glob("/proc/[0-9]*/fd/*") + glob.glob("/proc/[0-9]*/map_files/*"):
+        try:
+            used.add(os.readlink(entry).removesuffix(" (deleted)"))
+        except OSError:
+            pass
+    return {u for u in used if u.startswith("/dev/shm/")}
 
 
 def demo(mode: str, opts: argparse.Namespace, cwd: str, number: int) -> dict:
@@ -120,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['t_save']:.3f} s in {r['n_save']} saves", flush=True)
     finally:
         shutil.rmtree(cwd, ignore_errors=True)
-        for leftover in set(glob.glob("/dev/shm/mpich_shm_*")) - shm_before:
+        for leftover in set(glob.glob("/dev/shm/mpich_shm_*")) - shm_before - in_use():
             Path(leftover).unlink(missing_ok=True)
 
     checksums = {r["checksum"] for rs in runs.values() for r in rs}
