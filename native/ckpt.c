@@ -24,31 +24,29 @@ static int entry_alive(const struct hk_entry *e)
     return e->kind != HK_KIND_FREE && HK_EPOCH_BORN(e->epochs) && !HK_EPOCH_DEAD(e->epochs);
 }
 
-/* ckpt_push -- queue unit u of entry idx for copying (with a precomputed crc or not). */
-static int ckpt_push(hk_heap *h, uint32_t idx, uint64_t u)
+/* ckpt_mark -- note that (page, slot) is dirty: one bit per unit in the page's dirty mask. */
+static int ckpt_mark(hk_heap *h, uint64_t page, uint32_t slot)
 {
-    struct unit x = {.entry = idx, .u = u};
-    heap_unit_place(h, &h->cat[idx], u, &x.off, &x.len);
-    return vec_push_unit(&h->work, &x);
-}
-
-/* ckpt_push_slot -- queue the unit in (page, slot) of a small-class page, if live. */
-static int ckpt_push_slot(hk_heap *h, uint64_t page, uint32_t slot)
-{
-    if (!((h->pmask[page] >> slot) & 1))
-        return 0;
-    uint32_t own = h->powner[page], idx;
-    uint64_t u = 0;
-    if (own & ROW_FLAG) {
-        idx = h->slotowner[(size_t)(own & ~ROW_FLAG) * 64 + slot];
-    } else {
-        idx = own;
-        u = (page - h->cat[idx].first_page) * (HK_PAGE / heap_class_size[h->pcls[page]]) + slot;
+    if (h->dmask[page] == 0) {
+        int rc = vec_push32(&h->dpages, (uint32_t)page);
+        if (rc)
+            return rc;
     }
-    return entry_alive(&h->cat[idx]) ? ckpt_push(h, idx, u) : 0;
+    h->dmask[page] |= 1ull << slot;
+    return 0;
 }
 
-/* ckpt_emit -- tracker callback: (view, page) written -> the units it names. */
+/* ckpt_mark_unit -- mark unit u of entry idx dirty. */
+static int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u)
+{
+    const struct hk_entry *e = &h->cat[idx];
+    uint64_t off;
+    uint32_t len;
+    heap_unit_place(h, e, u, &off, &len);
+    return ckpt_mark(h, off / HK_PAGE, (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls]);
+}
+
+/* ckpt_emit -- tracker callback: (view, page) written -> mark the units it names. */
 static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
 {
     if (page >= h->sb->npages)
@@ -56,25 +54,26 @@ static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
     unsigned pc = h->pcls[page];
     if (pc == HK_PAGE_FREE || pc == HK_PAGE_TAGS)
         return 0;
-    if (pc == HK_PAGE_CLASS) {
-        uint32_t idx = h->powner[page];
-        return view == 0 && entry_alive(&h->cat[idx]) ? ckpt_push(h, idx, page - h->cat[idx].first_page) : 0;
-    }
-    if (view == 0 && !h->aliased) {   /* page-grained: the whole page is dirty */
-        int rc = 0;
-        for (uint32_t j = 0; j < HK_PAGE / heap_class_size[pc] && !rc; j++)
-            rc = ckpt_push_slot(h, page, j);
-        return rc;
+    if (pc == HK_PAGE_CLASS)
+        return view == 0 ? ckpt_mark(h, page, 0) : 0;
+    if (view == 0 && !h->aliased) {   /* page-grained: every object on the page is dirty */
+        if (h->dmask[page] == 0 && h->pmask[page]) {
+            int rc = vec_push32(&h->dpages, (uint32_t)page);
+            if (rc)
+                return rc;
+        }
+        h->dmask[page] |= h->pmask[page];
+        return 0;
     }
     unsigned cls = pc;
     uint32_t slot = 0;
     if (view > 0)
         alias_unit_of(h, view, &cls, &slot);
-    return cls == pc ? ckpt_push_slot(h, page, slot) : 0;
+    return cls == pc ? ckpt_mark(h, page, slot) : 0;
 }
 
-/* ckpt_push_entry -- queue every unit of a live entry (hash: only the changed ones). */
-static int ckpt_push_entry(hk_heap *h, uint32_t idx, int by_hash)
+/* ckpt_mark_entry -- mark every unit of a live entry (hash: only the changed ones). */
+static int ckpt_mark_entry(hk_heap *h, uint32_t idx, int by_hash)
 {
     struct hk_entry *e = &h->cat[idx];
     if (!entry_alive(e))
@@ -88,20 +87,38 @@ static int ckpt_push_entry(hk_heap *h, uint32_t idx, int by_hash)
             if (t->latest && t->crc[HK_TAG_SLOT(t->latest)] == crc_compute(0, h->data + off, len))
                 continue;
         }
-        int rc = ckpt_push(h, idx, u);
+        int rc = ckpt_mark_unit(h, idx, u);
         if (rc)
             return rc;
     }
     return 0;
 }
 
-static int unit_cmp(const void *a, const void *b)
+/* ckpt_owner -- the live entry and unit number of (page, slot), or -1. */
+static int64_t ckpt_owner(hk_heap *h, uint64_t page, uint32_t slot, uint64_t *u)
 {
-    const struct unit *x = a, *y = b;
-    return x->off < y->off ? -1 : x->off > y->off;
+    unsigned pc = h->pcls[page];
+    if (pc == HK_PAGE_FREE || pc == HK_PAGE_TAGS || !((h->pmask[page] >> slot) & 1))
+        return -1;
+    uint32_t own = h->powner[page], idx = own;
+    *u = 0;
+    if (pc == HK_PAGE_CLASS)
+        *u = page - h->cat[idx].first_page;
+    else if (own & ROW_FLAG)
+        idx = h->slotowner[(size_t)(own & ~ROW_FLAG) * 64 + slot];
+    else
+        *u = (page - h->cat[idx].first_page) * (HK_PAGE / heap_class_size[pc]) + slot;
+    return entry_alive(&h->cat[idx]) ? (int64_t)idx : -1;
 }
 
-/* ckpt_collect -- the dirty set of this epoch, sorted by address, without repeats. */
+static int page_cmp(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* ckpt_collect -- the dirty set of this epoch, in address order: every source marks
+ * bits in the per-page dirty masks, then the marked pages are walked in order. */
 static int ckpt_collect(hk_heap *h)
 {
     int rc = 0;
@@ -110,27 +127,26 @@ static int ckpt_collect(hk_heap *h)
     if (h->ops)
         rc = h->ops->collect(h, ckpt_emit);
     for (uint64_t i = 0; !rc && everything && i < h->st->entries_hwm; i++)
-        rc = ckpt_push_entry(h, (uint32_t)i, h->tracker == HK_TRACK_HASH && !h->all_dirty);
+        rc = ckpt_mark_entry(h, (uint32_t)i, h->tracker == HK_TRACK_HASH && !h->all_dirty);
     for (size_t i = 0; !rc && i < h->fresh.n; i++)
-        rc = ckpt_push_entry(h, h->fresh.v[i], 0);
-    for (size_t i = 0; !rc && i < h->carry.n; i++) {
-        struct unit *c = &h->carry.v[i];
-        if (entry_alive(&h->cat[c->entry]) && c->u < heap_units(&h->cat[c->entry]))
-            rc = ckpt_push(h, c->entry, c->u);
-    }
+        rc = ckpt_mark_entry(h, h->fresh.v[i], 0);
     if (rc)
         return rc;
-    size_t sorted = 1;
-    while (sorted < h->work.n && h->work.v[sorted - 1].off <= h->work.v[sorted].off)
-        sorted++;
-    if (sorted < h->work.n)   /* the full and hash trackers emit in address order already */
-        qsort(h->work.v, h->work.n, sizeof *h->work.v, unit_cmp);
-    size_t m = 0;
-    for (size_t i = 0; i < h->work.n; i++)
-        if (m == 0 || h->work.v[i].off != h->work.v[m - 1].off)
-            h->work.v[m++] = h->work.v[i];
-    h->work.n = m;
-    return 0;
+    qsort(h->dpages.v, h->dpages.n, sizeof *h->dpages.v, page_cmp);
+    for (size_t i = 0; i < h->dpages.n && !rc; i++) {
+        uint64_t page = h->dpages.v[i], m = h->dmask[page], u;
+        h->dmask[page] = 0;
+        for (; m && !rc; m &= m - 1) {
+            int64_t idx = ckpt_owner(h, page, (uint32_t)__builtin_ctzll(m), &u);
+            if (idx >= 0) {
+                struct unit x = {.entry = (uint32_t)idx, .u = u};
+                heap_unit_place(h, &h->cat[idx], u, &x.off, &x.len);
+                rc = vec_push_unit(&h->work, &x);
+            }
+        }
+    }
+    h->dpages.n = 0;
+    return rc;
 }
 
 /* ckpt_count -- stats of one copied unit (units arrive sorted by address). */
@@ -209,6 +225,27 @@ static int ckpt_write_record(hk_heap *h, uint64_t n, const char *meta, uint32_t 
     return pmem_drain(h);
 }
 
+/* ckpt_write -- write objects through the untracked mapping and mark them dirty:
+ * the bulk path, with no write fault per object. */
+int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const void *src)
+{
+    if (h->closed || h->readonly || index >= h->st->entries_hwm || !entry_alive(&h->cat[index]))
+        return hk_fail(h->readonly ? EROFS : ENOENT, "%s: no writable live object at catalog index %lu",
+                       h->path, (unsigned long)index);
+    struct hk_entry *e = &h->cat[index];
+    for (size_t i = 0; i < n; i++) {
+        uint64_t off, u, nu;
+        int rc = heap_object_span(h, index, objs[i], &off, &u, &nu);
+        if (rc)
+            return rc;
+        memcpy(h->data + off, (const uint8_t *)src + i * e->obj_size, e->obj_size);
+        for (uint64_t k = 0; k < nu; k++)
+            if ((rc = ckpt_mark_unit(h, (uint32_t)index, u + k)))
+                return rc;
+    }
+    return 0;
+}
+
 /* ckpt_prepare -- steps 1-3 of the protocol for epoch committed+1. */
 int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch)
 {
@@ -253,7 +290,7 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
     s->bytes_meta += sizeof(struct hk_record);
     ckpt_crash(h, HK_CRASH_AFTER_PREPARE, n);
     h->prepared = n;
-    h->touched.n = h->fresh.n = h->carry.n = 0;
+    h->touched.n = h->fresh.n = 0;
     h->all_dirty = 0;
     s->t_scan = t1 - t0;
     s->t_copy = t2 - t1;
@@ -287,10 +324,9 @@ int ckpt_withdraw(hk_heap *h)
     if (rc)
         return rc;
     h->prepared = h->committed;
-    for (size_t i = 0; i < h->work.n; i++)
-        if ((rc = vec_push_unit(&h->carry, &h->work.v[i])))
-            return rc;
-    return 0;
+    for (size_t i = 0; i < h->work.n && !rc; i++)   /* copied in vain: dirty again for the retry */
+        rc = ckpt_mark_unit(h, h->work.v[i].entry, h->work.v[i].u);
+    return rc;
 }
 
 /* ckpt_restore_entry -- bring every unit of a live entry back from its newest slot <= E. */
@@ -352,7 +388,7 @@ int ckpt_recover(hk_heap *h, uint64_t E)
         pmem_flush(h, e, sizeof *e);
     }
     h->prepared = h->committed = E;
-    h->carry.n = h->touched.n = 0;
+    h->touched.n = 0;
     h->all_dirty = 0;
     if ((rc = heap_rebuild(h)) || (rc = pmem_drain(h)))
         return rc;

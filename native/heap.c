@@ -62,6 +62,12 @@ static uint64_t pages_per_obj(const struct hk_entry *e)
     return e->obj_size ? (e->obj_size + HK_PAGE - 1) / HK_PAGE : 1;
 }
 
+/* slot_mask -- the mask of slots 0..n-1 of a page (n <= 64). */
+static uint64_t slot_mask(uint64_t n)
+{
+    return n >= 64 ? ~0ull : (1ull << n) - 1;
+}
+
 /* heap_units -- how many units an entry has: objects (small), pages (large). */
 uint64_t heap_units(const struct hk_entry *e)
 {
@@ -178,7 +184,7 @@ static int64_t heap_row_new(hk_heap *h)
 static int heap_slot_alloc(hk_heap *h, unsigned c, uint32_t idx, uint64_t *page, uint32_t *slot)
 {
     uint32_t k = HK_PAGE / heap_class_size[c];
-    uint64_t full = k == 64 ? ~0ull : (1ull << k) - 1;
+    uint64_t full = slot_mask(k);
     struct u32vec *pv = &h->partial[c];
     if (pv->n == 0) {
         int64_t row = heap_row_new(h);
@@ -208,7 +214,7 @@ static void heap_slot_free(hk_heap *h, uint64_t p, uint32_t j)
 {
     unsigned c = h->pcls[p];
     uint32_t k = HK_PAGE / heap_class_size[c];
-    uint64_t full = k == 64 ? ~0ull : (1ull << k) - 1;
+    uint64_t full = slot_mask(k);
     if (h->pmask[p] == full)
         vec_push32(&h->partial[c], (uint32_t)p);
     h->pmask[p] &= ~(1ull << j);
@@ -298,14 +304,14 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
     if (e->cls == HK_PAGE_CLASS) {
         e->npages = d->count * pages_per_obj(e);
         first = heap_pages_alloc(h, e->npages, HK_PAGE_CLASS, idx);
+        for (uint64_t i = 0; first >= 0 && i < e->npages; i++)
+            h->pmask[first + i] = 1;   /* one unit per page: slot 0 */
     } else if (d->kind == HK_KIND_POOL && d->count > 1) {
         uint32_t k = HK_PAGE / heap_class_size[e->cls];
         e->npages = (d->count + k - 1) / k;
         first = heap_pages_alloc(h, e->npages, e->cls, idx);
-        for (uint64_t i = 0; first >= 0 && i < e->npages; i++) {
-            uint64_t left = d->count - i * k;
-            h->pmask[first + i] = left >= 64 ? ~0ull : (1ull << left) - 1;
-        }
+        for (uint64_t i = 0; first >= 0 && i < e->npages; i++)
+            h->pmask[first + i] = slot_mask(d->count - i * k < k ? d->count - i * k : k);
     } else {
         rc = heap_slot_alloc(h, e->cls, idx, &page, &slot);
         first = rc ? -1 : (int64_t)page;
@@ -360,6 +366,36 @@ int heap_free(hk_heap *h, uint64_t index)
     h->entries_live--;
     int rc = vec_push32(&h->pending, (uint32_t)index);
     return rc ? rc : vec_push32(&h->touched, (uint32_t)index);
+}
+
+/* heap_object_span -- data offset and units of object `obj` of a live entry. */
+int heap_object_span(hk_heap *h, uint64_t index, uint64_t obj, uint64_t *off, uint64_t *first_unit,
+                     uint64_t *units)
+{
+    struct hk_entry *e = &h->cat[index];
+    if (obj >= e->count)
+        return hk_fail(ERANGE, "'%.63s' has %lu objects; index %lu is out of range", e->name,
+                       (unsigned long)e->count, (unsigned long)obj);
+    uint32_t len;
+    *units = e->cls == HK_PAGE_CLASS ? pages_per_obj(e) : 1;
+    *first_unit = obj * *units;
+    heap_unit_place(h, e, *first_unit, off, &len);
+    return 0;
+}
+
+/* heap_read -- copy objects objs[0..n) of an entry into dst, packed. */
+int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst)
+{
+    if (h->closed || index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE)
+        return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
+    uint64_t size = h->cat[index].obj_size, off, u, nu;
+    for (size_t i = 0; i < n; i++) {
+        int rc = heap_object_span(h, index, objs[i], &off, &u, &nu);
+        if (rc)
+            return rc;
+        memcpy((uint8_t *)dst + i * size, h->data + off, size);
+    }
+    return 0;
 }
 
 /* heap_lookup -- describe a live entry; name and dtype are copied into the caller's buffers. */
@@ -423,9 +459,9 @@ static int heap_mark(hk_heap *h, uint32_t idx)
         heap_span_add(h, e->cls, e->first_page, e->npages);
         uint32_t k = HK_PAGE / heap_class_size[e->cls];
         for (uint64_t i = 0; i < e->npages; i++) {
-            uint64_t left = e->cls == HK_PAGE_CLASS ? 64 : e->count - i * k;
+            uint64_t left = e->cls == HK_PAGE_CLASS ? 1 : e->count - i * k;
             h->powner[e->first_page + i] = idx;
-            h->pmask[e->first_page + i] = left >= 64 ? ~0ull : (1ull << left) - 1;
+            h->pmask[e->first_page + i] = slot_mask(left < k ? left : k);
         }
         h->pages_used += e->npages;
     } else {
@@ -506,6 +542,9 @@ int heap_rebuild(hk_heap *h)
         h->span_hi[c] = 0;
     }
     h->free_entries.n = h->pending.n = h->fresh.n = h->free_rows.n = 0;
+    for (size_t i = 0; i < h->dpages.n; i++)
+        h->dmask[h->dpages.v[i]] = 0;
+    h->dpages.n = 0;
     for (unsigned c = 0; c < HK_PAGE_CLASS; c++)
         h->partial[c].n = 0;
     if (h->st->entries_hwm > h->sb->max_entries)
@@ -546,7 +585,7 @@ int heap_rebuild(hk_heap *h)
         unsigned c = h->pcls[p];
         if (c < HK_PAGE_CLASS && (h->powner[p] & ROW_FLAG)) {
             uint32_t k = HK_PAGE / heap_class_size[c];
-            if (h->pmask[p] != (k == 64 ? ~0ull : (1ull << k) - 1) && (rc = vec_push32(&h->partial[c], (uint32_t)p)))
+            if (h->pmask[p] != slot_mask(k) && (rc = vec_push32(&h->partial[c], (uint32_t)p)))
                 return rc;
         }
     }
@@ -647,7 +686,8 @@ static int heap_alloc_dram(hk_heap *h)
     h->pcls = malloc(np);
     h->pmask = malloc(np * sizeof *h->pmask);
     h->powner = malloc(np * sizeof *h->powner);
-    if (!h->pcls || !h->pmask || !h->powner)
+    h->dmask = calloc(np, sizeof *h->dmask);
+    if (!h->pcls || !h->pmask || !h->powner || !h->dmask)
         return hk_fail(ENOMEM, "out of memory for the allocator of %lu pages", (unsigned long)np);
     return 0;
 }
@@ -666,7 +706,8 @@ static void heap_free_dram(hk_heap *h)
     free(h->pending.v);
     free(h->fresh.v);
     free(h->touched.v);
-    free(h->carry.v);
+    free(h->dmask);
+    free(h->dpages.v);
     free(h->work.v);
 }
 

@@ -69,7 +69,8 @@ struct hk_heap {
     /* checkpoint state */
     uint64_t prepared, committed;
     int was_clean, all_dirty, closed;
-    struct unitvec carry;           /* dirty units of a withdrawn epoch */
+    uint64_t *dmask;                /* dirty units of each page, one bit per slot, since the last prepare */
+    struct u32vec dpages;           /* pages whose dmask is not zero */
     struct unitvec work;
     struct hk_stats stats;
     int crash_point;
@@ -120,6 +121,8 @@ void heap_unit_place(const hk_heap *h, const struct hk_entry *e, uint64_t u, uin
 struct hk_tag *heap_tag(hk_heap *h, struct hk_entry *e, uint64_t u);
 uint32_t heap_entry_crc(const struct hk_entry *e);
 int heap_rebuild(hk_heap *h);
+int heap_object_span(hk_heap *h, uint64_t index, uint64_t obj, uint64_t *off, uint64_t *first_unit,
+                     uint64_t *units);
 void heap_release_entry(hk_heap *h, uint32_t idx);
 void heap_zero(hk_heap *h, uint64_t off, uint64_t len);
 int heap_wipe(hk_heap *h, struct hk_entry *e);

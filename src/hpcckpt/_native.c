@@ -173,6 +173,28 @@ static PyObject *nh_offset(NativeHeap *self, PyObject *args)
     return PyLong_FromSsize_t((Py_ssize_t)(p - (uint8_t *)self->info.va_base));
 }
 
+/* nh_copy -- read (to=1) or write objects: (index, objs: uint64 buffer, data: buffer). */
+static PyObject *nh_copy(NativeHeap *self, PyObject *args, int reading)
+{
+    unsigned long long idx;
+    Py_buffer objs, data;
+    if (!live(self) || !PyArg_ParseTuple(args, reading ? "Ky*w*" : "Ky*y*", &idx, &objs, &data))
+        return NULL;
+    int rc = 0;
+    size_t n = (size_t)objs.len / sizeof(uint64_t);
+    Py_BEGIN_ALLOW_THREADS
+    rc = reading ? heap_read(self->h, idx, objs.buf, n, data.buf) : ckpt_write(self->h, idx, objs.buf, n, data.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&objs);
+    PyBuffer_Release(&data);
+    if (rc < 0)
+        return raise_rc(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_read(NativeHeap *self, PyObject *args) { return nh_copy(self, args, 1); }
+static PyObject *nh_write(NativeHeap *self, PyObject *args) { return nh_copy(self, args, 0); }
+
 static PyObject *nh_prepare(NativeHeap *self, PyObject *arg)
 {
     char *meta;
@@ -270,6 +292,8 @@ static PyMethodDef nh_methods[] = {
     {"lookup", (PyCFunction)nh_lookup, METH_O, "lookup(index) -> (name, dtype, shape, obj_size, count, kind)"},
     {"next_live", (PyCFunction)nh_next_live, METH_O, "next_live(from) -> index or -1"},
     {"offset", (PyCFunction)nh_offset, METH_VARARGS, "offset(index, obj) -> byte offset in the buffer"},
+    {"read", (PyCFunction)nh_read, METH_VARARGS, "read(index, objs: uint64 buffer, out: buffer)"},
+    {"write", (PyCFunction)nh_write, METH_VARARGS, "write(index, objs: uint64 buffer, data: buffer), marked dirty"},
     {"prepare", (PyCFunction)nh_prepare, METH_O, "prepare(meta: bytes) -> epoch"},
     {"commit", (PyCFunction)nh_commit, METH_NOARGS, "commit the prepared epoch"},
     {"withdraw", (PyCFunction)nh_withdraw, METH_NOARGS, "withdraw the prepared epoch"},

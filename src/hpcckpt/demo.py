@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from mpi4py import MPI
@@ -136,36 +136,24 @@ def move(p: np.ndarray, u: np.ndarray, block: Block) -> None:
 # -- storage: the heap's pool, or a plain array with the same p[i] access --------------
 
 class Records:
-    """A plain structured array seen like a heap pool: ``r[i]`` is a 0-d view of record i."""
+    """A plain structured array with a heap pool's bulk access: ``take(idx)``, ``put(idx, recs)``."""
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.array[i, ...]
+    def take(self, indices) -> np.ndarray:
+        return self.array[np.asarray(indices, dtype=np.int64)]
+
+    def put(self, indices, records: np.ndarray) -> None:
+        self.array[np.asarray(indices, dtype=np.int64)] = records
 
     def __len__(self) -> int:
         return len(self.array)
 
 
-def load(pool, indices: Iterable[int]) -> np.ndarray:
-    """Copy the records at ``indices`` out of ``pool`` into a plain array."""
-    indices = list(indices)
-    out = np.empty(len(indices), PARTICLE)
-    for j, i in enumerate(indices):
-        out[j] = pool[i]
-    return out
-
-
-def store(pool, indices: Iterable[int], records: np.ndarray) -> None:
-    """Write ``records`` back to ``pool``, touching only the objects at ``indices``."""
-    for i, rec in zip(indices, records):
-        pool[i][()] = rec
-
-
 def checksums(comm: MPI.Comm, block: Block, u: np.ndarray, pool, nx: int, ny: int) -> tuple[str, str] | None:
     """On rank 0: SHA-256 of the global grid, and of grid plus all particles sorted by id."""
-    mine = (tuple(block), np.ascontiguousarray(u[1:-1, 1:-1]), load(pool, range(len(pool))))
+    mine = (tuple(block), np.ascontiguousarray(u[1:-1, 1:-1]), pool.take(np.arange(len(pool))))
     parts = comm.gather(mine, root=0)
     if parts is None:
         return None
@@ -267,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         start = heap.meta.get("step", 0) if heap.epoch is not None else 0
     if start == 0:
         init_grid(u, block, args.nx, args.ny)
-        store(pool, range(count), init_particles(block, first, count, args.seed))
+        pool.put(np.arange(count), init_particles(block, first, count, args.seed))
     save_dir, own_dir = None, None
     if args.save_with:
         root = args.root or os.environ.get("HPCCKPT_ROOT")
@@ -294,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         exchange_halos(cart, u)
         diffuse(u, scratch)
         ids = chosen(step, args.particles, args.change, args.seed)
-        mine = (ids[np.searchsorted(ids, first):np.searchsorted(ids, first + count)] - first).tolist()
-        p = load(pool, mine)
+        mine = ids[np.searchsorted(ids, first):np.searchsorted(ids, first + count)] - first
+        p = pool.take(mine)
         move(p, u, block)
-        store(pool, mine, p)
+        pool.put(mine, p)
         if step == args.kill_at_step and rank == args.kill_rank and first_attempt:
             os.kill(os.getpid(), signal.SIGKILL)
         due = step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0)

@@ -12,6 +12,8 @@ import os
 import signal
 from typing import Any
 
+import numpy as np
+
 from .errors import CheckpointError, HeapError, OwnerMismatchError
 from .heap import Heap, crash_hook, _call
 
@@ -101,32 +103,40 @@ def _restore_common_epoch(heap: Heap, comm) -> None:
 
 
 def coordinated_checkpoint(heap: Heap, blob: bytes) -> int:
-    """Prepare locally, agree in one allgather, then commit everywhere or withdraw everywhere."""
+    """Prepare locally, agree in one allgather, then commit everywhere or withdraw everywhere.
+
+    The vote travels as a small array of doubles (failed, epoch, stats) so agreeing costs one
+    buffer collective; error messages are exchanged only when some rank failed.
+    """
     comm, native = heap._comm, heap._native
-    epoch, err = 0, None
+    epoch, err, local = 0, None, {}
     try:
         epoch = _call(native.prepare, blob)
         local = heap._local_stats()
     except (OSError, HeapError) as e:
-        err, local = f"{type(e).__name__}: {e}", {}
-    votes = comm.allgather((err, epoch, [float(local.get(k, 0)) for k in _NUMERIC]))
+        err = f"{type(e).__name__}: {e}"
+    row = np.array([err is not None, epoch, *(float(local.get(k, 0)) for k in _NUMERIC)])
+    table = np.empty((comm.Get_size(), row.size))
+    comm.Allgather(row, table)
     hook = crash_hook(comm.Get_rank())
     if hook and hook[0] == "after-allreduce" and hook[1] in (0, epoch):
         os.kill(os.getpid(), signal.SIGKILL)
-    failed = [(r, e) for r, (e, _, _) in enumerate(votes) if e]
-    epochs = {n for e, n, _ in votes if not e}
-    if not failed and len(epochs) > 1:
-        failed = [(0, f"ranks prepared different epochs {sorted(epochs)}; the heaps are out of step")]
-    if failed:
+    failed = np.flatnonzero(table[:, 0])
+    epochs = set(table[table[:, 0] == 0, 1].astype(int).tolist())
+    if failed.size or len(epochs) > 1:
         if err is None:
             _call(native.withdraw)
-        ranks = ", ".join(str(r) for r, _ in failed)
-        raise CheckpointError(f"checkpoint {epoch or '?'} failed on rank(s) {ranks}: {failed[0][1]}; "
+        if failed.size:
+            message = next(m for m in comm.allgather(err) if m)
+        else:
+            message = f"ranks prepared different epochs {sorted(epochs)}; the heaps are out of step"
+        ranks = ", ".join(map(str, failed.tolist())) or "all"
+        raise CheckpointError(f"checkpoint {epoch or '?'} failed on rank(s) {ranks}: {message}; "
                               "the epoch was withdrawn on every rank, the previous one stays committed")
     _call(native.commit)
-    columns = list(zip(*(v for _, _, v in votes)))
-    local["total"] = {k: sum(c) for k, c in zip(_NUMERIC, columns)}
-    local["max"] = {k: max(c) for k, c in zip(_NUMERIC, columns)}
+    stats = table[:, 2:]
+    local["total"] = dict(zip(_NUMERIC, stats.sum(axis=0).tolist()))
+    local["max"] = dict(zip(_NUMERIC, stats.max(axis=0).tolist()))
     heap._stats = local
     return epoch
 
