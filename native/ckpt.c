@@ -173,7 +173,7 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     uint64_t last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
     for (size_t i = 0; i < h->work.n; i += 3) {
         size_t m = h->work.n - i < 3 ? h->work.n - i : 3;
-        if (i <= h->work.n / 2 && h->work.n / 2 < i + m)
+        if (i <= h->work.n / 2 && h->work.n / 2 < i + m)   /* for an empty set: see ckpt_prepare */
             ckpt_crash(h, HK_CRASH_MID_COPY, n);
         struct hk_tag *t[3];
         uint8_t *dst[3];
@@ -227,12 +227,15 @@ static int ckpt_write_record(hk_heap *h, uint64_t n, const char *meta, uint32_t 
 
 /* ckpt_write -- write objects through the untracked mapping and mark them dirty:
  * the bulk path, with no write fault per object. */
-int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const void *src)
+int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const void *src, size_t src_len)
 {
     if (h->closed || h->readonly || index >= h->st->entries_hwm || !entry_alive(&h->cat[index]))
         return hk_fail(h->readonly ? EROFS : ENOENT, "%s: no writable live object at catalog index %lu",
                        h->path, (unsigned long)index);
     struct hk_entry *e = &h->cat[index];
+    if (src_len / (e->obj_size ? e->obj_size : 1) < n)
+        return hk_fail(EINVAL, "buffer of %zu bytes is too small for %zu objects of %lu bytes", src_len, n,
+                       (unsigned long)e->obj_size);
     for (size_t i = 0; i < n; i++) {
         uint64_t off, u, nu;
         int rc = heap_object_span(h, index, objs[i], &off, &u, &nu);
@@ -264,10 +267,14 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
     s->epoch = n;
     double t0 = pmem_now();
     int rc = ckpt_collect(h);
-    if (rc)
+    if (rc) {
+        h->all_dirty = 1;   /* the tracker may have forgotten writes: copy everything next time */
         return rc;
+    }
     double t1 = pmem_now();
     ckpt_crash(h, HK_CRASH_BEFORE_COPY, n);
+    if (h->work.n == 0)
+        ckpt_crash(h, HK_CRASH_MID_COPY, n);
     ckpt_copy(h, n);
     double t2 = pmem_now();
     if (h->nvm_gbps > 0 || h->nvm_lat_ns > 0) {
@@ -282,11 +289,12 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
         pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
     s->bytes_meta += h->touched.n * sizeof(struct hk_entry);
     pmem_flush(h, &h->st->entries_hwm, 8);
-    if ((rc = pmem_drain(h)))
-        return rc;
+    rc = pmem_drain(h);
     double t4 = pmem_now();
-    if ((rc = ckpt_write_record(h, n, meta, meta_len)))
+    if (rc || (rc = ckpt_write_record(h, n, meta, meta_len))) {
+        h->all_dirty = 1;   /* copies may be lost: copy everything next time */
         return rc;
+    }
     s->bytes_meta += sizeof(struct hk_record);
     ckpt_crash(h, HK_CRASH_AFTER_PREPARE, n);
     h->prepared = n;
@@ -347,8 +355,10 @@ static int ckpt_restore_entry(hk_heap *h, uint32_t idx, uint64_t E)
             return hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu, epoch <= %lu) is corrupt "
                            "(checksum mismatch)", h->path, e->name, (unsigned long)u, (unsigned long)E);
         memcpy(h->data + off, src, len);
-        if (HK_TAG_EPOCH(l) > E)
+        if (HK_TAG_EPOCH(l) > E) {
             __atomic_store_n(&t->latest, (uint32_t)E | slot << 31, __ATOMIC_RELEASE);
+            pmem_flush(h, t, sizeof *t);
+        }
     }
     return 0;
 }
@@ -377,7 +387,9 @@ int ckpt_recover(hk_heap *h, uint64_t E)
             ckpt_crash(h, HK_CRASH_MID_RESTORE, 0);
         if (e->kind == HK_KIND_FREE)
             continue;
-        if (born == 0 || born > E || (dead && dead <= E)) {
+        if (born == 0) {
+            memset(e, 0, sizeof *e);   /* an allocation cut short: its fields are not to be trusted */
+        } else if (born > E || (dead && dead <= E)) {
             heap_wipe(h, e);
         } else {
             if (dead)
@@ -422,6 +434,8 @@ int ckpt_stats(hk_heap *h, struct hk_stats *out)
 int ckpt_verify(hk_heap *h, uint64_t *checked)
 {
     *checked = 0;
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
     for (uint64_t i = 0; i < h->st->entries_hwm; i++) {
         struct hk_entry *e = &h->cat[i];
         if (e->kind == HK_KIND_FREE)

@@ -104,7 +104,7 @@ struct hk_tag *heap_tag(hk_heap *h, struct hk_entry *e, uint64_t u)
 /* heap_entry_crc -- checksum of an entry's immutable fields. */
 uint32_t heap_entry_crc(const struct hk_entry *e)
 {
-    uint32_t c = crc_compute(0, (const uint8_t *)e + 16, offsetof(struct hk_entry, tag) - 16);
+    uint32_t c = crc_compute(0, &e->kind, offsetof(struct hk_entry, tag) - offsetof(struct hk_entry, kind));
     return crc_compute(c, e->dtype, e->dtype_len < HK_DTYPE_MAX ? e->dtype_len : HK_DTYPE_MAX);
 }
 
@@ -186,6 +186,12 @@ static int heap_slot_alloc(hk_heap *h, unsigned c, uint32_t idx, uint64_t *page,
     uint32_t k = HK_PAGE / heap_class_size[c];
     uint64_t full = slot_mask(k);
     struct u32vec *pv = &h->partial[c];
+    while (pv->n) {   /* drop pages that filled up or were given back since they were listed */
+        uint64_t q = pv->v[pv->n - 1];
+        if (h->pcls[q] == c && (h->powner[q] & ROW_FLAG) && h->pmask[q] != full)
+            break;
+        pv->n--;
+    }
     if (pv->n == 0) {
         int64_t row = heap_row_new(h);
         int64_t p = row < 0 ? -1 : heap_pages_alloc(h, 1, (uint8_t)c, ROW_FLAG | (uint32_t)row);
@@ -209,15 +215,19 @@ static int heap_slot_alloc(hk_heap *h, unsigned c, uint32_t idx, uint64_t *page,
     return 0;
 }
 
-/* heap_slot_free -- give a shared slot back to its class. */
+/* heap_slot_free -- give a shared slot back to its class; an empty page goes back to the
+ * page pool (its stale entries in the partial list are skipped by heap_slot_alloc). */
 static void heap_slot_free(hk_heap *h, uint64_t p, uint32_t j)
 {
     unsigned c = h->pcls[p];
-    uint32_t k = HK_PAGE / heap_class_size[c];
-    uint64_t full = slot_mask(k);
+    uint64_t full = slot_mask(HK_PAGE / heap_class_size[c]);
     if (h->pmask[p] == full)
         vec_push32(&h->partial[c], (uint32_t)p);
     h->pmask[p] &= ~(1ull << j);
+    if (h->pmask[p] == 0) {
+        vec_push32(&h->free_rows, h->powner[p] & ~ROW_FLAG);
+        heap_pages_free(h, p, 1);
+    }
 }
 
 /* heap_space_free -- return the pages or slot and the tag run of an entry to the allocator. */
@@ -264,12 +274,52 @@ void heap_release_entry(hk_heap *h, uint32_t idx)
     h->entries_live--;
 }
 
-/* heap_alloc -- create a catalog entry and its space; the object is zeroed and
- * counts as dirty at the next checkpoint. */
+/* heap_alloc_space -- claim pages or a slot, and a tag run, for a new entry (DRAM only). */
+static int heap_alloc_space(hk_heap *h, uint32_t idx, unsigned cls, uint64_t count, uint64_t npages, uint64_t units,
+                            int64_t *first, uint32_t *slot, int64_t *tags)
+{
+    *tags = 0;
+    if (npages && cls == HK_PAGE_CLASS) {
+        *first = heap_pages_alloc(h, npages, HK_PAGE_CLASS, idx);
+        for (uint64_t i = 0; *first >= 0 && i < npages; i++)
+            h->pmask[*first + i] = 1;   /* one unit per page: slot 0 */
+    } else if (npages) {
+        uint32_t k = HK_PAGE / heap_class_size[cls];
+        *first = heap_pages_alloc(h, npages, (uint8_t)cls, idx);
+        for (uint64_t i = 0; *first >= 0 && i < npages; i++)
+            h->pmask[*first + i] = slot_mask(count - i * k < k ? count - i * k : k);
+    } else {
+        uint64_t page;
+        int rc = heap_slot_alloc(h, cls, idx, &page, slot);
+        if (rc && rc != -ENOSPC)
+            return rc;
+        *first = rc ? -1 : (int64_t)page;
+    }
+    if (*first < 0)
+        return -ENOSPC;
+    if (units > 1) {
+        *tags = heap_pages_alloc(h, (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE, HK_PAGE_TAGS, idx);
+        if (*tags < 0) {
+            if (npages)
+                heap_pages_free(h, (uint64_t)*first, npages);
+            else
+                heap_slot_free(h, (uint64_t)*first, *slot);
+            return -ENOSPC;
+        }
+    }
+    return 0;
+}
+
+/* heap_alloc -- create a catalog entry and its space.  The object is zero (free space
+ * always is) and counts as dirty at the next checkpoint.  The entry is written only once
+ * its space is secured, and becomes valid with the single store of its epochs. */
 int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
 {
     if (h->closed || h->readonly)
         return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
+    if (h->prepared != h->committed)
+        return hk_fail(EBUSY, "%s: epoch %lu is being checkpointed; allocate after it commits", h->path,
+                       (unsigned long)h->prepared);
     size_t nl = strlen(d->name);
     if (nl == 0 || nl >= HK_NAME_MAX)
         return hk_fail(EINVAL, "name must be 1 to %d bytes, got %zu", HK_NAME_MAX - 1, nl);
@@ -277,6 +327,17 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
         return hk_fail(EINVAL, "dtype description is %u bytes, at most %d fit", d->dtype_len, HK_DTYPE_MAX - 1);
     if (d->ndim > HK_NDIM_MAX)
         return hk_fail(EINVAL, "at most %d dimensions, got %u", HK_NDIM_MAX, d->ndim);
+    unsigned cls = heap_class_of(d->obj_size);
+    uint64_t count = d->count ? d->count : 1, bytes, npages = 0, units = 1;
+    int pooled = d->kind == HK_KIND_POOL && count > 1;
+    int too_big = __builtin_mul_overflow(count, d->obj_size, &bytes) || bytes > h->sb->capacity;
+    if (!too_big && cls == HK_PAGE_CLASS)
+        units = npages = count * ((d->obj_size + HK_PAGE - 1) / HK_PAGE);
+    else if (!too_big && pooled)
+        npages = (count + HK_PAGE / heap_class_size[cls] - 1) / (HK_PAGE / heap_class_size[cls]), units = count;
+    if (too_big || npages > h->sb->npages)
+        return hk_fail(ENOSPC, "%s: '%s' needs more than the heap's whole capacity (%lu objects of %lu bytes)",
+                       h->path, d->name, (unsigned long)count, (unsigned long)d->obj_size);
     uint32_t idx;
     if (h->free_entries.n)
         idx = h->free_entries.v[--h->free_entries.n];
@@ -285,60 +346,31 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
     else
         return hk_fail(ENOSPC, "%s: catalog full (%lu objects); create the heap with a larger max_objects",
                        h->path, (unsigned long)h->sb->max_entries);
-
+    int64_t first, tags;
+    uint32_t slot = 0;
+    int rc = heap_alloc_space(h, idx, cls, count, npages, units, &first, &slot, &tags);
+    if (rc) {
+        vec_push32(&h->free_entries, idx);
+        if (rc != -ENOSPC)
+            return rc;
+        return hk_fail(ENOSPC, "%s: out of space for '%s' (%lu bytes): %lu of %lu pages free; free objects "
+                       "(del heap[name]) or create a larger heap", h->path, d->name, (unsigned long)bytes,
+                       (unsigned long)(h->sb->npages - h->pages_used), (unsigned long)h->sb->npages);
+    }
     struct hk_entry *e = &h->cat[idx];   /* free entries are all zero (heap_wipe) */
     e->kind = (uint16_t)d->kind;
-    e->count = d->count;
-    e->obj_size = d->obj_size;
-    e->cls = (uint8_t)heap_class_of(d->obj_size);
+    e->cls = (uint8_t)cls;
     e->ndim = (uint8_t)d->ndim;
+    e->first_page = (uint64_t)first;
+    e->npages = npages;
+    e->count = count;
+    e->obj_size = d->obj_size;
+    e->tag_page = (uint64_t)tags;
+    e->slot = slot;
+    e->dtype_len = (uint16_t)d->dtype_len;
     memcpy(e->shape, d->shape, d->ndim * sizeof e->shape[0]);
     memcpy(e->name, d->name, nl);
     memcpy(e->dtype, d->dtype, d->dtype_len);
-    e->dtype_len = (uint16_t)d->dtype_len;
-
-    int64_t first = -1, tags = 0;
-    uint64_t page = 0;
-    uint32_t slot = 0;
-    int rc = 0;
-    if (e->cls == HK_PAGE_CLASS) {
-        e->npages = d->count * pages_per_obj(e);
-        first = heap_pages_alloc(h, e->npages, HK_PAGE_CLASS, idx);
-        for (uint64_t i = 0; first >= 0 && i < e->npages; i++)
-            h->pmask[first + i] = 1;   /* one unit per page: slot 0 */
-    } else if (d->kind == HK_KIND_POOL && d->count > 1) {
-        uint32_t k = HK_PAGE / heap_class_size[e->cls];
-        e->npages = (d->count + k - 1) / k;
-        first = heap_pages_alloc(h, e->npages, e->cls, idx);
-        for (uint64_t i = 0; first >= 0 && i < e->npages; i++)
-            h->pmask[first + i] = slot_mask(d->count - i * k < k ? d->count - i * k : k);
-    } else {
-        rc = heap_slot_alloc(h, e->cls, idx, &page, &slot);
-        first = rc ? -1 : (int64_t)page;
-        e->slot = slot;
-    }
-    uint64_t units = heap_units(e);
-    if (first >= 0 && units > 1) {
-        uint64_t tp = (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE;
-        tags = heap_pages_alloc(h, tp, HK_PAGE_TAGS, idx);
-        if (tags < 0) {
-            if (e->npages)
-                heap_pages_free(h, (uint64_t)first, e->npages);
-            else
-                heap_slot_free(h, (uint64_t)first, slot);
-            first = -1;
-        }
-    }
-    if (first < 0) {
-        memset(e, 0, sizeof *e);
-        vec_push32(&h->free_entries, idx);
-        return hk_fail(ENOSPC, "%s: out of space for '%s' (%lu bytes): %lu of %lu pages free; free objects "
-                       "(del heap[name]) or create a larger heap",
-                       h->path, d->name, (unsigned long)(d->count * d->obj_size),
-                       (unsigned long)(h->sb->npages - h->pages_used), (unsigned long)h->sb->npages);
-    }
-    e->first_page = (uint64_t)first;
-    e->tag_page = (uint64_t)tags;   /* data and tags are zero: free space always is */
     e->crc = heap_entry_crc(e);
     __atomic_store_n(&e->epochs, HK_EPOCHS(h->committed + 1, 0), __ATOMIC_RELEASE);
     if ((rc = vec_push32(&h->fresh, idx)) || (rc = vec_push32(&h->touched, idx)))
@@ -353,6 +385,9 @@ int heap_free(hk_heap *h, uint64_t index)
 {
     if (h->closed || h->readonly)
         return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
+    if (h->prepared != h->committed)
+        return hk_fail(EBUSY, "%s: epoch %lu is being checkpointed; free after it commits", h->path,
+                       (unsigned long)h->prepared);
     if (index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE ||
         HK_EPOCH_DEAD(h->cat[index].epochs))
         return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
@@ -384,11 +419,14 @@ int heap_object_span(hk_heap *h, uint64_t index, uint64_t obj, uint64_t *off, ui
 }
 
 /* heap_read -- copy objects objs[0..n) of an entry into dst, packed. */
-int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst)
+int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst, size_t dst_len)
 {
     if (h->closed || index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE)
         return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
     uint64_t size = h->cat[index].obj_size, off, u, nu;
+    if (dst_len / (size ? size : 1) < n)
+        return hk_fail(EINVAL, "buffer of %zu bytes is too small for %zu objects of %lu bytes", dst_len, n,
+                       (unsigned long)size);
     for (size_t i = 0; i < n; i++) {
         int rc = heap_object_span(h, index, objs[i], &off, &u, &nu);
         if (rc)
@@ -401,6 +439,8 @@ int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *
 /* heap_lookup -- describe a live entry; name and dtype are copied into the caller's buffers. */
 int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char *dtype)
 {
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
     if (index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE)
         return hk_fail(ENOENT, "no object at catalog index %lu", (unsigned long)index);
     const struct hk_entry *e = &h->cat[index];
@@ -411,7 +451,7 @@ int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char 
     d->name = name;
     d->dtype = dtype;
     d->dtype_len = e->dtype_len;
-    d->ndim = e->ndim;
+    d->ndim = e->ndim < HK_NDIM_MAX ? e->ndim : HK_NDIM_MAX;
     memcpy(d->shape, e->shape, sizeof d->shape);
     d->obj_size = e->obj_size;
     d->count = e->count;
@@ -422,6 +462,8 @@ int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char 
 /* heap_next_live -- first live entry at or after `from`, or -1. */
 int64_t heap_next_live(hk_heap *h, uint64_t from)
 {
+    if (h->closed)
+        return -1;
     for (uint64_t i = from; i < h->st->entries_hwm; i++)
         if (h->cat[i].kind != HK_KIND_FREE && !HK_EPOCH_DEAD(h->cat[i].epochs))
             return (int64_t)i;
@@ -431,6 +473,9 @@ int64_t heap_next_live(hk_heap *h, uint64_t from)
 /* heap_addr -- where object `obj` of entry `index` is seen by the program. */
 void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj)
 {
+    if (h->closed || index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE ||
+        obj >= h->cat[index].count)
+        return NULL;
     struct hk_entry *e = &h->cat[index];
     uint64_t off;
     uint32_t len;
@@ -559,13 +604,14 @@ int heap_rebuild(hk_heap *h)
             return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
                            (unsigned long)i);
         if (bad || e->kind == HK_KIND_FREE || born == 0 || (dead && dead < h->committed)) {
-            /* uncommitted garbage, empty, or death committed: wipe it, reusable */
-            if (!h->readonly && e->kind != HK_KIND_FREE && heap_wipe(h, e) != 0)
-                sweep = 1;
-            else if (!h->readonly && bad)
-                sweep = 1;   /* a damaged entry's space cannot be trusted to be zero */
-            else if (!h->readonly && !entry_is_zero(e))
+            /* empty, an allocation cut short, damaged, or death committed: reusable.  Only a
+             * valid entry's fields say where its space is; otherwise sweep all free space. */
+            if (!h->readonly && !bad && born && e->kind != HK_KIND_FREE)
+                sweep |= heap_wipe(h, e) != 0;
+            else if (!h->readonly && !entry_is_zero(e)) {
                 memset(e, 0, sizeof *e);
+                sweep = 1;
+            }
             if ((rc = vec_push32(&h->free_entries, (uint32_t)i)))
                 return rc;
             continue;
@@ -645,7 +691,7 @@ int heap_create(const char *path, const struct hk_create_opts *o)
                      strerror(rc));
     else if (ftruncate(fd, (off_t)sb.file_size) != 0 || pwrite(fd, &sb, sizeof sb, 0) != (ssize_t)sizeof sb ||
         pwrite(fd, &st, sizeof st, HK_PAGE) != (ssize_t)sizeof st || fsync(fd) != 0)
-        rc = hk_fail(errno, "%s: cannot write the new heap: %s", path, strerror(errno));
+        rc = hk_fail(errno ? errno : EIO, "%s: cannot write the new heap: %s", path, strerror(errno ? errno : EIO));
     close(fd);
     if (rc)
         unlink(path);
@@ -823,7 +869,7 @@ int heap_close(hk_heap *h)
         return heap_abandon(h);
     for (size_t i = 0; i < h->touched.n; i++)
         pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
-    int rc = h->dax ? 0 : (msync(h->raw, (size_t)(h->views - h->raw), MS_SYNC) ? -errno : 0);
+    int rc = msync(h->raw, (size_t)(h->views - h->raw), MS_SYNC) ? -errno : 0;   /* on DAX: cache flush */
     if (rc)
         rc = hk_fail(-rc, "%s: msync failed: %s", h->path, strerror(-rc));
     if (!rc && !(rc = pmem_drain(h))) {

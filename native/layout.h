@@ -86,7 +86,7 @@ struct hk_tag {
 
 /* hk_entry -- one catalog entry (512 bytes).  `epochs` packs born (low 32) and
  * dead (high 32, 0 = alive) so that one aligned store changes both.  `crc`
- * covers bytes [16, 192) and the dtype_len bytes of `dtype`; it is written
+ * covers bytes [12, 192) and the dtype_len bytes of `dtype`; it is written
  * once, at allocation.  The inline tag is not covered: it changes per copy. */
 struct hk_entry {
     uint64_t epochs;

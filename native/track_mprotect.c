@@ -27,13 +27,12 @@ static int mp_installed;
 
 static void mp_handler(int sig, siginfo_t *si, void *ctx);
 
-/* mp_install -- put our handler in front, remembering the one we replace. */
+/* mp_install -- put our handler in front once, remembering the one we replace.  A handler
+ * installed later (faulthandler enabled after the heap opened) runs first and, as
+ * faulthandler does, hands the fault back; we never re-install over it (that would loop). */
 static int mp_install(void)
 {
-    struct sigaction cur;
-    if (sigaction(SIGSEGV, NULL, &cur) != 0)
-        return -errno;
-    if (mp_installed && (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == mp_handler)
+    if (mp_installed)
         return 0;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -61,13 +60,14 @@ static void mp_chain(int sig, siginfo_t *si, void *ctx)
 /* mp_degrade -- unprotect a whole view and count all of it dirty. */
 static void mp_degrade(hk_heap *h, struct mp_state *s, uint32_t view)
 {
-    if (!atomic_exchange(&s->degraded[view], 1))
-        atomic_fetch_add(&s->ndegraded, 1);
     if (mprotect(h->views + (size_t)view * h->data_len, h->data_len, PROT_READ | PROT_WRITE) != 0)
         abort();   /* cannot make progress without losing the write */
+    if (!atomic_exchange(&s->degraded[view], 1))   /* after unprotecting: see mp_collect */
+        atomic_fetch_add(&s->ndegraded, 1);
 }
 
-/* mp_handler -- record and unprotect the page of a write fault on a heap view. */
+/* mp_handler -- unprotect the page of a write fault on a heap view, then record it
+ * (in that order: a record made after the collector swapped lands in the next epoch). */
 static void mp_handler(int sig, siginfo_t *si, void *ctx)
 {
     uint8_t *a = si->si_addr;
@@ -80,15 +80,16 @@ static void mp_handler(int sig, siginfo_t *si, void *ctx)
         uint32_t view = (uint32_t)(rel / h->data_len);
         uint64_t page = (rel % h->data_len) / HK_PAGE;
         atomic_fetch_add(&s->faults, 1);
-        uint64_t hd = atomic_fetch_add(&s->head, 1);
-        uint32_t buf = (uint32_t)(hd >> 32), idx = (uint32_t)hd;
-        if (idx >= MP_RECORD) {
-            mp_degrade(h, s, view);
+        if (mprotect(h->views + rel - rel % HK_PAGE, HK_PAGE, PROT_READ | PROT_WRITE) != 0) {
+            mp_degrade(h, s, view);   /* vm.max_map_count: the whole view becomes dirty */
             return;
         }
-        __atomic_store_n(&s->rec[buf][idx], ((uint64_t)view << 32 | page) + 1, __ATOMIC_RELEASE);
-        if (mprotect(h->views + rel - rel % HK_PAGE, HK_PAGE, PROT_READ | PROT_WRITE) != 0)
+        uint64_t hd = atomic_fetch_add(&s->head, 1);
+        uint32_t buf = (uint32_t)(hd >> 32), idx = (uint32_t)hd;
+        if (idx >= MP_RECORD)
             mp_degrade(h, s, view);
+        else
+            __atomic_store_n(&s->rec[buf][idx], ((uint64_t)view << 32 | page) + 1, __ATOMIC_RELEASE);
         return;
     }
     mp_chain(sig, si, ctx);
@@ -130,27 +131,28 @@ static int mp_protect_all(hk_heap *h, int prot)
     return 0;
 }
 
-/* mp_arm -- protect everything and forget earlier faults. */
+/* mp_arm -- protect everything. */
 static int mp_arm(hk_heap *h)
 {
-    int rc = mp_install();
-    if (rc)
-        return hk_fail(-rc, "installing the SIGSEGV handler failed: %s", strerror(-rc));
     return mp_protect_all(h, PROT_READ);
 }
 
-/* mp_collect -- re-protect first, then drain the record: a write racing with
- * us faults again and lands in the next epoch, never nowhere. */
+/* mp_collect -- swap the record and take the degraded flags first, then re-protect,
+ * then drain: a fault recorded after the swap unprotected its page before recording, so
+ * either the re-protect covers it or the next epoch's record has it; never nowhere. */
 static int mp_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
 {
     struct mp_state *s = h->track;
-    int rc = mp_arm(h);
-    if (rc)
-        return rc;
     uint64_t hd = atomic_load(&s->head), next;
     do
         next = ((hd >> 32) ^ 1) << 32;
     while (!atomic_compare_exchange_weak(&s->head, &hd, next));
+    uint8_t degraded[HK_NVIEWS_MAX];
+    for (uint32_t g = 0; g < h->nviews; g++)
+        degraded[g] = atomic_exchange(&s->degraded[g], 0);
+    int rc = mp_arm(h);
+    if (rc)
+        return rc;
     uint32_t buf = (uint32_t)(hd >> 32), n = (uint32_t)hd < MP_RECORD ? (uint32_t)hd : MP_RECORD;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t v;
@@ -161,7 +163,7 @@ static int mp_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
             rc = emit(h, (uint32_t)((v - 1) >> 32), (uint32_t)(v - 1));
     }
     for (uint32_t g = 0; g < h->nviews && !rc; g++)
-        if (atomic_exchange(&s->degraded[g], 0))
+        if (degraded[g])
             for (uint64_t p = 0; p < h->sb->npages && !rc; p++)
                 if (h->pcls[p] != HK_PAGE_FREE && h->pcls[p] != HK_PAGE_TAGS)
                     rc = emit(h, g, p);

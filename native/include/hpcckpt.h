@@ -77,8 +77,8 @@ void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj);
 int heap_set_tracker(hk_heap *h, int tracker);
 /* heap_read / ckpt_write -- copy objects objs[0..n) of an entry out to / in from a packed
  * buffer; ckpt_write goes around the tracker and marks the objects dirty itself. */
-int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst);
-int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const void *src);
+int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst, size_t dst_len);
+int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const void *src, size_t src_len);
 int heap_uffd_supported(void);
 
 int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch);

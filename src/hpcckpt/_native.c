@@ -23,11 +23,13 @@ static PyObject *raise_rc(int rc)
     return NULL;
 }
 
-#define CALL(expr)                        \
-    do {                                  \
-        int rc_;                          \
-        Py_BEGIN_ALLOW_THREADS rc_ = (expr); \
-        Py_END_ALLOW_THREADS if (rc_ < 0) return raise_rc(rc_); \
+/* CALL -- run a core call, raising on failure.  The GIL stays held: the core is not
+ * thread-safe, and another thread allocating or closing mid-checkpoint would corrupt it. */
+#define CALL(expr)                      \
+    do {                                \
+        int rc_ = (expr);               \
+        if (rc_ < 0)                    \
+            return raise_rc(rc_);       \
     } while (0)
 
 static int live(NativeHeap *self)
@@ -170,6 +172,10 @@ static PyObject *nh_offset(NativeHeap *self, PyObject *args)
     if (!live(self) || !PyArg_ParseTuple(args, "KK", &idx, &obj))
         return NULL;
     uint8_t *p = heap_addr(self->h, idx, obj);
+    if (!p) {
+        PyErr_Format(PyExc_IndexError, "no object %llu of catalog entry %llu (heap closed, or out of range)", obj, idx);
+        return NULL;
+    }
     return PyLong_FromSsize_t((Py_ssize_t)(p - (uint8_t *)self->info.va_base));
 }
 
@@ -180,11 +186,10 @@ static PyObject *nh_copy(NativeHeap *self, PyObject *args, int reading)
     Py_buffer objs, data;
     if (!live(self) || !PyArg_ParseTuple(args, reading ? "Ky*w*" : "Ky*y*", &idx, &objs, &data))
         return NULL;
-    int rc = 0;
     size_t n = (size_t)objs.len / sizeof(uint64_t);
-    Py_BEGIN_ALLOW_THREADS
-    rc = reading ? heap_read(self->h, idx, objs.buf, n, data.buf) : ckpt_write(self->h, idx, objs.buf, n, data.buf);
-    Py_END_ALLOW_THREADS
+    size_t len = (size_t)data.len;
+    int rc = reading ? heap_read(self->h, idx, objs.buf, n, data.buf, len)
+                     : ckpt_write(self->h, idx, objs.buf, n, data.buf, len);
     PyBuffer_Release(&objs);
     PyBuffer_Release(&data);
     if (rc < 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import operator
 import os
 from typing import Any, Iterator
@@ -22,7 +23,7 @@ import numpy as np
 
 from . import _native
 from ._units import parse_size
-from .errors import HeapError, OwnerMismatchError, translate
+from .errors import HeapError, HeapFullError, OwnerMismatchError, translate
 
 TRACKERS = {"uffd": _native.TRACK_UFFD, "mprotect": _native.TRACK_MPROTECT, "page": _native.TRACK_PAGE,
             "hash": _native.TRACK_HASH, "full": _native.TRACK_FULL}
@@ -269,8 +270,7 @@ class Heap:
         if any(s < 0 for s in shape):
             raise ValueError(f"shape {shape} has a negative dimension")
         dt = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        index = self._alloc(name, dt, shape, nbytes, 1, _KIND_ARRAY)
+        index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, 1, _KIND_ARRAY)
         return self._view(index, 0, shape, dt)
 
     def pool(self, name: str, dtype: Any, count: int, shape: tuple[int, ...] = ()) -> Pool:
@@ -279,36 +279,39 @@ class Heap:
         dt, shape = np.dtype(dtype), tuple(shape)
         if count < 1:
             raise ValueError(f"a pool needs at least one object, got count={count}")
-        size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        index = self._alloc(name, dt, shape, size, int(count), _KIND_POOL)
+        index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, int(count), _KIND_POOL)
         return Pool(self, index, name, dt, shape, int(count))
 
     def _alloc(self, name: str, dt: np.dtype, shape: tuple, size: int, count: int, kind: int) -> int:
         if name in self._names:
             raise KeyError(f"{self.path}: an object named {name!r} exists already; use heap[{name!r}] "
                            f"or del heap[{name!r}] first")
+        if size * count >= 2**63:
+            raise HeapFullError(f"{self.path}: {name!r} needs more than the heap's whole capacity "
+                                f"({count} objects of {size} bytes)")
         index = _call(self._native.alloc, name, _dtype_str(dt), shape, size, count, kind)
         self._names[name] = index
         return index
 
     def _view(self, index: int, obj: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
-        return np.ndarray(shape, dtype, buffer=self._native, offset=self._native.offset(index, obj))
+        return np.ndarray(shape, dtype, buffer=self._native, offset=_call(self._native.offset, index, obj))
 
     def __getitem__(self, name: str) -> np.ndarray | Pool:
         index = self._names.get(name)
         if index is None:
             raise KeyError(f"{self.path}: no object named {name!r}")
-        _, dtype, shape, _, count, kind = self._native.lookup(index)
+        _, dtype, shape, _, count, kind = _call(self._native.lookup, index)
         dt = _dtype_parse(dtype)
         if kind == _KIND_POOL:
             return Pool(self, index, name, dt, tuple(shape), count)
         return self._view(index, 0, tuple(shape), dt)
 
     def __delitem__(self, name: str) -> None:
-        index = self._names.pop(name, None)
+        index = self._names.get(name)
         if index is None:
             raise KeyError(f"{self.path}: no object named {name!r}")
         _call(self._native.free, index)
+        del self._names[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._names

@@ -1,0 +1,119 @@
+"""Damage and misuse found in review: each case ends in a clear error or a correct heap, never
+a crash, a hang or wrong data."""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import hpcckpt
+
+CATALOG = 2 * 4096                  # layout.h: superblock page, state page, then the catalog
+STATE_HWM = 4096 + 2 * 1576         # hk_state.entries_hwm, after the two 1576-byte epoch records
+
+
+def test_an_allocation_cut_short_never_wipes_another_objects_space(heap_path):
+    heap = hpcckpt.Heap.create(heap_path, "4MiB")
+    pool = heap.pool("p", "f8", 3000)                 # data pages 0..46, then its tag run
+    pool.put(np.arange(3000), np.arange(3000.0))
+    heap.checkpoint()
+    hwm = heap.info["entries_hwm"]
+    heap._native.abandon()
+    with open(heap_path, "r+b") as f:                 # the half-written entry a SIGKILL could leave
+        entry = bytearray(512)
+        struct.pack_into("<QIHBBQQ", entry, 0, 0, 0xDEAD, 2, 0, 1, 0, 200)   # born 0, first_page 0, 200 pages
+        f.seek(CATALOG + hwm * 512)
+        f.write(entry)
+        f.seek(STATE_HWM)
+        f.write(struct.pack("<Q", hwm + 1))
+    with hpcckpt.Heap.open(heap_path) as heap:
+        assert heap.restored and sorted(heap) == ["p"]
+        assert heap["p"].take(np.arange(3000)).tolist() == list(np.arange(3000.0))
+        assert heap.verify() == 3000
+
+
+def test_allocation_and_free_wait_for_the_prepared_epoch_to_commit(heap_path):
+    with hpcckpt.Heap.create(heap_path, "1MiB") as heap:
+        heap.array("a", 4)
+        heap._native.prepare(b"{}")
+        with pytest.raises(hpcckpt.HeapError, match="being checkpointed"):
+            heap.array("b", 4)
+        with pytest.raises(hpcckpt.HeapError, match="being checkpointed"):
+            del heap["a"]
+        heap._native.commit()
+        heap.array("b", 4)
+        assert sorted(heap) == ["a", "b"]
+
+
+def test_faulthandler_enabled_after_an_mprotect_heap_still_dies_on_a_real_segfault(heap_dir):
+    code = f"""
+        import ctypes, faulthandler, os, hpcckpt
+        heap = hpcckpt.Heap.create(os.path.join({heap_dir!r}, "h.heap"), "1MiB", tracker="mprotect")
+        faulthandler.enable()
+        heap.array("a", 8)[:] = 1
+        heap.checkpoint()
+        ctypes.string_at(8)
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -11 and proc.stderr.count("Fatal Python error") <= 2
+
+
+def test_a_pool_larger_than_the_address_space_is_refused(heap_path):
+    with hpcckpt.Heap.create(heap_path, "1MiB") as heap:
+        with pytest.raises(hpcckpt.HeapFullError, match="whole capacity"):
+            heap.pool("huge", "V8192", 2**63 + 1)
+        with pytest.raises(hpcckpt.HeapFullError, match="whole capacity"):
+            heap.array("huge2", (2**40, 2**30), "f8")
+        assert len(heap) == 0
+
+
+def test_emptied_shared_pages_are_reused_without_reopening(heap_path):
+    with hpcckpt.Heap.create(heap_path, "1MiB", max_objects=4096) as heap:
+        for i in range(2048):                          # 64-byte objects: 32 shared pages
+            heap.array(f"s{i}", 8)
+        heap.checkpoint()
+        for i in range(2048):
+            del heap[f"s{i}"]
+        heap.checkpoint()                              # the frees commit: the pages are free again
+        big = heap.array("big", 240 * 512)             # 240 of the heap's 256 pages
+        big[:] = 1
+        heap.checkpoint()
+
+
+def test_using_a_closed_heap_raises_instead_of_crashing(heap_path):
+    heap = hpcckpt.Heap.create(heap_path, "1MiB")
+    heap.array("a", 4)
+    heap.close()
+    with pytest.raises(hpcckpt.HeapError, match="closed"):
+        heap["a"]
+    with pytest.raises(hpcckpt.HeapError, match="closed"):
+        heap.verify()
+    with pytest.raises(hpcckpt.HeapError, match="closed"):
+        heap.checkpoint()
+
+
+def test_a_flipped_size_class_byte_in_the_catalog_is_refused(heap_path):
+    with hpcckpt.Heap.create(heap_path, "1MiB") as heap:
+        heap.array("a", 8)                            # class 64 (index 0)
+        heap.checkpoint()
+    with open(heap_path, "r+b") as f:
+        f.seek(CATALOG + 14)                          # hk_entry.cls of entry 0
+        f.write(b"\x03")
+    with pytest.raises(hpcckpt.CorruptHeapError, match="catalog entry 0 is corrupt"):
+        hpcckpt.Heap.open(heap_path)
+
+
+def test_bulk_access_checks_indices(heap_path):
+    with hpcckpt.Heap.create(heap_path, "1MiB") as heap:
+        pool = heap.pool("p", "i4", 10)
+        with pytest.raises(IndexError, match="out of range"):
+            pool.take([10])
+        with pytest.raises(IndexError, match="out of range"):
+            pool.put([-11], [1])
+        pool.put([-1], [7])
+        assert int(pool[9]) == 7 and pool.take([9, -1]).tolist() == [7, 7]
