@@ -27,19 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hpcckpt.run import find_mpiexec
+
 MODES = {"none": ["--no-checkpoint"], "hpcckpt": [],
          "h5py": ["--no-checkpoint", "--save-with", "h5py"], "npy": ["--no-checkpoint", "--save-with", "npy"]}
 GOALS = {"max_overhead": 0.05, "min_h5py_over_hpcckpt": 10.0}
 RESULTS = Path(__file__).resolve().parent / "results" / "demo.json"
-
-
-def find_mpiexec() -> str:
-    """The ``mpiexec`` next to the running Python, else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("bench_demo: no mpiexec found")
-    return found
 
 
 def kill_tree(pid: int) -> None:
