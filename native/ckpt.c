@@ -29,8 +29,10 @@ static int ckpt_mark(hk_heap *h, uint64_t page, uint32_t slot)
 {
     if (h->dmask[page] == 0) {
         int rc = vec_push32(&h->dpages, (uint32_t)page);
-        if (rc)
+        if (rc) {
+            h->all_dirty = 1;   /* out of memory: never lose the mark, copy everything next time */
             return rc;
+        }
     }
     h->dmask[page] |= 1ull << slot;
     return 0;
@@ -59,8 +61,10 @@ static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
     if (view == 0 && !h->aliased) {   /* page-grained: every object on the page is dirty */
         if (h->dmask[page] == 0 && h->pmask[page]) {
             int rc = vec_push32(&h->dpages, (uint32_t)page);
-            if (rc)
+            if (rc) {
+                h->all_dirty = 1;
                 return rc;
+            }
         }
         h->dmask[page] |= h->pmask[page];
         return 0;
@@ -222,7 +226,13 @@ static int ckpt_write_record(hk_heap *h, uint64_t n, const char *meta, uint32_t 
     r->magic = HK_STATE_MAGIC;
     r->crc = crc_compute(0, r, offsetof(struct hk_record, crc));
     pmem_flush(h, r, sizeof *r);
-    return pmem_drain(h);
+    int rc = pmem_drain(h);
+    if (rc) {   /* reported as failed: it must not be restorable either */
+        r->magic = 0;
+        pmem_flush(h, r, 8);
+        pmem_drain(h);
+    }
+    return rc;
 }
 
 /* ckpt_write -- write objects through the untracked mapping and mark them dirty:

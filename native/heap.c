@@ -162,6 +162,7 @@ void heap_zero(hk_heap *h, uint64_t off, uint64_t len)
                   (off_t)len) == 0)
         return;
     memset(h->data + off, 0, len);
+    pmem_flush(h, h->data + off, len);
 }
 
 /* heap_row_new -- a 64-entry slot-owner row for a shared small page. */
@@ -241,12 +242,15 @@ static void heap_space_free(hk_heap *h, struct hk_entry *e)
         heap_pages_free(h, e->tag_page, (heap_units(e) * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE);
 }
 
-/* heap_wipe -- zero an entry's data, its tag run, then the entry itself.  Free space
- * and free entries are always zero, so allocation never has to clear anything.  Data
- * first: a crash in between leaves the entry, which is wiped again at the next open.
- * Returns -1 when the entry points outside the heap (then only the entry is cleared). */
+/* heap_wipe -- invalidate an entry (one atomic store), zero its data and tag run, then
+ * clear the entry.  Free space and free entries are always zero, so allocation never has
+ * to clear anything.  A crash part way leaves an invalid or torn entry, which the next
+ * open clears and follows with a sweep of all free space.  Returns -1 when the entry
+ * points outside the heap (then only the entry is cleared). */
 int heap_wipe(hk_heap *h, struct hk_entry *e)
 {
+    __atomic_store_n(&e->epochs, 0, __ATOMIC_RELEASE);
+    pmem_flush(h, e, 8);
     uint64_t np = h->sb->npages, units = heap_units(e);
     uint64_t tp = (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE;
     int ok = e->cls <= HK_PAGE_CLASS && e->first_page < np && e->npages <= np - e->first_page &&
@@ -372,9 +376,14 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
     memcpy(e->name, d->name, nl);
     memcpy(e->dtype, d->dtype, d->dtype_len);
     e->crc = heap_entry_crc(e);
-    __atomic_store_n(&e->epochs, HK_EPOCHS(h->committed + 1, 0), __ATOMIC_RELEASE);
-    if ((rc = vec_push32(&h->fresh, idx)) || (rc = vec_push32(&h->touched, idx)))
+    if ((rc = vec_push32(&h->fresh, idx)) || (rc = vec_push32(&h->touched, idx))) {
+        h->fresh.n -= h->fresh.n && h->fresh.v[h->fresh.n - 1] == idx;
+        heap_space_free(h, e);
+        memset(e, 0, sizeof *e);
+        vec_push32(&h->free_entries, idx);
         return rc;
+    }
+    __atomic_store_n(&e->epochs, HK_EPOCHS(h->committed + 1, 0), __ATOMIC_RELEASE);
     h->entries_live++;
     *index = idx;
     return 0;
@@ -600,12 +609,13 @@ int heap_rebuild(hk_heap *h)
         struct hk_entry *e = &h->cat[i];
         uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
         int bad = e->kind > HK_KIND_POOL || (e->kind != HK_KIND_FREE && heap_entry_crc(e) != e->crc);
-        if (bad && born <= h->prepared && born != 0)
+        if (bad && born <= h->prepared && born != 0 && !(dead && dead <= h->prepared))
             return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
                            (unsigned long)i);
         if (bad || e->kind == HK_KIND_FREE || born == 0 || (dead && dead < h->committed)) {
-            /* empty, an allocation cut short, damaged, or death committed: reusable.  Only a
-             * valid entry's fields say where its space is; otherwise sweep all free space. */
+            /* empty, an allocation cut short, a wipe cut short (torn, dead), uncommitted
+             * damage, or death committed: reusable.  Only a valid entry's fields say where
+             * its space is; otherwise sweep all free space. */
             if (!h->readonly && !bad && born && e->kind != HK_KIND_FREE)
                 sweep |= heap_wipe(h, e) != 0;
             else if (!h->readonly && !entry_is_zero(e)) {

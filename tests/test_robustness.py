@@ -117,3 +117,20 @@ def test_bulk_access_checks_indices(heap_path):
             pool.put([-11], [1])
         pool.put([-1], [7])
         assert int(pool[9]) == 7 and pool.take([9, -1]).tolist() == [7, 7]
+
+
+def test_a_wipe_torn_by_a_crash_leaves_an_openable_heap(heap_path):
+    heap = hpcckpt.Heap.create(heap_path, "1MiB")
+    heap.array("a", 8)[:] = 1
+    heap.array("b", 8)[:] = 2
+    heap.checkpoint()
+    del heap["a"]
+    heap.checkpoint()                                   # a's death commits; its entry is being wiped
+    heap._native.abandon()
+    with open(heap_path, "r+b") as f:                  # a wipe cut short: dead epoch kept, rest cleared
+        f.seek(CATALOG + 0 * 512)
+        f.write(struct.pack("<Q", 1 | 2 << 32) + bytes(504))
+    with hpcckpt.Heap.open(heap_path) as heap:
+        assert sorted(heap) == ["b"] and heap["b"].tolist() == [2.0] * 8
+        heap.array("c", 8)
+        assert heap["c"].tolist() == [0.0] * 8

@@ -109,9 +109,10 @@ def coordinated_checkpoint(heap: Heap, blob: bytes) -> int:
     buffer collective; error messages are exchanged only when some rank failed.
     """
     comm, native = heap._comm, heap._native
-    epoch, err, local = 0, None, {}
+    epoch, err, local, prepared = 0, None, {}, False
     try:
         epoch = _call(native.prepare, blob)
+        prepared = True
         local = heap._local_stats()
     except (OSError, HeapError) as e:
         err = f"{type(e).__name__}: {e}"
@@ -124,12 +125,19 @@ def coordinated_checkpoint(heap: Heap, blob: bytes) -> int:
     failed = np.flatnonzero(table[:, 0])
     epochs = set(table[table[:, 0] == 0, 1].astype(int).tolist())
     if failed.size or len(epochs) > 1:
-        if err is None:
-            _call(native.withdraw)
+        withdraw_err = None
+        if prepared:
+            try:
+                _call(native.withdraw)
+            except (OSError, HeapError) as e:
+                withdraw_err = f"withdrawing it failed too: {type(e).__name__}: {e}"
+        messages = comm.allgather(err or withdraw_err) if failed.size else []   # every rank, or none
         if failed.size:
-            message = next(m for m in comm.allgather(err) if m)
+            message = next(m for m in messages if m)
         else:
             message = f"ranks prepared different epochs {sorted(epochs)}; the heaps are out of step"
+        if withdraw_err:
+            message += f" (on rank {comm.Get_rank()}: {withdraw_err})"
         ranks = ", ".join(map(str, failed.tolist())) or "all"
         raise CheckpointError(f"checkpoint {epoch or '?'} failed on rank(s) {ranks}: {message}; "
                               "the epoch was withdrawn on every rank, the previous one stays committed")
