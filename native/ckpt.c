@@ -10,7 +10,6 @@
 #include <unistd.h>
 #include "internal.h"
 
-#define ROW_FLAG 0x80000000u
 
 /* ckpt_crash -- the test hook: die here if asked to. */
 static void ckpt_crash(hk_heap *h, int point, uint64_t epoch)
@@ -108,8 +107,8 @@ static int64_t ckpt_owner(hk_heap *h, uint64_t page, uint32_t slot, uint64_t *u)
     *u = 0;
     if (pc == HK_PAGE_CLASS)
         *u = page - h->cat[idx].first_page;
-    else if (own & ROW_FLAG)
-        idx = h->slotowner[(size_t)(own & ~ROW_FLAG) * 64 + slot];
+    else if (own & HK_ROW_FLAG)
+        idx = h->slotowner[(size_t)(own & ~HK_ROW_FLAG) * 64 + slot];
     else
         *u = (page - h->cat[idx].first_page) * (HK_PAGE / heap_class_size[pc]) + slot;
     return entry_alive(&h->cat[idx]) ? (int64_t)idx : -1;
@@ -400,7 +399,7 @@ int ckpt_recover(hk_heap *h, uint64_t E)
         if (born == 0) {
             memset(e, 0, sizeof *e);   /* an allocation cut short: its fields are not to be trusted */
         } else if (born > E || (dead && dead <= E)) {
-            heap_wipe(h, e);
+            alloc_wipe(h, e);
         } else {
             if (dead)
                 __atomic_store_n(&e->epochs, HK_EPOCHS(born, 0), __ATOMIC_RELEASE);
@@ -412,7 +411,7 @@ int ckpt_recover(hk_heap *h, uint64_t E)
     h->prepared = h->committed = E;
     h->touched.n = 0;
     h->all_dirty = 0;
-    if ((rc = heap_rebuild(h)) || (rc = pmem_drain(h)))
+    if ((rc = alloc_rebuild(h)) || (rc = pmem_drain(h)))
         return rc;
     return h->ops ? h->ops->arm(h) : 0;
 }

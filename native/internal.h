@@ -11,7 +11,7 @@
 #define HK_NVIEWS_MAX   (1 + 63 + 31 + 15 + 7 + 3 + 1)
 #define HK_PAGE_FREE    0xffu
 #define HK_PAGE_TAGS    0xfeu
-#define HK_NO_OWNER     0xffffffffu
+#define HK_ROW_FLAG     0x80000000u   /* powner of a shared small page: index of its slot-owner row */
 
 /* One dirty unit, ready to copy: its file offset inside the data area. */
 struct unit {
@@ -120,13 +120,21 @@ uint64_t heap_units(const struct hk_entry *e);
 void heap_unit_place(const hk_heap *h, const struct hk_entry *e, uint64_t u, uint64_t *off, uint32_t *len);
 struct hk_tag *heap_tag(hk_heap *h, struct hk_entry *e, uint64_t u);
 uint32_t heap_entry_crc(const struct hk_entry *e);
-int heap_rebuild(hk_heap *h);
 int heap_object_span(hk_heap *h, uint64_t index, uint64_t obj, uint64_t *off, uint64_t *first_unit,
                      uint64_t *units);
 void heap_release_entry(hk_heap *h, uint32_t idx);
-void heap_zero(hk_heap *h, uint64_t off, uint64_t len);
-int heap_wipe(hk_heap *h, struct hk_entry *e);
 int vec_push32(struct u32vec *v, uint32_t x);
 int vec_push_unit(struct unitvec *v, const struct unit *u);
+
+/* alloc.c */
+uint64_t alloc_slot_mask(uint64_t n);
+int alloc_space(hk_heap *h, uint32_t idx, unsigned cls, uint64_t count, uint64_t npages, uint64_t units,
+                int64_t *first, uint32_t *slot, int64_t *tags);
+void alloc_space_free(hk_heap *h, struct hk_entry *e);
+void alloc_zero(hk_heap *h, uint64_t off, uint64_t len);
+int alloc_wipe(hk_heap *h, struct hk_entry *e);
+int alloc_rebuild(hk_heap *h);
+int alloc_dram(hk_heap *h);
+void alloc_free_dram(hk_heap *h);
 
 #endif

@@ -1,0 +1,275 @@
+/* file.c -- the heap file: create it, open it (check, lock, map, rebuild the allocator,
+ * arm the tracker), close it cleanly, drop it as a crash would, describe it. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "internal.h"
+
+/* file_record_valid -- is epoch record r intact? */
+static int file_record_valid(const struct hk_record *r)
+{
+    return r->magic == HK_STATE_MAGIC && r->meta_len <= HK_META_MAX &&
+           r->crc == crc_compute(0, r, offsetof(struct hk_record, crc));
+}
+
+/* heap_create -- create a new heap file (sparse) with the given geometry and owner. */
+int heap_create(const char *path, const struct hk_create_opts *o)
+{
+    uint64_t npages = (o->capacity + HK_PAGE - 1) / HK_PAGE;
+    if (npages == 0 || npages > 0xfffffff0ull)
+        return hk_fail(EINVAL, "capacity %lu bytes is out of range", (unsigned long)o->capacity);
+    uint64_t maxe = o->max_entries ? o->max_entries : 1024;
+    if (maxe > 0xfffffff0ull)
+        return hk_fail(EINVAL, "max_objects %lu is out of range", (unsigned long)maxe);
+    struct hk_super sb = {0};
+    sb.magic = HK_MAGIC;
+    sb.major = HK_MAJOR;
+    sb.minor = HK_MINOR;
+    sb.page_size = HK_PAGE;
+    sb.entry_size = sizeof(struct hk_entry);
+    sb.capacity = npages * HK_PAGE;
+    sb.npages = npages;
+    sb.max_entries = maxe;
+    sb.off_catalog = 2 * HK_PAGE;
+    sb.off_data = sb.off_catalog + (maxe * sizeof(struct hk_entry) + HK_PAGE - 1) / HK_PAGE * HK_PAGE;
+    sb.off_shadow[0] = sb.off_data + sb.capacity;
+    sb.off_shadow[1] = sb.off_shadow[0] + sb.capacity;
+    sb.file_size = sb.off_shadow[1] + sb.capacity;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    sb.created_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    sb.rank = o->rank;
+    sb.world_size = o->world_size;
+    sb.flags = o->preallocate ? HK_FLAG_PREALLOCATED : 0;
+    snprintf(sb.job, sizeof sb.job, "%s", o->job ? o->job : "");
+    sb.crc = crc_compute(0, &sb, offsetof(struct hk_super, crc));
+
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return hk_fail(errno, "%s: cannot create: %s", path, strerror(errno));
+    struct hk_state st = {0};
+    st.clean = 1;
+    int rc = 0;
+    if (o->preallocate && (rc = posix_fallocate(fd, 0, (off_t)sb.file_size)) != 0)
+        rc = hk_fail(rc, "%s: cannot reserve %lu bytes for the heap: %s", path, (unsigned long)sb.file_size,
+                     strerror(rc));
+    else if (ftruncate(fd, (off_t)sb.file_size) != 0 || pwrite(fd, &sb, sizeof sb, 0) != (ssize_t)sizeof sb ||
+        pwrite(fd, &st, sizeof st, HK_PAGE) != (ssize_t)sizeof st || fsync(fd) != 0)
+        rc = hk_fail(errno ? errno : EIO, "%s: cannot write the new heap: %s", path, strerror(errno ? errno : EIO));
+    close(fd);
+    if (rc)
+        unlink(path);
+    return rc;
+}
+
+/* file_check_super -- refuse files that are not heaps of this format. */
+static int file_check_super(const char *path, int fd, struct hk_super *sb)
+{
+    struct stat stt;
+    if (fstat(fd, &stt) != 0)
+        return hk_fail(errno, "%s: stat failed: %s", path, strerror(errno));
+    ssize_t n = pread(fd, sb, sizeof *sb, 0);
+    if (n < 0)
+        return hk_fail(errno, "%s: read failed: %s", path, strerror(errno));
+    if (n < 8 || sb->magic != HK_MAGIC)
+        return hk_fail(EBADMSG, "%s: not an hpcckpt heap (bad magic)", path);
+    if (n != (ssize_t)sizeof *sb)
+        return hk_fail(EBADMSG, "%s: truncated heap (superblock is %zd of %zu bytes)", path, n, sizeof *sb);
+    if (sb->major != HK_MAJOR)
+        return hk_fail(EPROTO, "%s: heap format version %u.%u, this hpcckpt reads %d.x", path, sb->major,
+                       sb->minor, HK_MAJOR);
+    if (sb->crc != crc_compute(0, sb, offsetof(struct hk_super, crc)))
+        return hk_fail(EBADMSG, "%s: superblock is corrupt (checksum mismatch)", path);
+    if (sb->page_size != HK_PAGE || sb->entry_size != sizeof(struct hk_entry))
+        return hk_fail(EPROTO, "%s: heap written with page size %u / entry size %u, expected %u / %zu", path,
+                       sb->page_size, sb->entry_size, HK_PAGE, sizeof(struct hk_entry));
+    if ((uint64_t)stt.st_size < sb->file_size)
+        return hk_fail(EBADMSG, "%s: truncated heap (%ld of %lu bytes)", path, (long)stt.st_size,
+                       (unsigned long)sb->file_size);
+    return 0;
+}
+
+/* heap_set_tracker -- choose the tracker (before the views are mapped). */
+int heap_set_tracker(hk_heap *h, int tracker)
+{
+    h->tracker = tracker;
+    h->aliased = tracker == HK_TRACK_UFFD || tracker == HK_TRACK_MPROTECT;
+    h->ops = NULL;
+    if (tracker == HK_TRACK_UFFD || (tracker == HK_TRACK_PAGE && track_uffd_supported()))
+        h->ops = &track_uffd_ops;
+    else if (tracker == HK_TRACK_MPROTECT || tracker == HK_TRACK_PAGE)
+        h->ops = &track_mprotect_ops;
+    return 0;
+}
+
+/* heap_uffd_supported -- can tracker='uffd' work on this kernel? */
+int heap_uffd_supported(void) { return track_uffd_supported(); }
+
+/* heap_open -- map an existing heap and rebuild the allocator; no recovery here
+ * (ckpt_recover restores a committed epoch; the caller decides which). */
+int heap_open(const char *path, int tracker, const char *job, int32_t rank, int32_t world, hk_heap **out)
+{
+    hk_heap *h = calloc(1, sizeof *h);
+    if (!h)
+        return hk_fail(ENOMEM, "out of memory");
+    snprintf(h->path, sizeof h->path, "%s", path);
+    h->readonly = tracker == HK_TRACK_NONE;
+    h->fd = open(path, (h->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (h->fd < 0) {
+        int rc = hk_fail(errno, "%s: cannot open: %s", path, strerror(errno));
+        free(h);
+        return rc;
+    }
+    struct hk_super sb;
+    int rc = file_check_super(path, h->fd, &sb);
+    if (!rc && ((job && strncmp(job, sb.job, HK_JOB_MAX) != 0) || (rank >= 0 && rank != sb.rank) ||
+                (world >= 0 && world != sb.world_size)))
+        rc = hk_fail(EACCES, "%s: heap belongs to job '%.63s', rank %d of %d, not job '%s', rank %d of %d; use "
+                     "another root or name, or remove it", path, sb.job, sb.rank, sb.world_size,
+                     job ? job : sb.job, rank >= 0 ? rank : sb.rank, world >= 0 ? world : sb.world_size);
+    if (!rc && flock(h->fd, (h->readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0)
+        rc = errno == EWOULDBLOCK ? hk_fail(EBUSY, "%s: heap is open in another process", path)
+                                  : hk_fail(errno, "%s: flock failed: %s", path, strerror(errno));
+    h->data_len = sb.capacity;
+    heap_set_tracker(h, tracker);
+    if (!rc)
+        rc = alias_reserve(h, sb.file_size);
+    if (rc)
+        goto fail;
+    h->sb = (struct hk_super *)h->raw;
+    h->st = (struct hk_state *)(h->raw + HK_PAGE);
+    h->cat = (struct hk_entry *)(h->raw + h->sb->off_catalog);
+    h->data = h->raw + h->sb->off_data;
+    for (int i = 0; i < 2; i++) {
+        const struct hk_record *r = &h->st->rec[i];
+        if (file_record_valid(r) && r->epoch > h->prepared)
+            h->prepared = r->epoch;
+    }
+    h->committed = h->prepared;
+    h->was_clean = h->st->clean == 1;
+    if ((rc = alloc_dram(h)) || (rc = alloc_rebuild(h)) || (rc = alias_map_views(h, 0)))
+        goto fail;
+    if ((h->sb->flags & HK_FLAG_PREALLOCATED) && !h->readonly)
+        pmem_populate(h, h->raw + h->sb->off_catalog, h->sb->off_data + h->sb->capacity - h->sb->off_catalog);
+    if (h->ops && ((rc = h->ops->attach(h)) || (rc = h->ops->arm(h))))
+        goto fail;
+    h->all_dirty = h->was_clean && h->prepared > 0;
+    if (h->readonly) {
+        *out = h;
+        return 0;
+    }
+    h->st->clean = 0;
+    h->st->open_pid = (uint64_t)getpid();
+    pmem_flush(h, h->st, sizeof *h->st);
+    if ((rc = pmem_drain(h)))
+        goto fail;
+    *out = h;
+    return 0;
+fail:
+    if (h->ops && h->track)
+        h->ops->detach(h);
+    alias_release(h);
+    alloc_free_dram(h);
+    close(h->fd);
+    free(h);
+    return rc;
+}
+
+/* file_detach -- stop tracking, detach the views from the file, drop the file. */
+static void file_detach(hk_heap *h)
+{
+    if (h->ops && h->track)
+        h->ops->detach(h);
+    alias_map_views(h, 1);   /* lingering numpy arrays keep working on private copies */
+    void *r = mmap(h->raw, (size_t)(h->views - h->raw), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    (void)r;
+    h->sb = NULL;
+    h->st = NULL;
+    h->cat = NULL;
+    flock(h->fd, LOCK_UN);   /* the private views still reference the file */
+    close(h->fd);
+    h->fd = -1;
+    h->closed = 1;
+}
+
+/* heap_close -- make the heap durable and mark it clean. */
+int heap_close(hk_heap *h)
+{
+    if (h->closed)
+        return 0;
+    if (h->readonly)
+        return heap_abandon(h);
+    for (size_t i = 0; i < h->touched.n; i++)
+        pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
+    int rc = msync(h->raw, (size_t)(h->views - h->raw), MS_SYNC) ? -errno : 0;   /* on DAX: cache flush */
+    if (rc)
+        rc = hk_fail(-rc, "%s: msync failed: %s", h->path, strerror(-rc));
+    if (!rc && !(rc = pmem_drain(h))) {
+        h->st->clean = 1;
+        h->st->open_pid = 0;
+        pmem_flush(h, h->st, sizeof *h->st);
+        rc = pmem_drain(h);
+    }
+    file_detach(h);
+    return rc;
+}
+
+/* heap_abandon -- drop the heap as a crash would: nothing more is written. */
+int heap_abandon(hk_heap *h)
+{
+    if (!h->closed)
+        file_detach(h);
+    return 0;
+}
+
+/* heap_release -- unmap the reservation and free the DRAM state. */
+void heap_release(hk_heap *h)
+{
+    if (!h)
+        return;
+    heap_abandon(h);
+    alias_release(h);
+    alloc_free_dram(h);
+    free(h);
+}
+
+/* heap_info -- geometry, owner and state for the caller. */
+int heap_info(hk_heap *h, struct hk_info *o)
+{
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    memset(o, 0, sizeof *o);
+    o->major = h->sb->major;
+    o->minor = h->sb->minor;
+    o->page_size = h->sb->page_size;
+    o->tracker = (uint32_t)h->tracker;
+    o->capacity = h->sb->capacity;
+    o->npages = h->sb->npages;
+    o->max_entries = h->sb->max_entries;
+    o->file_size = h->sb->file_size;
+    o->rank = h->sb->rank;
+    o->world_size = h->sb->world_size;
+    memcpy(o->job, h->sb->job, sizeof o->job);
+    o->job[sizeof o->job - 1] = 0;
+    o->prepared = h->prepared;
+    o->committed = h->committed;
+    o->was_clean = h->was_clean;
+    o->dax = h->dax;
+    o->pages_used = h->pages_used;
+    o->pages_free = h->sb->npages - h->pages_used;
+    o->entries_live = h->entries_live;
+    o->entries_hwm = h->st->entries_hwm;
+    o->nviews = h->nviews;
+    o->va_bytes = h->va_len;
+    o->va_base = h->va;
+    o->off_data = h->sb->off_data;
+    o->views_offset = (uint64_t)(h->views - h->va);
+    return 0;
+}
