@@ -2,7 +2,6 @@
 a crash, a hang or wrong data."""
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import sys

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _native
 from ._units import parse_size
-from .errors import HeapError, HeapFullError, OwnerMismatchError, translate
+from .errors import HeapError, HeapFullError, translate
 
 TRACKERS = {"uffd": _native.TRACK_UFFD, "mprotect": _native.TRACK_MPROTECT, "page": _native.TRACK_PAGE,
             "hash": _native.TRACK_HASH, "full": _native.TRACK_FULL}

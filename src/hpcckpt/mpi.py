@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError, HeapError, OwnerMismatchError
+from .errors import CheckpointError, HeapError
 from .heap import Heap, crash_hook, _call
 
 _NUMERIC = ("objects_dirty", "units_dirty", "bytes_dirty", "bytes_copied", "bytes_meta", "bytes_page_baseline",
@@ -149,4 +149,4 @@ def coordinated_checkpoint(heap: Heap, blob: bytes) -> int:
     return epoch
 
 
-__all__ = ["open", "default_root", "coordinated_checkpoint", "OwnerMismatchError"]
+__all__ = ["open", "default_root", "coordinated_checkpoint"]
