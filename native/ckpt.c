@@ -176,6 +176,13 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     uint64_t last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
     for (size_t i = 0; i < h->work.n; i += 3) {
         size_t m = h->work.n - i < 3 ? h->work.n - i : 3;
+        for (size_t k = i + 9; k < i + 12 && k < h->work.n; k++) {   /* units are scattered: fetch ahead */
+            const struct unit *y = &h->work.v[k];
+            __builtin_prefetch(h->data + y->off, 0, 0);
+            __builtin_prefetch(heap_tag(h, &h->cat[y->entry], y->u), 1, 0);
+            __builtin_prefetch(h->raw + h->sb->off_shadow[0] + y->off, 1, 0);
+            __builtin_prefetch(h->raw + h->sb->off_shadow[1] + y->off, 1, 0);
+        }
         if (i <= h->work.n / 2 && h->work.n / 2 < i + m)   /* for an empty set: see ckpt_prepare */
             ckpt_crash(h, HK_CRASH_MID_COPY, n);
         struct hk_tag *t[3];
