@@ -10,13 +10,13 @@
 #   SELFTEST_MODE=signal (default): once the demo has checkpointed, `scancel --batch
 #     --signal=USR1` sends the script the same signal that --signal=B:USR1@N sends near the
 #     time limit; its trap asks the ranks for a checkpoint, then `scontrol requeue`s the job.
-#   SELFTEST_MODE=timelimit: the real thing, --time=1 --signal=B:USR1@40 (Slurm checks
-#     time limits every 30 s, so the signal comes 20-50 s after the start).
+#   SELFTEST_MODE=timelimit: the real thing, --time=2 --signal=B:USR1@60 (Slurm checks
+#     time limits every 30 s, so the signal may come up to 30 s early), 100000 steps.
 # Whatever happens, the daemons it started are stopped (by PID) and its temp dirs removed.
 set -euo pipefail
 sbatch_file=$(cd "$(dirname "$0")" && pwd)/demo.sbatch
 mode=${SELFTEST_MODE:-signal}
-steps=${SELFTEST_STEPS:-$([ "$mode" = timelimit ] && echo 40000 || echo 6000)}
+steps=${SELFTEST_STEPS:-$([ "$mode" = timelimit ] && echo 100000 || echo 6000)}
 args=(--steps "$steps" --nx 256 --ny 256 --particles 20000 --checkpoint-every 10)
 export HPCCKPT_GRACE=${HPCCKPT_GRACE:-1}  # seconds from USR1 to requeue; the demo must outlast it
 t0=$(date +%s)
@@ -96,7 +96,7 @@ echo "selftest: Slurm up on $H after $(( $(date +%s) - t0 )) s"
 
 # 4 ranks on however few CPUs: --overcommit. Output goes to one file over both attempts.
 opts=(--parsable --overcommit --chdir="$T" --output="$T/demo.out")
-[ "$mode" = timelimit ] && opts+=(--time=1 --signal=B:USR1@40)
+[ "$mode" = timelimit ] && opts+=(--time=2 --signal=B:USR1@60)
 jid=$(sbatch "${opts[@]}" "$sbatch_file" "${args[@]}")
 echo "selftest: submitted job $jid: demo.sbatch ${args[*]}"
 if [ "$mode" = signal ]; then
