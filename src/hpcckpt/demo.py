@@ -234,6 +234,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo on ``MPI.COMM_WORLD``; returns 0."""
     args = parse(argv)
+    wanted: list[bool] = []  # SIGUSR1 asks for a checkpoint; caught from the start, so an early one never kills us
+    signal.signal(signal.SIGUSR1, lambda *_: wanted.append(True))
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     say = (lambda *a: print(*a, flush=True)) if rank == 0 and not args.quiet else (lambda *a: None)
@@ -271,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
            "no checkpoints" if heap is None else f"heap {args.name!r} " + (
             f"resumed from epoch {heap.epoch} at step {start}" if start else "started fresh")))
 
-    wanted = []  # set by SIGUSR1
     mine_flag, any_flag, vote = np.zeros(1, np.int32), np.zeros(1, np.int32), None
-    signal.signal(signal.SIGUSR1, lambda *_: wanted.append(True))
     first_attempt = os.environ.get("HPCCKPT_ATTEMPT", "") in ("", "1")
     scratch = np.empty((block.nx, block.ny))
     t_start, t_ckpt, n_ckpt = MPI.Wtime(), 0.0, 0
