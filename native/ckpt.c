@@ -10,7 +10,6 @@
 #include <unistd.h>
 #include "internal.h"
 
-
 /* ckpt_crash -- the test hook: die here if asked to. */
 static void ckpt_crash(hk_heap *h, int point, uint64_t epoch)
 {
@@ -18,6 +17,7 @@ static void ckpt_crash(hk_heap *h, int point, uint64_t epoch)
         kill(getpid(), SIGKILL);
 }
 
+/* entry_alive -- is the entry a live object (born, not freed)? */
 static int entry_alive(const struct hk_entry *e)
 {
     return e->kind != HK_KIND_FREE && HK_EPOCH_BORN(e->epochs) && !HK_EPOCH_DEAD(e->epochs);
@@ -114,6 +114,7 @@ static int64_t ckpt_owner(hk_heap *h, uint64_t page, uint32_t slot, uint64_t *u)
     return entry_alive(&h->cat[idx]) ? (int64_t)idx : -1;
 }
 
+/* page_cmp -- qsort order of page numbers. */
 static int page_cmp(const void *a, const void *b)
 {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;

@@ -48,6 +48,7 @@ static unsigned heap_class_of(uint64_t size)
     return c;
 }
 
+/* pages_per_obj -- whole pages one object of a page-class entry takes. */
 static uint64_t pages_per_obj(const struct hk_entry *e)
 {
     return e->obj_size ? (e->obj_size + HK_PAGE - 1) / HK_PAGE : 1;

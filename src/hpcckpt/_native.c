@@ -1,6 +1,8 @@
 /* _native.c -- thin CPython binding of the C core: ints, tuples, bytes and one
  * buffer (the heap's address range); errors become OSError(errno, message).
- * Policy, names and error wording for users live in Python (hpcckpt/heap.py). */
+ * Policy, names and error wording for users live in Python (hpcckpt/heap.py).
+ * Each nh_* method wraps the core function of the same name; the method table
+ * at the bottom documents its Python signature. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "hpcckpt.h"
