@@ -10,7 +10,7 @@
 
 
 /* alloc_slot_mask -- the mask of slots 0..n-1 of a page (n <= 64). */
-uint64_t alloc_slot_mask(uint64_t n)
+static uint64_t alloc_slot_mask(uint64_t n)
 {
     return n >= 64 ? ~0ull : (1ull << n) - 1;
 }
@@ -62,7 +62,7 @@ static void alloc_pages_free(hk_heap *h, uint64_t first, uint64_t n)
 }
 
 /* alloc_zero -- zero a data range: punch whole pages out of the file, memset the rest. */
-void alloc_zero(hk_heap *h, uint64_t off, uint64_t len)
+static void alloc_zero(hk_heap *h, uint64_t off, uint64_t len)
 {
     if (!(h->sb->flags & HK_FLAG_PREALLOCATED) && len >= HK_PAGE && off % HK_PAGE == 0 && len % HK_PAGE == 0 &&
         fallocate(h->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(h->sb->off_data + off),

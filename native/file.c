@@ -96,8 +96,8 @@ static int file_check_super(const char *path, int fd, struct hk_super *sb)
     return 0;
 }
 
-/* heap_set_tracker -- choose the tracker (before the views are mapped). */
-int heap_set_tracker(hk_heap *h, int tracker)
+/* file_set_tracker -- choose the tracker (before the views are mapped). */
+static int file_set_tracker(hk_heap *h, int tracker)
 {
     h->tracker = tracker;
     h->aliased = tracker == HK_TRACK_UFFD || tracker == HK_TRACK_MPROTECT;
@@ -138,7 +138,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
         rc = errno == EWOULDBLOCK ? hk_fail(EBUSY, "%s: heap is open in another process", path)
                                   : hk_fail(errno, "%s: flock failed: %s", path, strerror(errno));
     h->data_len = sb.capacity;
-    heap_set_tracker(h, tracker);
+    file_set_tracker(h, tracker);
     if (!rc)
         rc = alias_reserve(h, sb.file_size);
     if (rc)

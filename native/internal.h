@@ -127,11 +127,9 @@ int vec_push32(struct u32vec *v, uint32_t x);
 int vec_push_unit(struct unitvec *v, const struct unit *u);
 
 /* alloc.c */
-uint64_t alloc_slot_mask(uint64_t n);
 int alloc_space(hk_heap *h, uint32_t idx, unsigned cls, uint64_t count, uint64_t npages, uint64_t units,
                 int64_t *first, uint32_t *slot, int64_t *tags);
 void alloc_space_free(hk_heap *h, struct hk_entry *e);
-void alloc_zero(hk_heap *h, uint64_t off, uint64_t len);
 int alloc_wipe(hk_heap *h, struct hk_entry *e);
 int alloc_rebuild(hk_heap *h);
 int alloc_dram(hk_heap *h);

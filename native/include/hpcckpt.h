@@ -74,7 +74,6 @@ int heap_free(hk_heap *h, uint64_t index);
 int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char *dtype);
 int64_t heap_next_live(hk_heap *h, uint64_t from);
 void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj);
-int heap_set_tracker(hk_heap *h, int tracker);
 /* heap_read / ckpt_write -- copy objects objs[0..n) of an entry out to / in from a packed
  * buffer; ckpt_write goes around the tracker and marks the objects dirty itself. */
 int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst, size_t dst_len);

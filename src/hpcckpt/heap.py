@@ -210,8 +210,9 @@ class Heap:
             return cls._attach(os.fspath(path), "read-only", job, rank, world_size)
         heap = cls._attach(os.fspath(path), tracker, job, rank, world_size)
         try:
-            if not heap._info()["was_clean"]:
-                heap._recover(heap._info()["prepared"])
+            info = heap._info()
+            if not info["was_clean"]:
+                heap._recover(info["prepared"])
         except BaseException:
             heap._native.abandon()
             raise
