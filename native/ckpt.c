@@ -490,3 +490,66 @@ void ckpt_set_nvm(hk_heap *h, double write_gbps, double flush_latency_ns)
     h->nvm_gbps = write_gbps;
     h->nvm_lat_ns = flush_latency_ns;
 }
+
+/* ckpt_read_epoch -- copy units [u0, u1) of entry `index` as committed at epoch E into dst,
+ * packed as in the object (dst[0] is the first byte of unit u0), each unit checked against
+ * the CRC of its shadow slot.  The slots of E stay untouched until epoch E+2 prepares, so
+ * this may run beside the owner (peek handle) while it computes. */
+int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_t u1, void *dst, size_t dst_len)
+{
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
+    if (index >= h->st->entries_hwm || index >= h->sb->max_entries)
+        return hk_fail(ENOENT, "%s: no object at catalog index %lu", h->path, (unsigned long)index);
+    struct hk_entry *e = &h->cat[index];
+    uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
+    if (e->kind == HK_KIND_FREE || born == 0 || born > E || (dead && dead <= E))
+        return hk_fail(ENOENT, "%s: catalog entry %lu is not an object of epoch %lu", h->path,
+                       (unsigned long)index, (unsigned long)E);
+    if (e->crc != heap_entry_crc(e))
+        return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
+                       (unsigned long)index);
+    uint64_t bytes, units = heap_units(e), ppo = e->obj_size ? (e->obj_size + HK_PAGE - 1) / HK_PAGE : 1;
+    if (__builtin_mul_overflow(e->count, e->obj_size, &bytes) || bytes > h->sb->capacity || u0 > u1 || u1 > units)
+        return hk_fail(EINVAL, "%s: '%.63s' has %lu units, cannot read units %lu..%lu", h->path, e->name,
+                       (unsigned long)units, (unsigned long)u0, (unsigned long)u1);
+    uint64_t base = 0;
+    for (uint64_t u = u0; u < u1; u++) {
+        struct hk_tag *t = heap_tag(h, e, u);
+        uint32_t l = __atomic_load_n(&t->latest, __ATOMIC_ACQUIRE);
+        uint32_t slot = HK_TAG_EPOCH(l) <= E ? HK_TAG_SLOT(l) : !HK_TAG_SLOT(l);
+        if (l == 0)
+            return hk_fail(EBADMSG, "%s: object '%.63s' (unit %lu) has no checkpoint copy", h->path, e->name,
+                           (unsigned long)u);
+        uint64_t off, at = e->cls == HK_PAGE_CLASS ? (u / ppo) * e->obj_size + (u % ppo) * HK_PAGE : u * e->obj_size;
+        uint32_t len;
+        heap_unit_place(h, e, u, &off, &len);
+        if (u == u0)
+            base = at;
+        if (off + len > h->sb->capacity || at + len > bytes)
+            return hk_fail(EBADMSG, "%s: '%.63s' (unit %lu) lies outside the heap", h->path, e->name,
+                           (unsigned long)u);
+        if (at - base + len > dst_len)
+            return hk_fail(EINVAL, "buffer of %zu bytes is too small for units %lu..%lu of '%.63s'", dst_len,
+                           (unsigned long)u0, (unsigned long)u1, e->name);
+        at -= base;
+        const uint8_t *src = h->raw + h->sb->off_shadow[slot] + off;
+        memcpy((uint8_t *)dst + at, src, len);
+        if (crc_compute(0, (uint8_t *)dst + at, len) != t->crc[slot])
+            return hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu, epoch <= %lu) is corrupt "
+                           "(checksum mismatch)", h->path, e->name, (unsigned long)u, (unsigned long)E);
+    }
+    return 0;
+}
+
+/* ckpt_rebase -- a heap that never prepared an epoch continues at E: next prepare is E+1. */
+int ckpt_rebase(hk_heap *h, uint64_t E)
+{
+    if (h->closed || h->readonly)
+        return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
+    if (h->prepared || h->committed || E >= 0x7ffffffeu)
+        return hk_fail(EINVAL, "%s: only a fresh heap can be rebased (it is at epoch %lu)", h->path,
+                       (unsigned long)h->prepared);
+    h->prepared = h->committed = E;
+    return 0;
+}

@@ -120,7 +120,10 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
     if (!h)
         return hk_fail(ENOMEM, "out of memory");
     snprintf(h->path, sizeof h->path, "%s", path);
-    h->readonly = tracker == HK_TRACK_NONE;
+    h->peek = tracker == HK_TRACK_PEEK;
+    h->readonly = tracker == HK_TRACK_NONE || h->peek;
+    if (h->peek)
+        tracker = HK_TRACK_NONE;
     h->fd = open(path, (h->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (h->fd < 0) {
         int rc = hk_fail(errno, "%s: cannot open: %s", path, strerror(errno));
@@ -134,7 +137,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
         rc = hk_fail(EACCES, "%s: heap belongs to job '%.63s', rank %d of %d, not job '%s', rank %d of %d; use "
                      "another root or name, or remove it", path, sb.job, sb.rank, sb.world_size,
                      job ? job : sb.job, rank >= 0 ? rank : sb.rank, world >= 0 ? world : sb.world_size);
-    if (!rc && flock(h->fd, (h->readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0)
+    if (!rc && !h->peek && flock(h->fd, (h->readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0)
         rc = errno == EWOULDBLOCK ? hk_fail(EBUSY, "%s: heap is open in another process", path)
                                   : hk_fail(errno, "%s: flock failed: %s", path, strerror(errno));
     h->data_len = sb.capacity;
@@ -154,6 +157,10 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
     }
     h->committed = h->prepared;
     h->was_clean = h->st->clean == 1;
+    if (h->peek) {   /* beside a live owner: the catalog is read as it is, nothing rebuilt */
+        *out = h;
+        return 0;
+    }
     if ((rc = alloc_dram(h)) || (rc = alloc_rebuild(h)) || (rc = alias_map_views(h, 0)))
         goto fail;
     if ((h->sb->flags & HK_FLAG_PREALLOCATED) && !h->readonly)
@@ -187,7 +194,8 @@ static void file_detach(hk_heap *h)
 {
     if (h->ops && h->track)
         h->ops->detach(h);
-    alias_map_views(h, 1);   /* lingering numpy arrays keep working on private copies */
+    if (!h->peek)
+        alias_map_views(h, 1);   /* lingering numpy arrays keep working on private copies */
     void *r = mmap(h->raw, (size_t)(h->views - h->raw), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     (void)r;
     h->sb = NULL;
@@ -266,6 +274,7 @@ int heap_info(hk_heap *h, struct hk_info *o)
     o->pages_free = h->sb->npages - h->pages_used;
     o->entries_live = h->entries_live;
     o->entries_hwm = h->st->entries_hwm;
+    o->entries_pending = h->pending.n;
     o->nviews = h->nviews;
     o->va_bytes = h->va_len;
     o->va_base = h->va;

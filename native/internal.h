@@ -30,7 +30,8 @@ struct hk_heap {
     int fd;
     char path[4096];
     int dax;
-    int readonly;                   /* tracker HK_TRACK_NONE: inspect only, never write */
+    int readonly;                   /* tracker HK_TRACK_NONE or PEEK: inspect only, never write */
+    int peek;                       /* HK_TRACK_PEEK: no lock, no allocator, no views */
     int tracker;
     int aliased;                    /* views per slot (uffd, mprotect) or one view */
     const struct track_ops *ops;

@@ -13,8 +13,10 @@ extern "C" {
 
 typedef struct hk_heap hk_heap;
 
+/* HK_TRACK_NONE opens read-only (shared lock); HK_TRACK_PEEK opens read-only without a lock and
+ * without the allocator, beside a live owner: only lookups and ckpt_read_epoch of committed copies. */
 enum hk_tracker { HK_TRACK_UFFD = 0, HK_TRACK_MPROTECT, HK_TRACK_PAGE, HK_TRACK_HASH, HK_TRACK_FULL,
-                  HK_TRACK_NONE };
+                  HK_TRACK_NONE, HK_TRACK_PEEK };
 
 /* Crash points for tests: the process SIGKILLs itself there. */
 enum hk_crash { HK_CRASH_NONE = 0, HK_CRASH_BEFORE_COPY, HK_CRASH_MID_COPY, HK_CRASH_AFTER_COPY,
@@ -50,6 +52,7 @@ struct hk_info {
     int was_clean;          /* the previous process closed the heap */
     int dax;                /* MAP_SYNC works: flushes are clwb + sfence */
     uint64_t pages_used, pages_free, entries_live, entries_hwm, nviews, va_bytes;
+    uint64_t entries_pending;          /* freed in the open epoch: released (wiped) at its commit */
     uint64_t off_data, views_offset;   /* data area in the file; views in the buffer */
     void *va_base;
 };
@@ -84,6 +87,14 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
 int ckpt_commit(hk_heap *h);
 int ckpt_withdraw(hk_heap *h);
 int ckpt_recover(hk_heap *h, uint64_t epoch);
+/* ckpt_read_epoch -- units [u0, u1) of an entry as committed at `epoch`, packed as in the object,
+ * every unit checked against its CRC.  Works on read-only and peek handles. */
+int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t epoch, uint64_t u0, uint64_t u1, void *dst,
+                    size_t dst_len);
+/* ckpt_rebase -- a fresh heap (nothing ever prepared) continues a job at epoch E: its next
+ * checkpoint is E+1 (used when a job restarts from an export of epoch E). */
+int ckpt_rebase(hk_heap *h, uint64_t epoch);
+uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);   /* CRC32C */
 int ckpt_meta(hk_heap *h, char *buf, uint32_t cap, uint32_t *len);
 int ckpt_stats(hk_heap *h, struct hk_stats *out);
 int ckpt_verify(hk_heap *h, uint64_t *units_checked);

@@ -7,9 +7,11 @@
 from .errors import (CheckpointError, CorruptHeapError, FormatVersionError, HeapBusyError, HeapError,
                      HeapFullError, OwnerMismatchError)
 from .heap import TRACKERS, Heap, Pool, resolve_tracker
-from .mpi import open, default_root
+from .job import JobHeap, open
+from .manifest import ExportError
+from .mpi import default_root
 
-__all__ = ["Heap", "Pool", "open", "default_root", "TRACKERS", "resolve_tracker", "HeapError",
+__all__ = ["Heap", "Pool", "JobHeap", "open", "default_root", "TRACKERS", "resolve_tracker", "HeapError",
            "CorruptHeapError", "FormatVersionError", "HeapBusyError", "HeapFullError", "OwnerMismatchError",
-           "CheckpointError"]
+           "CheckpointError", "ExportError"]
 __version__ = "0.1.0"

@@ -95,14 +95,14 @@ static PyObject *nh_info(NativeHeap *self, PyObject *unused)
     struct hk_info i;
     CALL(heap_info(self->h, &i));
     return Py_BuildValue(
-        "{s:I,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:i,s:i,s:s,s:K,s:K,s:O,s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:K,s:K}",
+        "{s:I,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:i,s:i,s:s,s:K,s:K,s:O,s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:K,s:K,s:K}",
         "major", i.major, "minor", i.minor, "page_size", i.page_size, "tracker", i.tracker, "capacity",
         i.capacity, "npages", i.npages, "max_entries", i.max_entries, "file_size", i.file_size, "rank", i.rank,
         "world_size", i.world_size, "job", i.job, "prepared", i.prepared, "committed", i.committed, "was_clean",
         i.was_clean ? Py_True : Py_False, "dax", i.dax ? Py_True : Py_False, "pages_used", i.pages_used,
         "pages_free", i.pages_free, "entries_live", i.entries_live, "entries_hwm", i.entries_hwm, "nviews",
         i.nviews, "va_bytes", i.va_bytes, "va_base", (unsigned long long)(uintptr_t)i.va_base, "exports",
-        self->exports, "off_data", i.off_data, "views_offset", i.views_offset);
+        self->exports, "off_data", i.off_data, "views_offset", i.views_offset, "entries_pending", i.entries_pending);
 }
 
 static PyObject *nh_alloc(NativeHeap *self, PyObject *args)
@@ -238,6 +238,29 @@ static PyObject *nh_recover(NativeHeap *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* nh_read_epoch -- (index, epoch, u0, u1, out: writable buffer): committed copies of units [u0, u1). */
+static PyObject *nh_read_epoch(NativeHeap *self, PyObject *args)
+{
+    unsigned long long idx, epoch, u0, u1;
+    Py_buffer out;
+    if (!live(self) || !PyArg_ParseTuple(args, "KKKKw*", &idx, &epoch, &u0, &u1, &out))
+        return NULL;
+    int rc = ckpt_read_epoch(self->h, idx, epoch, u0, u1, out.buf, (size_t)out.len);
+    PyBuffer_Release(&out);
+    if (rc < 0)
+        return raise_rc(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_rebase(NativeHeap *self, PyObject *arg)
+{
+    unsigned long long e = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !live(self))
+        return NULL;
+    CALL(ckpt_rebase(self->h, e));
+    Py_RETURN_NONE;
+}
+
 static PyObject *nh_meta(NativeHeap *self, PyObject *unused)
 {
     char buf[2048];
@@ -305,6 +328,8 @@ static PyMethodDef nh_methods[] = {
     {"commit", (PyCFunction)nh_commit, METH_NOARGS, "commit the prepared epoch"},
     {"withdraw", (PyCFunction)nh_withdraw, METH_NOARGS, "withdraw the prepared epoch"},
     {"recover", (PyCFunction)nh_recover, METH_O, "recover(epoch): restore the working area"},
+    {"read_epoch", (PyCFunction)nh_read_epoch, METH_VARARGS, "read_epoch(index, epoch, u0, u1, out): committed copies of units, CRC-checked"},
+    {"rebase", (PyCFunction)nh_rebase, METH_O, "rebase(epoch): a fresh heap's next checkpoint is epoch+1"},
     {"meta", (PyCFunction)nh_meta, METH_NOARGS, "metadata of the newest epoch (bytes)"},
     {"stats", (PyCFunction)nh_stats, METH_NOARGS, "figures of the last prepare"},
     {"verify", (PyCFunction)nh_verify, METH_NOARGS, "check every committed copy -> units checked"},
@@ -355,7 +380,50 @@ static PyObject *mod_open(PyObject *m, PyObject *args)
     return (PyObject *)self;
 }
 
+/* mod_crc32c -- CRC32C of a buffer, continuing from `crc` (default 0). */
+static PyObject *mod_crc32c(PyObject *m, PyObject *args)
+{
+    Py_buffer b;
+    unsigned int crc = 0;
+    if (!PyArg_ParseTuple(args, "y*|I", &b, &crc))
+        return NULL;
+    uint32_t c;
+    Py_BEGIN_ALLOW_THREADS
+    c = crc_compute(crc, b.buf, (size_t)b.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLong(c);
+}
+
+/* mod_crc32c_chunks -- CRC32C of each `chunk`-byte piece of a buffer (the last may be short), as uint32 bytes. */
+static PyObject *mod_crc32c_chunks(PyObject *m, PyObject *args)
+{
+    Py_buffer b;
+    Py_ssize_t chunk;
+    if (!PyArg_ParseTuple(args, "y*n", &b, &chunk))
+        return NULL;
+    if (chunk <= 0) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "chunk must be positive");
+        return NULL;
+    }
+    Py_ssize_t n = (b.len + chunk - 1) / chunk;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 4);
+    if (out) {
+        uint32_t *c = (uint32_t *)PyBytes_AS_STRING(out);
+        const uint8_t *p = b.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++)
+            c[i] = crc_compute(0, p + i * chunk, (size_t)(i + 1 < n ? chunk : b.len - i * chunk));
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
 static PyMethodDef mod_methods[] = {
+    {"crc32c", mod_crc32c, METH_VARARGS, "crc32c(buffer, crc=0) -> CRC32C"},
+    {"crc32c_chunks", mod_crc32c_chunks, METH_VARARGS, "crc32c_chunks(buffer, chunk) -> bytes of uint32 CRCs"},
     {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size, preallocate)"},
     {"open", mod_open, METH_VARARGS, "open(path, tracker, job|None, rank|-1, world|-1) -> NativeHeap (no recovery)"},
     {NULL}};
@@ -377,6 +445,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyModule_AddIntConstant(m, "TRACK_HASH", HK_TRACK_HASH);
     PyModule_AddIntConstant(m, "TRACK_FULL", HK_TRACK_FULL);
     PyModule_AddIntConstant(m, "TRACK_NONE", HK_TRACK_NONE);
+    PyModule_AddIntConstant(m, "TRACK_PEEK", HK_TRACK_PEEK);
     PyModule_AddIntConstant(m, "CRASH_BEFORE_COPY", HK_CRASH_BEFORE_COPY);
     PyModule_AddIntConstant(m, "CRASH_MID_COPY", HK_CRASH_MID_COPY);
     PyModule_AddIntConstant(m, "CRASH_AFTER_COPY", HK_CRASH_AFTER_COPY);

@@ -1,17 +1,21 @@
 """The main job: 2D heat diffusion plus a pool of particles, checkpointed with hpcckpt.
 
 The grid is block-distributed over a 2D Cartesian communicator (5-point stencil, halo
-exchange with ``Sendrecv``); each rank also owns its share of the particles, a few percent
-of which change at every step. All state lives in the rank's heap: the grid ``u`` (with
-its halo), the pool ``particles``, and the step counter saved as checkpoint meta. The last
-line rank 0 prints is ``checksum: <sha256>`` of the final global state, the same for a
-run that was killed and relaunched as for a failure-free one.
+exchange with ``Sendrecv``); each rank also owns its share of the particles (by global id),
+a few percent of which change at every step. All state lives in the rank's heap: the grid
+``u`` (a distributed array with a halo of 1), the pool ``particles`` (a distributed table),
+and the step counter saved as checkpoint meta. The arithmetic does not depend on the
+decomposition, so the last line rank 0 prints, ``checksum: <sha256>`` of the final global
+state, is the same for every rank count, and for a run that was killed and relaunched
+(from its local heaps, or from an HDF5 export on another number of ranks) as for a
+failure-free one.
 
 Example::
 
     $ mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --quiet      # the baseline
     $ mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --save-with h5py   # plain dumps
     $ hpcckpt run -n 4 -- python -m hpcckpt.demo --kill-rank 2 --kill-at-step 55
+    $ mpiexec -n 4 python -m hpcckpt.demo --export-dir /scratch/exports --export-every 5
 
 SIGUSR1 (e.g. Slurm's ``--signal``) asks for a checkpoint (at the step boundary after next).
 """
@@ -73,6 +77,13 @@ def init_grid(u: np.ndarray, block: Block, nx: int, ny: int) -> None:
 
     u[...] = 0.0
     u[1:-1, 1:-1] = 80.0 * bump(0.3, 0.3, 0.15) + 50.0 * bump(0.7, 0.6, 0.1)
+    set_walls(u, block)
+
+
+def set_walls(u: np.ndarray, block: Block) -> None:
+    """The halo cells on the global edges: the hot wall on top (the others stay 0).
+
+    Halo exchange never writes them, and a restore from an export leaves halos empty."""
     if block.x0 == 0:
         u[0, 1:-1] = HOT_WALL
 
@@ -105,13 +116,15 @@ def diffuse(u: np.ndarray, scratch: np.ndarray) -> None:
     c += scratch
 
 
-def init_particles(block: Block, first: int, count: int, seed: int) -> np.ndarray:
-    """``count`` particles with ids from ``first``, spread over this rank's block, at 0 degrees."""
-    rng = np.random.default_rng([seed, first])
+def init_particles(nx: int, ny: int, total: int, first: int, count: int, seed: int) -> np.ndarray:
+    """Particles ``first..first+count`` of ``total``, spread over the plate, at 0 degrees.
+
+    Every particle's start depends only on its global id, whatever the rank count."""
+    rng = np.random.default_rng(seed)
+    pos, vel = rng.random((total, 2)) * [nx, ny], rng.uniform(-0.5, 0.5, (total, 2))
     p = np.zeros(count, PARTICLE)
     p["id"] = np.arange(first, first + count)
-    p["pos"] = np.array([block.x0, block.y0]) + rng.random((count, 2)) * [block.nx, block.ny]
-    p["vel"] = rng.uniform(-0.5, 0.5, (count, 2))
+    p["pos"], p["vel"] = pos[first:first + count], vel[first:first + count]
     return p
 
 
@@ -121,16 +134,15 @@ def chosen(step: int, total: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(rng.choice(total, size=round(total * fraction), replace=False))
 
 
-def move(p: np.ndarray, u: np.ndarray, block: Block) -> None:
-    """Advance particles ``p`` in place: drift, bounce off the block's walls, relax toward the grid."""
-    lo = np.array([block.x0, block.y0], dtype=float)
-    hi = lo + [block.nx, block.ny]
+def move(p: np.ndarray, nx: int, ny: int) -> None:
+    """Advance particles ``p`` in place: drift, bounce off the plate's edges, relax toward the
+    wall's temperature profile (elementwise: the same result whichever rank owns a particle)."""
+    hi = np.array([nx, ny], dtype=float)
     pos = p["pos"] + p["vel"]
-    low, high = pos < lo, pos > hi
-    p["pos"] = np.where(low, 2 * lo - pos, np.where(high, 2 * hi - pos, pos))
+    low, high = pos < 0.0, pos > hi
+    p["pos"] = np.where(low, -pos, np.where(high, 2 * hi - pos, pos))
     p["vel"] = np.where(low | high, -p["vel"], p["vel"])
-    cell = np.minimum(np.floor(p["pos"] - lo).astype(np.int64), [block.nx - 1, block.ny - 1])
-    p["temp"] += RELAX * (u[1 + cell[:, 0], 1 + cell[:, 1]] - p["temp"])
+    p["temp"] += RELAX * (HOT_WALL * (1.0 - p["pos"][:, 0] / nx) - p["temp"])
 
 
 # -- storage: the heap's pool, or a plain array with the same p[i] access --------------
@@ -217,6 +229,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--name", default="demo", help="heap name; a run with an existing name resumes it")
     ap.add_argument("--root", help="heap directory (default $HPCCKPT_ROOT or hpcckpt's default)")
     ap.add_argument("--capacity", default="1GiB")
+    ap.add_argument("--export-dir", metavar="DIR", help="export committed epochs to HDF5 here; restart from "
+                    "them when the local heaps are lost or the rank count changed")
+    ap.add_argument("--export-every", type=int, default=0, metavar="K", help="export every K-th checkpoint")
     ap.add_argument("--kill-rank", type=int, metavar="R")
     ap.add_argument("--kill-at-step", type=int, metavar="S", help="rank R SIGKILLs itself after step S (attempt 1 only)")
     ap.add_argument("--no-checkpoint", action="store_true", help="plain numpy arrays, no hpcckpt: the baseline")
@@ -249,15 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import hpcckpt
 
-        heap = hpcckpt.open(args.name, comm=comm, root=args.root, capacity=args.capacity, tracker=args.tracker)
-        u = heap["u"] if "u" in heap else heap.array("u", shape, np.float64)
-        pool = heap["particles"] if "particles" in heap else heap.pool("particles", PARTICLE, count)
-        if u.shape != shape or len(pool) != count:
-            raise SystemExit(f"demo: heap {args.name!r} holds a run of another size; choose another --name")
+        heap = hpcckpt.open(args.name, comm=comm, root=args.root, capacity=args.capacity, tracker=args.tracker,
+                            export_dir=args.export_dir, export_every=args.export_every)
+        try:   # declared every time: a restored object with this layout comes back, another is re-blocked
+            u = heap.array("u", shape, np.float64, global_shape=(args.nx, args.ny), offset=(block.x0, block.y0),
+                           halo=(1, 1))
+            pool = heap.pool("particles", PARTICLE, count, global_count=args.particles, offset=first)
+        except (KeyError, hpcckpt.HeapError) as e:
+            raise SystemExit(f"demo: heap {args.name!r} holds a run of another size ({e}); choose another --name")
         start = heap.meta.get("step", 0) if heap.epoch is not None else 0
+        set_walls(u, block)
     if start == 0:
         init_grid(u, block, args.nx, args.ny)
-        pool.put(np.arange(count), init_particles(block, first, count, args.seed))
+        pool.put(np.arange(count), init_particles(args.nx, args.ny, args.particles, first, count, args.seed))
     save_dir, own_dir = None, None
     if args.save_with:
         root = args.root or os.environ.get("HPCCKPT_ROOT")
@@ -271,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"demo: {size} ranks ({dims[0]}x{dims[1]}), grid {args.nx}x{args.ny}, {args.particles} particles, "
         + (f"no checkpoints, saves with {args.save_with} to {save_dir}" if save_dir else
            "no checkpoints" if heap is None else f"heap {args.name!r} " + (
-            f"resumed from epoch {heap.epoch} at step {start}" if start else "started fresh")))
+            f"resumed from epoch {heap.epoch} at step {start} ({heap.restored_from} level)" if start
+            else "started fresh")))
 
     mine_flag, any_flag, vote = np.zeros(1, np.int32), np.zeros(1, np.int32), None
     first_attempt = os.environ.get("HPCCKPT_ATTEMPT", "") in ("", "1")
@@ -284,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = chosen(step, args.particles, args.change, args.seed)
         mine = ids[np.searchsorted(ids, first):np.searchsorted(ids, first + count)] - first
         p = pool.take(mine)
-        move(p, u, block)
+        move(p, args.nx, args.ny)
         pool.put(mine, p)
         if step == args.kill_at_step and rank == args.kill_rank and first_attempt:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _native
 from ._units import parse_size
-from .errors import HeapError, HeapFullError, translate
+from .errors import CorruptHeapError, HeapError, HeapFullError, translate
 
 TRACKERS = {"uffd": _native.TRACK_UFFD, "mprotect": _native.TRACK_MPROTECT, "page": _native.TRACK_PAGE,
             "hash": _native.TRACK_HASH, "full": _native.TRACK_FULL}
@@ -33,6 +33,7 @@ _CRASH_POINTS = {"before-copy": _native.CRASH_BEFORE_COPY, "mid-copy": _native.C
                  "after-copy": _native.CRASH_AFTER_COPY, "after-prepare": _native.CRASH_AFTER_PREPARE,
                  "mid-restore": _native.CRASH_MID_RESTORE}
 NAME_MAX = 63
+LAYOUT_OBJECT = "/layout"   # hidden object: JSON of the distributed declarations (a user name cannot hold "/")
 
 
 def resolve_tracker(tracker: str) -> str:
@@ -165,9 +166,12 @@ class Heap:
     def __init__(self, native: Any, path: str, tracker: str):
         self._native, self.path, self.tracker = native, path, tracker
         self._names: dict[str, int] = {}
-        self._comm = None
+        self._layouts: dict[str, dict] = {}
         self._stats: dict = {}
         self.restored = False
+        self.restored_from: str | None = None
+        self._reblock = None   # set by the restore layer: re-blocks a distributed object from an export
+        self._layout_index: int | None = None
         info = native.info()
         self._load_names()
         hook = crash_hook(info["rank"])
@@ -232,15 +236,47 @@ class Heap:
     def _recover(self, epoch: int) -> None:
         _call(self._native.recover, epoch)
         self.restored = True
+        self.restored_from = "local"
         self._load_names()
 
     def _load_names(self) -> None:
-        """Index the live catalog entries by name."""
-        self._names = {}
+        """Index the live catalog entries by name; read the distributed declarations."""
+        self._names, self._layouts = {}, {}
+        hidden = None
         i = self._native.next_live(0)
         while i >= 0:
-            self._names[self._native.lookup(i)[0]] = i
+            name = self._native.lookup(i)[0]
+            if name == LAYOUT_OBJECT:
+                hidden = i
+            else:
+                self._names[name] = i
             i = self._native.next_live(i + 1)
+        if hidden is not None:
+            _, _, shape, _, _, _ = _call(self._native.lookup, hidden)
+            raw = self._view(hidden, 0, tuple(shape), np.dtype("u1")).tobytes()
+            try:
+                layouts = json.loads(raw)
+            except ValueError:
+                raise CorruptHeapError(f"{self.path}: the record of distributed objects is not valid JSON") from None
+            self._layouts = {k: v for k, v in layouts.items() if k in self._names}
+        self._layout_index = hidden
+
+    def _save_layouts(self) -> None:
+        """Rewrite the hidden record of distributed declarations (checkpointed like any object)."""
+        blob = json.dumps(self._layouts, sort_keys=True).encode()
+        old = self._layout_index
+        if old is not None:
+            _, _, shape, _, _, _ = _call(self._native.lookup, old)
+            if self._view(old, 0, tuple(shape), np.dtype("u1")).tobytes() == blob:
+                return
+            _call(self._native.free, old)
+            self._layout_index = None
+        if not blob or blob == b"{}":
+            return
+        index = _call(self._native.alloc, LAYOUT_OBJECT, _dtype_str(np.dtype("u1")), (len(blob),), len(blob), 1,
+                      _KIND_ARRAY)
+        self._view(index, 0, (len(blob),), np.dtype("u1"))[:] = np.frombuffer(blob, np.uint8)
+        self._layout_index = index
 
     def close(self) -> None:
         """Make everything durable and mark the heap cleanly closed."""
@@ -256,14 +292,25 @@ class Heap:
             self._native.abandon()
 
     # -- objects -------------------------------------------------------------
-    def array(self, name: str, shape: int | tuple[int, ...], dtype: Any = "f8") -> np.ndarray:
+    def array(self, name: str, shape: int | tuple[int, ...], dtype: Any = "f8", *,
+              global_shape: tuple[int, ...] | None = None, offset: tuple[int, ...] | None = None,
+              halo: int | tuple[int, ...] | None = None, replicated: bool = False) -> np.ndarray:
         """A new zero-filled array that *is* the persistent object (no copy).
+
+        With `global_shape` and `offset` the array is this rank's block of a distributed array
+        (exported as one global dataset, restorable on another number of ranks); `halo` (a width
+        per axis) says how many ghost cells surround the block on each side: `shape` includes
+        them, the global array does not.  `replicated=True` declares an array that is the same on
+        every rank.  Declaring a distributed array that exists with the same layout returns it.
 
         >>> import tempfile, os
         >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "b.heap"), "4MiB")
         >>> a = h.array("a", (2, 3), "i4"); a[1, 2] = 7
         >>> int(h["a"][1, 2])
         7
+        >>> u = h.array("u", (6, 4), global_shape=(8, 4), offset=(4, 0), halo=(1, 0))
+        >>> h.layout("u")
+        ((8, 4), (4, 0))
         >>> h.close()
         """
         _check_name(name)
@@ -271,19 +318,60 @@ class Heap:
         if any(s < 0 for s in shape):
             raise ValueError(f"shape {shape} has a negative dimension")
         dt = np.dtype(dtype)
-        index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, 1, _KIND_ARRAY)
+        layout = _make_layout(name, shape, global_shape, offset, halo, replicated)
+        if layout and name in self._names:
+            return self._redeclare(name, dt, shape, 1, _KIND_ARRAY, layout)
+        index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, 1, _KIND_ARRAY, layout)
         return self._view(index, 0, shape, dt)
 
-    def pool(self, name: str, dtype: Any, count: int, shape: tuple[int, ...] = ()) -> Pool:
-        """`count` objects of `dtype` (each of `shape`), each in its own tracked slot."""
+    def pool(self, name: str, dtype: Any, count: int, shape: tuple[int, ...] = (), *,
+             global_count: int | None = None, offset: int | None = None, replicated: bool = False) -> Pool:
+        """`count` objects of `dtype` (each of `shape`), each in its own tracked slot.
+
+        With `global_count` and `offset` the pool holds rows offset..offset+count of a table of
+        `global_count` rows spread over the ranks (see :meth:`array`).
+        """
         _check_name(name)
         dt, shape = np.dtype(dtype), tuple(shape)
         if count < 1:
             raise ValueError(f"a pool needs at least one object, got count={count}")
-        index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, int(count), _KIND_POOL)
+        layout = _make_layout(name, (int(count),), None if global_count is None else (int(global_count),),
+                              None if offset is None else (int(offset),), None, replicated)
+        if layout and name in self._names:
+            return self._redeclare(name, dt, shape, int(count), _KIND_POOL, layout)
+        index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, int(count), _KIND_POOL, layout)
         return Pool(self, index, name, dt, shape, int(count))
 
-    def _alloc(self, name: str, dt: np.dtype, shape: tuple, size: int, count: int, kind: int) -> int:
+    def _redeclare(self, name: str, dt: np.dtype, shape: tuple, count: int, kind: int, layout: dict):
+        """A distributed object declared again: the same layout returns it, another re-blocks or fails."""
+        held = self.describe(name)
+        same = (held["dtype"] == _dtype_str(dt) and held["kind"] == kind and held["count"] == count
+                and tuple(held["shape"]) == shape)
+        if same and held["layout"] == layout:
+            return self[name]
+        if self._reblock is not None and held["layout"] and held["dtype"] == _dtype_str(dt):
+            return self._reblock(name, dt, shape, count, kind, layout)
+        raise KeyError(f"{self.path}: {name!r} exists with another shape or layout "
+                       f"({held['shape']}, {held['layout']}); use heap[{name!r}] or del heap[{name!r}] first")
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(global_shape, offset) of a distributed object; None for a rank-private one."""
+        if name not in self._names:
+            raise KeyError(f"{self.path}: no object named {name!r}")
+        lay = self._layouts.get(name)
+        return None if lay is None else (tuple(lay["global_shape"]), tuple(lay["offset"]))
+
+    def describe(self, name: str) -> dict:
+        """What the heap knows of one object: catalog index, kind, dtype, shape, count, layout."""
+        index = self._names.get(name)
+        if index is None:
+            raise KeyError(f"{self.path}: no object named {name!r}")
+        _, dtype, shape, obj_size, count, kind = _call(self._native.lookup, index)
+        return {"name": name, "index": index, "kind": kind, "dtype": dtype, "shape": list(shape),
+                "obj_size": obj_size, "count": count, "layout": self._layouts.get(name)}
+
+    def _alloc(self, name: str, dt: np.dtype, shape: tuple, size: int, count: int, kind: int,
+               layout: dict | None = None) -> int:
         if name in self._names:
             raise KeyError(f"{self.path}: an object named {name!r} exists already; use heap[{name!r}] "
                            f"or del heap[{name!r}] first")
@@ -292,6 +380,14 @@ class Heap:
                                 f"({count} objects of {size} bytes)")
         index = _call(self._native.alloc, name, _dtype_str(dt), shape, size, count, kind)
         self._names[name] = index
+        if layout:
+            self._layouts[name] = layout
+            try:
+                self._save_layouts()
+            except BaseException:
+                self._layouts.pop(name)
+                del self[name]
+                raise
         return index
 
     def _view(self, index: int, obj: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
@@ -313,6 +409,8 @@ class Heap:
             raise KeyError(f"{self.path}: no object named {name!r}")
         _call(self._native.free, index)
         del self._names[name]
+        if self._layouts.pop(name, None) is not None:
+            self._save_layouts()
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -334,9 +432,6 @@ class Heap:
         Under MPI (:func:`hpcckpt.open`) this is collective.
         """
         blob = json.dumps(meta, sort_keys=True).encode()
-        if self._comm is not None:
-            from .mpi import coordinated_checkpoint
-            return coordinated_checkpoint(self, blob)
         epoch = _call(self._native.prepare, blob)
         _call(self._native.commit)
         self._stats = self._local_stats()
@@ -381,6 +476,40 @@ class Heap:
 
     def __repr__(self) -> str:
         return f"<hpcckpt.Heap {self.path!r}: {len(self)} objects, tracker={self.tracker}, epoch={self.epoch}>"
+
+
+def block_shape(desc: dict) -> list[int]:
+    """The block a distributed object holds of its global shape: an array without its halo, a pool's rows.
+
+    >>> block_shape({"kind": 1, "shape": [6, 4], "count": 1, "layout": {"halo": [1, 0]}})
+    [4, 4]
+    """
+    if desc["kind"] == _KIND_POOL:
+        return [desc["count"]]
+    return [s - 2 * w for s, w in zip(desc["shape"], desc["layout"]["halo"])]
+
+
+def _make_layout(name: str, shape: tuple, global_shape, offset, halo, replicated: bool) -> dict | None:
+    """The declaration of a distributed or replicated object, checked against its local shape."""
+    if replicated:
+        if global_shape is not None or offset is not None or halo is not None:
+            raise ValueError(f"{name!r}: a replicated object is whole on every rank; give no global shape, offset or halo")
+        return {"global_shape": list(shape), "offset": [0] * len(shape), "halo": [0] * len(shape), "replicated": True}
+    if global_shape is None and offset is None and halo is None:
+        return None
+    if global_shape is None or offset is None:
+        raise ValueError(f"{name!r}: a distributed object needs both global_shape= and offset=")
+    nd = len(shape)
+    g, o = [int(x) for x in np.atleast_1d(global_shape)], [int(x) for x in np.atleast_1d(offset)]
+    h = [0] * nd if halo is None else [int(x) for x in (np.atleast_1d(halo) if np.ndim(halo) else [halo] * nd)]
+    if not len(g) == len(o) == len(h) == nd:
+        raise ValueError(f"{name!r}: global_shape {g}, offset {o} and halo {h} need one value per axis of {shape}")
+    inner = [s - 2 * w for s, w in zip(shape, h)]
+    if any(w < 0 for w in h) or any(n < 0 for n in inner):
+        raise ValueError(f"{name!r}: halo {h} does not fit in the local shape {shape}")
+    if any(x < 0 or x + n > gs for x, n, gs in zip(o, inner, g)):
+        raise ValueError(f"{name!r}: block {inner} at offset {o} lies outside the global shape {g}")
+    return {"global_shape": g, "offset": o, "halo": h, "replicated": False}
 
 
 def _call(fn, *args):

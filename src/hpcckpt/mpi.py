@@ -1,24 +1,27 @@
-"""MPI coordination: a collective open that agrees on the restart epoch, and
-coordinated checkpoints (every rank prepares, one allgather decides).
+"""MPI coordination: collective agreement, coordinated checkpoints (every rank prepares,
+one allgather decides) and the check that distributed objects tile their global shapes.
+
+The heap below knows nothing of MPI; :class:`hpcckpt.job.JobHeap` builds on this module.
 
 >>> from mpi4py import MPI                                   # doctest: +SKIP
 >>> heap = hpcckpt.open("stencil", comm=MPI.COMM_WORLD)       # doctest: +SKIP
->>> start = heap.meta.get("step", 0) if heap.restored else 0  # doctest: +SKIP
+>>> epoch = heap.checkpoint(step=10)                          # doctest: +SKIP
 """
 from __future__ import annotations
 
 import getpass
 import os
 import signal
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .errors import CheckpointError, HeapError
-from .heap import Heap, crash_hook, _call
+from .heap import Heap, block_shape, crash_hook, _call
 
 _NUMERIC = ("objects_dirty", "units_dirty", "bytes_dirty", "bytes_copied", "bytes_meta", "bytes_page_baseline",
             "pages_dirty", "views_degraded", "faults", "t_scan", "t_copy", "t_flush", "t_commit", "t_nvm_delay")
+_TIMES = {k for k in _NUMERIC if k.startswith("t_")}
 
 
 def default_root() -> str:
@@ -26,97 +29,107 @@ def default_root() -> str:
     return os.environ.get("HPCCKPT_ROOT") or f"/dev/shm/hpcckpt-{getpass.getuser()}"
 
 
-def _agree(comm, ok_or_error: str | None) -> None:
+def error_text(e: BaseException) -> str:
+    """How one rank's error travels to the others."""
+    return f"{type(e).__name__}: {e}"
+
+
+def agree(comm, ok_or_error: str | None, cls: type[Exception] = HeapError) -> None:
     """Raise the same error on every rank if any rank reported one."""
     errors = comm.allgather(ok_or_error)
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         ranks = ", ".join(str(r) for r, _ in failed)
-        raise HeapError(f"on rank(s) {ranks}: {failed[0][1]}")
+        raise cls(f"on rank(s) {ranks}: {failed[0][1]}")
 
 
-def _private_dir(path: str) -> None:
+def private_dir(path: str) -> None:
+    """Create `path` (0700) if needed; refuse a directory of another user."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.stat(path)
     if st.st_uid != os.getuid():
         raise HeapError(f"{path}: directory belongs to uid {st.st_uid}, not to you; set HPCCKPT_ROOT or root=")
 
 
-def open(name: str, comm: Any = None, root: str | None = None, capacity: int | str = "1GiB",
-         tracker: str = "auto", max_objects: int | None = None, preallocate: bool = False) -> Heap:
-    """Open or create this rank's heap `<root>/<name>/rank<r>.heap`, collectively.
+class Participant(Protocol):
+    """Something that takes part in every coordinated checkpoint (the background export)."""
 
-    The ranks agree on the restart epoch E = min over ranks of the prepared
-    epoch; if any rank crashed (or they differ) every rank restores E, and
-    ``heap.restored``, ``heap.epoch`` and ``heap.meta`` say where to resume.
+    def before_prepare(self, heap: Heap, epoch: int) -> None: ...
+    def vote(self) -> float: ...
+    def after_commit(self, heap: Heap, votes: np.ndarray) -> None: ...
+
+
+def check_tiling(comm, heap: Heap) -> str | None:
+    """Every distributed object's blocks, over all ranks, tile its global shape exactly once.
+
+    Returns the problem (the same text on every rank) or None.
     """
-    if comm is None:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    directory = os.path.join(root or default_root(), name)
-    path = os.path.join(directory, f"rank{rank}.heap")
-    err = None
-    try:
-        _private_dir(directory)
-    except (OSError, HeapError) as e:
-        err = str(e)
-    _agree(comm, err)
-    present = comm.allgather(os.path.exists(path))
-    if any(present) and not all(present):
-        missing = [r for r, p in enumerate(present) if not p]
-        raise HeapError(f"{directory}: rank(s) {missing} have no heap while the others do; the job cannot "
-                        f"restart from local heaps (nothing was overwritten). Remove {directory} to start afresh.")
-    heap, err = None, None
-    try:
-        if present[rank]:
-            heap = Heap._attach(path, tracker, name, rank, size)
-        else:
-            heap = Heap.create(path, capacity, tracker=tracker, max_objects=max_objects, job=name, rank=rank,
-                               world_size=size, preallocate=preallocate)
-    except (OSError, HeapError, ValueError) as e:
-        err = f"{type(e).__name__}: {e}"
-    try:
-        _agree(comm, err)
-        if present[rank]:
-            _restore_common_epoch(heap, comm)
-    except BaseException:
-        if heap is not None:
-            heap._native.abandon()
-        raise
-    heap._comm = comm
-    return heap
+    mine = {}
+    for name, lay in heap._layouts.items():
+        d = heap.describe(name)
+        mine[name] = (lay, d["dtype"], block_shape(d))
+    tables = comm.allgather(mine)
+    names = sorted({n for t in tables for n in t})
+    for name in names:
+        holders = [(r, t[name]) for r, t in enumerate(tables) if name in t]
+        lay0, dt0, _ = holders[0][1]
+        for r, (lay, dt, _) in holders:
+            if lay["global_shape"] != lay0["global_shape"] or dt != dt0 or lay["replicated"] != lay0["replicated"]:
+                return (f"distributed object {name!r}: rank {holders[0][0]} declares global shape "
+                        f"{lay0['global_shape']} of {dt0}{' (replicated)' * lay0['replicated']}, rank {r} "
+                        f"{lay['global_shape']} of {dt}{' (replicated)' * lay['replicated']}")
+        if lay0["replicated"]:
+            if len(holders) != len(tables):
+                missing = sorted(set(range(len(tables))) - {r for r, _ in holders})
+                return f"replicated object {name!r} is missing on rank(s) {missing}"
+            continue
+        boxes = [(r, lay["offset"], block) for r, (lay, _, block) in holders]
+        problem = _tiles(name, lay0["global_shape"], boxes)
+        if problem:
+            return problem
+    return None
 
 
-def _restore_common_epoch(heap: Heap, comm) -> None:
-    info = heap._info()
-    states = comm.allgather((info["prepared"], info["was_clean"]))
-    epoch = min(p for p, _ in states)
-    if all(clean for _, clean in states) and all(p == epoch for p, _ in states):
-        return   # every rank closed cleanly at the same epoch: keep the working state
-    err = None
-    try:
-        heap._recover(epoch)
-    except (OSError, HeapError) as e:
-        err = f"{type(e).__name__}: {e}"
-    _agree(comm, err)
+def _tiles(name: str, gshape: list[int], boxes: list[tuple[int, list[int], list[int]]]) -> str | None:
+    """Do the boxes (rank, offset, shape) cover gshape exactly once?"""
+    for i, (ra, oa, sa) in enumerate(boxes):
+        for rb, ob, sb in boxes[i + 1:]:
+            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(oa, sa, ob, sb)):
+                return (f"distributed object {name!r}: the blocks of rank {ra} (offset {oa}, shape {sa}) and "
+                        f"rank {rb} (offset {ob}, shape {sb}) overlap")
+    covered = sum(int(np.prod(s)) for _, _, s in boxes)
+    total = int(np.prod(gshape))
+    if covered != total:
+        ranks = [r for r, _, _ in boxes]
+        return (f"distributed object {name!r}: the blocks of rank(s) {ranks} cover {covered} of the "
+                f"{total} elements of global shape {gshape}; some part has no rank (a hole)")
+    return None
 
 
-def coordinated_checkpoint(heap: Heap, blob: bytes) -> int:
+def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Participant] = (),
+                           layout_changed: bool = False) -> int:
     """Prepare locally, agree in one allgather, then commit everywhere or withdraw everywhere.
 
-    The vote travels as a small array of doubles (failed, epoch, stats) so agreeing costs one
-    buffer collective; error messages are exchanged only when some rank failed.
+    The vote travels as a small array of doubles (failed, epoch, layout changed, one flag per
+    participant, stats) so agreeing costs one buffer collective; error messages are exchanged
+    only when some rank failed.  When any rank declared new distributed objects, the blocks
+    are checked to tile their global shapes before the epoch commits.
     """
-    comm, native = heap._comm, heap._native
-    epoch, err, local, prepared = 0, None, {}, False
+    native = heap._native
+    epoch, err, local, prepared, interrupted = 0, None, {}, False, None
     try:
+        for p in participants:
+            p.before_prepare(heap, heap._info()["committed"] + 1)
         epoch = _call(native.prepare, blob)
         prepared = True
         local = heap._local_stats()
-    except (OSError, HeapError) as e:
-        err = f"{type(e).__name__}: {e}"
-    row = np.array([err is not None, epoch, *(float(local.get(k, 0)) for k in _NUMERIC)])
+    except Exception as e:   # anything (KeyboardInterrupt included below) casts a "failed" vote
+        err = error_text(e)
+    except BaseException as e:
+        err = error_text(e)
+        interrupted = e
+    flags = [p.vote() for p in participants]
+    row = np.array([err is not None, epoch, layout_changed, *flags, *(float(local.get(k, 0)) for k in _NUMERIC)])
     table = np.empty((comm.Get_size(), row.size))
     comm.Allgather(row, table)
     hook = crash_hook(comm.Get_rank())
@@ -124,29 +137,38 @@ def coordinated_checkpoint(heap: Heap, blob: bytes) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
     failed = np.flatnonzero(table[:, 0])
     epochs = set(table[table[:, 0] == 0, 1].astype(int).tolist())
-    if failed.size or len(epochs) > 1:
+    tiling = None
+    if not failed.size and len(epochs) == 1 and table[:, 2].any():
+        tiling = check_tiling(comm, heap)
+    if failed.size or len(epochs) > 1 or tiling:
         withdraw_err = None
         if prepared:
             try:
                 _call(native.withdraw)
             except (OSError, HeapError) as e:
-                withdraw_err = f"withdrawing it failed too: {type(e).__name__}: {e}"
+                withdraw_err = f"withdrawing it failed too: {error_text(e)}"
         messages = comm.allgather(err or withdraw_err) if failed.size else []   # every rank, or none
         if failed.size:
             message = next(m for m in messages if m)
+        elif tiling:
+            message = tiling
         else:
             message = f"ranks prepared different epochs {sorted(epochs)}; the heaps are out of step"
         if withdraw_err:
             message += f" (on rank {comm.Get_rank()}: {withdraw_err})"
         ranks = ", ".join(map(str, failed.tolist())) or "all"
+        if interrupted is not None:
+            raise interrupted
         raise CheckpointError(f"checkpoint {epoch or '?'} failed on rank(s) {ranks}: {message}; "
                               "the epoch was withdrawn on every rank, the previous one stays committed")
     _call(native.commit)
-    stats = table[:, 2:]
-    local["total"] = dict(zip(_NUMERIC, stats.sum(axis=0).tolist()))
-    local["max"] = dict(zip(_NUMERIC, stats.max(axis=0).tolist()))
+    stats = table[:, 3 + len(participants):]
+    local["total"] = {k: (v if k in _TIMES else int(v)) for k, v in zip(_NUMERIC, stats.sum(axis=0).tolist())}
+    local["max"] = {k: (v if k in _TIMES else int(v)) for k, v in zip(_NUMERIC, stats.max(axis=0).tolist())}
     heap._stats = local
+    for i, p in enumerate(participants):
+        p.after_commit(heap, table[:, 3 + i])
     return epoch
 
 
-__all__ = ["open", "default_root", "coordinated_checkpoint"]
+__all__ = ["default_root", "agree", "private_dir", "coordinated_checkpoint", "check_tiling", "error_text"]

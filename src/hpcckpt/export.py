@@ -1,0 +1,332 @@
+"""Export committed epochs to HDF5, collectively, in the foreground or in the background.
+
+Each rank writes ``e<E>/rank<r>.h5`` from the *committed* shadow copies of epoch E (never the
+working data); rank 0 then writes the master ``e<E>.h5`` and the manifest ``e<E>.json``, and
+only then replaces ``LATEST``.  In the background a helper process per rank (spawned, not
+forked) reads the heap file through its own read-only mapping and writes the rank file while
+the application computes: the slots of E stay intact until epoch E+2 prepares, so only that
+checkpoint waits for it (and the one after E if it frees objects, since a commit wipes
+freed space).  Measured against a thread, see README "Decisions".
+
+>>> handle = heap.export(wait=False)     # doctest: +SKIP
+>>> handle.wait()                       # doctest: +SKIP  (collective)
+'/scratch/exports/demo/e7.h5'
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _native
+from .h5io import write_master, write_rank_file
+from .heap import Heap
+from .manifest import ExportError, Manifest, export_paths, tidy, write_durably, write_latest
+from .mpi import error_text
+
+KEEP = 2   # complete exports kept
+
+
+def rank_descs(heap: Heap, rank: int) -> list[dict]:
+    """The objects this rank exports: all of them, but replicated ones only from rank 0."""
+    descs = [heap.describe(n) for n in heap]
+    return [d for d in descs if rank == 0 or not (d["layout"] or {}).get("replicated")]
+
+
+def rank_request(heap: Heap, job_dir: str, job: str, epoch: int, rank: int, size: int, meta: dict) -> dict:
+    rel = os.path.join(f"e{epoch}", f"rank{rank}.h5")
+    return {"op": "rank", "heap": heap.path, "epoch": epoch, "file": os.path.join(job_dir, rel), "rel": rel,
+            "meta": meta, "descs": rank_descs(heap, rank),
+            "ident": {"rank": rank, "world_size": size, "job": job}}
+
+
+def run_rank_request(req: dict, read_epoch: Callable) -> list[dict]:
+    """Write one rank file as `req` says, reading committed copies through `read_epoch`."""
+    os.makedirs(os.path.dirname(req["file"]), exist_ok=True)
+    blocks = write_rank_file(req["file"], req["rel"], read_epoch, req["epoch"], req["meta"], req["descs"],
+                             req["ident"])
+    for b in blocks:
+        b["rank"] = req["ident"]["rank"]
+    return blocks
+
+
+def build_manifest(job: str, epoch: int, size: int, meta: dict, per_rank: list[list[dict]]) -> Manifest:
+    """Merge every rank's blocks into one manifest (rank 0)."""
+    objects: dict[str, dict] = {}
+    for blocks in per_rank:
+        for b in blocks:
+            lay = b.pop("layout")
+            obj = objects.setdefault(b["name"], {
+                "kind": b["kind"], "dtype": b["dtype"], "element_shape": b["element_shape"],
+                "distributed": bool(lay) and not lay["replicated"], "replicated": bool(lay and lay["replicated"]),
+                "global_shape": (list(lay["global_shape"]) + list(b["element_shape"])) if lay else None,
+                "blocks": []})
+            if obj["dtype"] != b["dtype"] or bool(obj["distributed"]) != (bool(lay) and not lay["replicated"]):
+                raise ExportError(f"object {b['name']!r} is distributed on some ranks and private, or of another "
+                                  "dtype, on others; give it one declaration on every rank")
+            for k in ("name", "kind", "dtype", "element_shape"):
+                b.pop(k)
+            obj["blocks"].append(b)
+    return Manifest(job=job, epoch=epoch, world_size=size, meta=meta, objects=objects)
+
+
+def finish(job_dir: str, m: Manifest) -> str:
+    """Master, manifest, then LATEST (each durable before the next); older exports pruned."""
+    master = write_master(job_dir, m)
+    p = export_paths(job_dir, m.epoch)
+    write_durably(p["manifest"], m.to_json().encode())
+    write_latest(job_dir, m.epoch)
+    tidy(job_dir, keep=KEEP, running=True)
+    return master
+
+
+class Helper:
+    """A helper process that writes rank files (and, on rank 0, masters) in the background.
+
+    Requests go as JSON lines on its stdin; replies come back in order on its stdout.
+    """
+
+    def __init__(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hpcckpt._export_helper"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, close_fds=True)
+        self._sent = 0
+        self._got: list[dict] = []
+
+    def send(self, req: dict) -> int:
+        """Queue a request; returns its ticket."""
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass   # the reply read reports the dead helper
+        self._sent += 1
+        return self._sent - 1
+
+    def _read_one(self) -> None:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.poll()
+            self._got.append({"ok": False, "error": f"export helper process died (exit {code})"})
+            return
+        try:
+            self._got.append(json.loads(line))
+        except ValueError:
+            self._got.append({"ok": False, "error": f"export helper said {line.strip()[:200]!r}"})
+
+    def ready(self, ticket: int) -> bool:
+        """Has the reply to `ticket` arrived (never blocks)?"""
+        while len(self._got) <= ticket:
+            if self.proc.stdout.closed or not select.select([self.proc.stdout], [], [], 0)[0]:
+                return False
+            self._read_one()
+        return True
+
+    def result(self, ticket: int) -> dict:
+        """The reply to `ticket` (blocks until it arrives)."""
+        while len(self._got) <= ticket:
+            self._read_one()
+        return self._got[ticket]
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ExportHandle:
+    """One export of one epoch; ``wait()`` (collective) returns the master's path once durable."""
+
+    def __init__(self, exporter: Exporter, epoch: int, ticket: int | None, blocks: list | None, error: str | None):
+        self.exporter, self.epoch, self.background = exporter, epoch, ticket is not None
+        self._ticket, self._blocks, self._error = ticket, blocks, error
+        self._finish_ticket: int | None = None
+        self.path: str | None = None
+        self.state = "writing"      # writing -> finishing (rank 0) -> done | failed
+
+    def local_ready(self) -> bool:
+        """Is this rank's rank file written (or failed)?"""
+        if self._ticket is None:
+            return True
+        return self.exporter.helper.ready(self._ticket)
+
+    def _take_local(self) -> tuple[list | None, str | None]:
+        if self._ticket is not None:
+            r = self.exporter.helper.result(self._ticket)
+            self._ticket = None
+            self._blocks, self._error = (r.get("blocks"), None) if r.get("ok") else (None, r.get("error"))
+        return self._blocks, self._error
+
+    def _gather(self) -> None:
+        """Collective: every rank's blocks to rank 0, which starts the master (in the background)."""
+        blocks, error = self._take_local()
+        ex = self.exporter
+        parts = ex.comm.gather((blocks, error), root=0)
+        self.state = "finishing"
+        if parts is None:
+            return
+        errors = [(r, e) for r, (_, e) in enumerate(parts) if e]
+        if errors:
+            self._fail(f"rank {errors[0][0]}: {errors[0][1]}")
+            return
+        try:
+            m = build_manifest(ex.job, self.epoch, ex.comm.Get_size(), ex.meta_of[self.epoch],
+                               [b for b, _ in parts])
+        except ExportError as e:
+            self._fail(str(e))
+            return
+        if not self.background:
+            try:
+                self.path = finish(ex.job_dir, m)
+                self.state = "done"
+            except (OSError, ExportError) as e:
+                self._fail(error_text(e))
+        else:
+            self._finish_ticket = ex.helper.send({"op": "finish", "job_dir": ex.job_dir, "manifest": m.to_json()})
+
+    def _fail(self, why: str) -> None:
+        self.state, self._error = "failed", why
+
+    def poll_finish(self) -> None:
+        """Rank 0: take the master's reply if it is there (never blocks)."""
+        t = self._finish_ticket
+        if t is not None and self.exporter.helper.ready(t):
+            self._settle_finish()
+
+    def _settle_finish(self) -> None:
+        r = self.exporter.helper.result(self._finish_ticket)
+        self._finish_ticket = None
+        if r.get("ok"):
+            self.state, self.path = "done", r["master"]
+        else:
+            self._fail(r.get("error", "unknown"))
+
+    def wait(self) -> str:
+        """Collective: block until the export is durable (LATEST names it); returns the master path.
+
+        Raises ExportError on every rank if any rank's part failed; the previous export stays LATEST.
+        """
+        ex = self.exporter
+        if self.state == "writing":
+            self._gather()
+        if ex.comm.Get_rank() == 0 and self._finish_ticket is not None:
+            self._settle_finish()
+        outcome = ex.comm.bcast((self.state, self.path, self._error) if ex.comm.Get_rank() == 0 else None, root=0)
+        self.state, self.path, self._error = outcome
+        if ex.inflight is self:
+            ex.inflight = None
+        if self.state != "done":
+            raise ExportError(f"export of epoch {self.epoch} to {ex.job_dir} failed: {self._error}; "
+                              "LATEST still names the previous export")
+        return self.path
+
+
+class Exporter:
+    """Takes part in every coordinated checkpoint of one heap: exports every K-th epoch in the
+    background, waits for the rank file only where the protocol needs it, finishes exports once
+    every rank's file is written."""
+
+    def __init__(self, comm, job: str, export_dir: str, every: int = 0):
+        self.comm, self.job, self.every = comm, job, every
+        self.job_dir = os.path.join(os.path.abspath(export_dir), job)
+        self.helper: Helper | None = None
+        self.inflight: ExportHandle | None = None      # rank files being written
+        self.finishing: list[ExportHandle] = []         # rank 0: masters being written
+        self.meta_of: dict[int, dict] = {}
+        self.stall = 0.0
+
+    def start(self, heap: Heap, wait: bool) -> ExportHandle:
+        """Collective: export the last committed epoch of `heap`."""
+        epoch = heap._info()["committed"]
+        rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        if self.inflight is not None:
+            self.inflight.wait()
+        if not epoch:
+            raise ExportError(f"{heap.path}: nothing is committed yet; checkpoint before exporting")
+        self.meta_of[epoch] = heap.meta
+        req = rank_request(heap, self.job_dir, self.job, epoch, rank, size, self.meta_of[epoch])
+        if wait:
+            blocks, error = None, None
+            try:
+                blocks = run_rank_request(req, heap._native.read_epoch)
+            except Exception as e:   # noqa: BLE001 -- any failure is this rank's vote against the export
+                error = error_text(e)
+            handle = ExportHandle(self, epoch, None, blocks, error)
+            handle.wait()
+            return handle
+        if self.helper is None:
+            self.helper = Helper()
+        handle = ExportHandle(self, epoch, self.helper.send(req), None, None)
+        self.inflight = handle
+        return handle
+
+    def warm_up(self) -> None:
+        """Start the background helper now, so that the first export does not wait for it."""
+        if self.helper is None:
+            self.helper = Helper()
+
+    # -- the Participant protocol (hpcckpt.mpi.coordinated_checkpoint) ---------------------
+    def before_prepare(self, heap: Heap, epoch: int) -> None:
+        h = self.inflight
+        if h is not None and h._ticket is not None and (epoch >= h.epoch + 2 or heap._info()["entries_pending"]):
+            import time
+
+            t = time.perf_counter()
+            h._take_local()
+            self.stall += time.perf_counter() - t
+
+    def vote(self) -> float:
+        for h in list(self.finishing):
+            h.poll_finish()
+            if h.state != "finishing":
+                self.finishing.remove(h)
+                if h.state == "failed":
+                    warnings.warn(f"hpcckpt: background export of epoch {h.epoch} failed: {h._error}; "
+                                  "LATEST still names the previous export", RuntimeWarning, stacklevel=4)
+        return 1.0 if self.inflight is None or self.inflight.local_ready() else 0.0
+
+    def after_commit(self, heap: Heap, votes: np.ndarray) -> None:
+        h = self.inflight
+        if h is not None and votes.all():
+            h._gather()
+            self.inflight = None
+            if self.comm.Get_rank() == 0:
+                if h.state == "finishing":
+                    self.finishing.append(h)
+                elif h.state == "failed":
+                    warnings.warn(f"hpcckpt: background export of epoch {h.epoch} failed: {h._error}",
+                                  RuntimeWarning, stacklevel=4)
+        epoch = heap._info()["committed"]
+        if self.every and epoch % self.every == 0:
+            self.start(heap, wait=False)
+
+    def drain(self) -> None:
+        """Collective: finish whatever is in flight (at close)."""
+        if self.inflight is not None:
+            try:
+                self.inflight.wait()
+            except ExportError as e:
+                warnings.warn(f"hpcckpt: {e}", RuntimeWarning, stacklevel=3)
+        for h in self.finishing:
+            h._settle_finish() if h._finish_ticket is not None else None
+        self.finishing = []
+        if self.helper is not None:
+            self.helper.stop()
+            self.helper = None
+
+
+def open_peek(path: str) -> Any:
+    """A read-only handle on a heap that its owner has open (no lock, no allocator)."""
+    return _native.open(path, _native.TRACK_PEEK, None, -1, -1)
+
+
+__all__ = ["Exporter", "ExportHandle", "ExportError", "finish", "build_manifest", "run_rank_request", "open_peek"]

@@ -1,0 +1,234 @@
+"""HDF5 files of an export: a rank file per rank, the master with virtual datasets, and
+the checked reads that restore uses.  Serial h5py only (each rank writes its own file).
+
+Every exported block is written in chunks of `chunk_rows` rows along its first axis; each
+chunk's CRC32C is stored beside it (dataset ``/.crc/<name>``), so a restore that reads
+only some rows of a block still checks every byte it uses.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _native
+from .heap import _dtype_parse
+from .manifest import ExportError, Manifest, fsync_path
+
+CHUNK_BYTES = 4 << 20
+KIND_NAMES = {1: "array", 2: "pool"}
+
+
+def file_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype stored in HDF5: dt itself where h5py maps it, else opaque bytes of its size."""
+    import h5py
+
+    try:
+        h5py.h5t.py_create(dt, logical=True)
+        return dt
+    except (TypeError, ValueError):
+        return np.dtype(f"V{dt.itemsize}")
+
+
+def committed_rows(read_epoch: Callable, desc: dict, epoch: int, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of an object (a pool's objects, an array's first axis) as committed at `epoch`."""
+    dt = _dtype_parse(desc["dtype"])
+    size, count = desc["obj_size"], desc["count"]
+    if desc["kind"] == 2:
+        full, lo, hi = [count, *desc["shape"]], r0 * size, r1 * size
+    else:
+        full = list(desc["shape"]) or [1]
+        row = int(np.prod(full[1:], dtype=np.int64)) * dt.itemsize
+        lo, hi = r0 * row, r1 * row
+    total = size * count
+    if hi <= lo:
+        return np.empty((r1 - r0, *full[1:]), dt)
+    if desc["kind"] == 2 and size > 2048:          # objects of whole pages: ppo units each
+        ppo = -(-size // 4096)
+        u0, u1, base, end = r0 * ppo, r1 * ppo, lo, hi
+    elif desc["kind"] == 2 and count > 1:           # one unit per small object
+        u0, u1, base, end = r0, r1, lo, hi
+    elif total > 2048:                              # an array of whole pages: a unit per page
+        u0, u1 = lo // 4096, -(-hi // 4096)
+        base, end = u0 * 4096, min(total, u1 * 4096)
+    else:                                           # one small unit
+        u0, u1, base, end = 0, 1, 0, total
+    buf = np.empty(end - base, np.uint8)
+    read_epoch(desc["index"], epoch, u0, u1, buf)
+    return buf[lo - base:hi - base].view(dt).reshape(r1 - r0, *full[1:])
+
+
+def _interior(desc: dict) -> tuple[tuple[slice, ...], list[int]]:
+    """Slices of the exported part of the local object, and its shape (halo stripped)."""
+    if desc["kind"] == 2:
+        full = [desc["count"], *desc["shape"]]
+        return tuple(slice(0, n) for n in full), full
+    halo = (desc["layout"] or {}).get("halo") or [0] * len(desc["shape"])
+    sl = tuple(slice(w, n - w) for n, w in zip(desc["shape"], halo))
+    return sl, [n - 2 * w for n, w in zip(desc["shape"], halo)]
+
+
+def write_rank_file(path: str, rel: str, read_epoch: Callable, epoch: int, meta: dict, descs: list[dict],
+                    ident: dict) -> list[dict]:
+    """Write the committed objects `descs` of one rank to `path` (fsynced); returns their blocks.
+
+    `rel` is the file's path relative to the job directory (recorded in the manifest).
+    """
+    import h5py
+
+    blocks = []
+    with h5py.File(path, "w") as f:
+        f.attrs["hpcckpt_epoch"] = epoch
+        f.attrs["hpcckpt_meta"] = json.dumps(meta, sort_keys=True)
+        for k, v in ident.items():
+            f.attrs[f"hpcckpt_{k}"] = v
+        crcs_group = f.create_group(".crc")
+        for d in descs:
+            blocks.append(_write_object(f, crcs_group, rel, read_epoch, epoch, d))
+        f.flush()
+    fsync_path(path)
+    return blocks
+
+
+def _write_object(f, crcs_group, rel: str, read_epoch: Callable, epoch: int, d: dict) -> dict:
+    dt = _dtype_parse(d["dtype"])
+    fdt = file_dtype(dt)
+    inner, shape = _interior(d)
+    ds = f.create_dataset(d["name"], shape=tuple(shape), dtype=fdt)
+    rows = shape[0] if shape else 1
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize if shape else dt.itemsize
+    chunk_rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+    start = inner[0].start if inner else 0
+    crc, chunk_crcs = 0, []
+    for a in range(0, rows if row_bytes else 0, chunk_rows):
+        b = min(rows, a + chunk_rows)
+        part = committed_rows(read_epoch, d, epoch, start + a, start + b)
+        part = np.ascontiguousarray(part[(slice(None), *inner[1:])] if shape else part.reshape(()))
+        raw = part.view(np.uint8).reshape(-1) if part.size else np.empty(0, np.uint8)
+        chunk_crcs.append(_native.crc32c(raw))
+        crc = _native.crc32c(raw, crc)
+        if shape:
+            ds[a:b] = part.view(fdt) if fdt != dt else part
+        else:
+            ds[()] = part.view(fdt) if fdt != dt else part
+    crc_arr = np.array(chunk_crcs, "<u4")
+    crcs_group.create_dataset(d["name"], data=crc_arr)
+    lay = d["layout"]
+    offset = list(lay["offset"]) if lay else [0] * len(shape)
+    if d["kind"] == 2:
+        offset = offset[:1] + [0] * (len(shape) - 1)
+    attrs = {"dtype": d["dtype"], "kind": KIND_NAMES[d["kind"]], "crc32c": crc, "chunk_rows": chunk_rows,
+             "offset": json.dumps(offset), "layout": json.dumps(lay)}
+    for k, v in attrs.items():
+        ds.attrs[k] = v
+    return {"name": d["name"], "kind": KIND_NAMES[d["kind"]], "dtype": d["dtype"], "element_shape":
+            list(d["shape"]) if d["kind"] == 2 else [], "layout": lay, "offset": offset, "shape": shape,
+            "halo": (lay or {}).get("halo") or [0] * len(shape), "file": rel, "dataset": d["name"],
+            "crc32c": crc, "chunk_rows": chunk_rows, "chunks_crc32c": _native.crc32c(crc_arr.tobytes()),
+            "nchunks": len(chunk_crcs)}
+
+
+def write_master(job_dir: str, m: Manifest) -> str:
+    """The master ``e<E>.h5``: a virtual dataset per distributed or replicated object (sources
+    by relative path), rank-private objects as external links under ``rank<r>/``."""
+    import h5py
+
+    path = os.path.join(job_dir, f"e{m.epoch}.h5")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with h5py.File(tmp, "w") as f:
+        f.attrs["hpcckpt_epoch"] = m.epoch
+        f.attrs["hpcckpt_meta"] = json.dumps(m.meta, sort_keys=True)
+        f.attrs["hpcckpt_world_size"] = m.world_size
+        f.attrs["hpcckpt_job"] = m.job
+        for name, obj in sorted(m.objects.items()):
+            if not obj["distributed"] and not obj["replicated"]:
+                for b in obj["blocks"]:
+                    f.require_group(f"rank{b['rank']}")[name] = h5py.ExternalLink(b["file"], b["dataset"])
+                continue
+            fdt = file_dtype(_dtype_parse(obj["dtype"]))
+            layout = h5py.VirtualLayout(shape=tuple(obj["global_shape"]), dtype=fdt)
+            for b in obj["blocks"]:
+                src = h5py.VirtualSource(b["file"], b["dataset"], shape=tuple(b["shape"]))
+                layout[tuple(slice(o, o + n) for o, n in zip(b["offset"], b["shape"]))] = src
+            f.create_virtual_dataset(name, layout)
+        f.flush()
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class BlockReader:
+    """Checked reads of exported blocks: every chunk used is compared with its CRC."""
+
+    def __init__(self, job_dir: str):
+        self.job_dir = job_dir
+        self._files: dict[str, Any] = {}
+        self._crcs: dict[tuple[str, str], np.ndarray] = {}
+
+    def _file(self, rel: str):
+        import h5py
+
+        if rel not in self._files:
+            path = os.path.join(self.job_dir, rel)
+            if not os.path.exists(path):
+                raise ExportError(f"{path}: rank file is missing")
+            try:
+                self._files[rel] = h5py.File(path, "r")
+            except OSError as e:
+                raise ExportError(f"{path}: cannot be read as HDF5 (truncated or damaged?): {e}") from None
+        return self._files[rel]
+
+    def _chunk_crcs(self, b: dict) -> np.ndarray:
+        key = (b["file"], b["dataset"])
+        if key not in self._crcs:
+            where = f"{os.path.join(self.job_dir, b['file'])}: {b['dataset']!r}"
+            try:
+                arr = np.asarray(self._file(b["file"])[".crc"][b["dataset"]][()], "<u4")
+            except (KeyError, OSError, ValueError) as e:
+                raise ExportError(f"{where}: chunk checksums are missing or unreadable ({e})") from None
+            if _native.crc32c(arr.tobytes()) != b["chunks_crc32c"] or arr.size != b["nchunks"]:
+                raise ExportError(f"{where}: chunk checksums do not match the manifest (damaged file)")
+            self._crcs[key] = arr
+        return self._crcs[key]
+
+    def read(self, b: dict, dtype: np.dtype, src: tuple[slice, ...]) -> np.ndarray:
+        """The part `src` of block `b`, every chunk it touches checked."""
+        where = f"{os.path.join(self.job_dir, b['file'])}: {b['dataset']!r}"
+        f = self._file(b["file"])
+        crcs = self._chunk_crcs(b)
+        try:
+            ds = f[b["dataset"]]
+            if list(ds.shape) != list(b["shape"]):
+                raise ExportError(f"{where}: shape {list(ds.shape)} does not match the manifest's {b['shape']}")
+            if not b["shape"]:
+                chunks, lo, data = [0], 0, np.asarray(ds[()]).reshape(1)
+            else:
+                k = b["chunk_rows"]
+                c0, c1 = src[0].start // k, -(-src[0].stop // k)
+                lo = c0 * k
+                data = ds[lo:min(b["shape"][0], c1 * k)]
+                chunks = range(c0, c1)
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise ExportError(f"{where}: cannot be read ({e})") from None
+        data = np.ascontiguousarray(data).view(dtype) if data.dtype != dtype else np.ascontiguousarray(data)
+        raw = data.view(np.uint8).reshape(-1)
+        per = raw.size // max(1, data.shape[0]) if b["shape"] else raw.size
+        for i, c in enumerate(chunks):
+            rows = b["chunk_rows"] if b["shape"] else 1
+            piece = raw[i * rows * per:(i + 1) * rows * per]
+            if c >= crcs.size or _native.crc32c(piece) != int(crcs[c]):
+                raise ExportError(f"{where}: rows {c * rows}..{c * rows + rows} do not match their checksum "
+                                  "(damaged data)")
+        if not b["shape"]:
+            return data.reshape(())
+        return data[(slice(src[0].start - lo, src[0].stop - lo), *src[1:])]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+__all__ = ["write_rank_file", "write_master", "BlockReader", "committed_rows", "file_dtype", "CHUNK_BYTES"]

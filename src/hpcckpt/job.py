@@ -1,0 +1,264 @@
+"""A job's heap: the collective open that chooses the restart level, and the heap an MPI
+program uses (coordinated checkpoints, exports).
+
+Restart takes the cheapest level every rank can restore at a common epoch:
+``local`` (every rank's heap is there, of this rank count, at an epoch at least as new
+as the newest export), else ``export`` (the newest complete export that every rank can
+read, on any number of ranks), else a fresh start if nothing was ever committed.
+
+>>> from mpi4py import MPI                                                  # doctest: +SKIP
+>>> heap = hpcckpt.open("stencil", MPI.COMM_WORLD, export_dir="/scratch/ckpt", export_every=5)  # doctest: +SKIP
+>>> heap.restored_from, heap.epoch, heap.meta                                # doctest: +SKIP
+('export', 40, {'step': 400})
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+from .errors import HeapError
+from .export import Exporter, ExportHandle
+from .heap import Heap, _check_name
+from .manifest import ExportError, complete_exports, load_manifest, tidy
+from .mpi import agree, coordinated_checkpoint, default_root, error_text, private_dir
+from .restore import fill_from_export
+
+
+class JobHeap(Heap):
+    """One rank's heap inside an MPI job: ``checkpoint`` and ``export`` are collective."""
+
+    comm: Any = None
+    job = ""
+    exporter: Exporter | None = None
+    _layout_dirty = True
+
+    def _save_layouts(self) -> None:
+        super()._save_layouts()
+        self._layout_dirty = True
+
+    def checkpoint(self, **meta: Any) -> int:
+        """Collective: commit one global epoch holding every object as it is now.
+
+        Distributed objects declared since the last checkpoint are checked to tile their
+        global shapes; every K-th epoch is exported when the heap was opened with export_every=K.
+        """
+        blob = json.dumps(meta, sort_keys=True).encode()
+        parts = [self.exporter] if self.exporter else []
+        epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=self._layout_dirty)
+        self._layout_dirty = False
+        self._reblock = None
+        return epoch
+
+    def export(self, wait: bool = True) -> ExportHandle:
+        """Collective: export the last committed epoch to HDF5 under ``export_dir/<job>/``.
+
+        With ``wait=False`` the rank files are written in the background; the returned handle's
+        ``wait()`` (collective) says when the export is durable.
+        """
+        if self.exporter is None:
+            raise HeapError("this heap has no export directory; open it with hpcckpt.open(..., export_dir=DIR)")
+        return self.exporter.start(self, wait)
+
+    def close(self) -> None:
+        """Finish an export in flight (collective then), make the heap durable and mark it clean."""
+        if self.exporter is not None:
+            self.exporter.drain()
+        super().close()
+
+
+def check_job_name(name: str) -> None:
+    """A job name is one path component: no '/', not '.' or '..', at most 63 bytes."""
+    _check_name(name)
+    if name in (".", ".."):
+        raise ValueError(f"job name {name!r} is not a directory name; choose a plain name")
+
+
+def open(name: str, comm: Any = None, root: str | None = None, capacity: int | str = "1GiB",
+         tracker: str = "auto", max_objects: int | None = None, preallocate: bool = False,
+         export_dir: str | None = None, export_every: int = 0) -> JobHeap:
+    """Open or create this rank's heap `<root>/<name>/rank<r>.heap`, collectively.
+
+    Restores the last epoch every rank can reach: from the local heaps if all are there at
+    a common epoch, else (with `export_dir`) from the newest complete export, on any number
+    of ranks.  ``heap.restored_from`` says ``"local"``, ``"export"`` or None (fresh), and
+    ``heap.epoch`` and ``heap.meta`` say where to resume.  `export_every=K` exports every
+    K-th committed epoch in the background.
+    """
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    check_job_name(name)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    directory = os.path.join(root or default_root(), name)
+    path = os.path.join(directory, f"rank{rank}.heap")
+    err = None
+    try:
+        private_dir(directory)
+    except (OSError, HeapError) as e:
+        err = str(e)
+    agree(comm, err)
+    exporter = Exporter(comm, name, export_dir, export_every) if export_dir else None
+    exports = _list_exports(comm, exporter)
+    opts = dict(capacity=capacity, tracker=tracker, max_objects=max_objects, preallocate=preallocate)
+
+    present, err, prepared, clean = os.path.exists(path), None, 0, True
+    if present:   # look without writing anything: nothing is touched until the level is chosen
+        try:
+            probe = JobHeap.open(path, job=name, rank=rank, world_size=size, readonly=True)
+            info = probe._info()
+            prepared, clean = info["prepared"], info["was_clean"]
+            probe._native.abandon()
+        except (OSError, HeapError, ValueError) as e:
+            err = error_text(e)
+    states = comm.allgather((present, err, prepared, clean))
+    common = min(s[2] for s in states)
+    local_ok = all(s[0] and not s[1] for s in states)
+    heap = None
+    if local_ok and (not exports or common >= exports[0]):
+        try:
+            heap = JobHeap._attach(path, tracker, name, rank, size)
+        except (OSError, HeapError, ValueError) as e:
+            err = error_text(e)
+        agree(comm, err)
+    try:
+        use_export = bool(exports)
+        if heap is not None:
+            if _restore_local(heap, comm, states, exports):
+                return _ready(heap, comm, name, exporter)
+        elif not exports and any(s[1] for s in states) or (not exports and any(s[2] for s in states)):
+            missing = [r for r, s in enumerate(states) if not s[0]]
+            broken = [(r, s[1]) for r, s in enumerate(states) if s[1]]
+            why = (f"rank {broken[0][0]} cannot open its heap: {broken[0][1]}" if broken else
+                   f"rank(s) {missing} have no heap while the others do")
+            raise HeapError(f"{directory}: {why}; the job cannot restart from local heaps (nothing was "
+                            f"overwritten) and no export is given (export_dir=). Remove {directory} to start afresh.")
+        if use_export:   # local heaps missing, damaged, older than the export, or of another rank count
+            if heap is not None:
+                heap._native.abandon()
+                heap = None
+            return _ready(_restore_export(comm, name, path, exports, exporter, opts), comm, name, exporter)
+    except BaseException:
+        if heap is not None:
+            heap._native.abandon()
+        raise
+    # a fresh start
+    if heap is not None:
+        heap._native.abandon()
+    err, heap = None, None
+    try:
+        if os.path.exists(path):
+            os.unlink(path)
+        heap = JobHeap.create(path, capacity, tracker=tracker, max_objects=max_objects, job=name, rank=rank,
+                              world_size=size, preallocate=preallocate)
+    except (OSError, HeapError, ValueError) as e:
+        err = error_text(e)
+    try:
+        agree(comm, err)
+    except BaseException:
+        if heap is not None:
+            heap._native.abandon()
+        raise
+    _remove_stale(comm, directory, size)
+    return _ready(heap, comm, name, exporter)
+
+
+def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None) -> JobHeap:
+    heap.comm, heap.job, heap.exporter = comm, name, exporter
+    if exporter is not None and exporter.every:
+        exporter.warm_up()   # the helper starts (and imports h5py) while the job computes
+    return heap
+
+
+def _list_exports(comm, exporter: Exporter | None) -> list[int]:
+    """Rank 0 removes half-written exports and lists the complete ones, newest first."""
+    if exporter is None:
+        return []
+    found, err = None, None
+    if comm.Get_rank() == 0:
+        try:
+            os.makedirs(exporter.job_dir, exist_ok=True)
+            tidy(exporter.job_dir, keep=1 << 30)
+            found = complete_exports(exporter.job_dir)
+        except OSError as e:
+            err = f"{exporter.job_dir}: {e.strerror}"
+    found, err = comm.bcast((found, err), root=0)
+    if err:
+        raise HeapError(f"export directory {err}")
+    return found
+
+
+def _restore_local(heap: JobHeap, comm, states, exports: list[int]) -> bool:
+    """Bring every rank to the common epoch; False if some rank failed and an export can help."""
+    epoch = min(s[2] for s in states)
+    if all(s[3] for s in states) and all(s[2] == epoch for s in states):
+        return True   # every rank closed cleanly at the same epoch: keep the working state
+    err = None
+    try:
+        heap._recover(epoch)
+    except (OSError, HeapError) as e:
+        err = error_text(e)
+    if exports:
+        failed = [e for e in comm.allgather(err) if e]
+        if failed:
+            if comm.Get_rank() == 0:
+                warnings.warn(f"hpcckpt: local restore failed ({failed[0]}); restoring from the export",
+                              RuntimeWarning, stacklevel=3)
+            return False
+        return True
+    agree(comm, err)
+    return True
+
+
+def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Exporter, opts: dict) -> JobHeap:
+    """Fresh heaps filled from the newest export every rank can read; older ones on failure."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    reasons = []
+    for epoch in exports:
+        heap, err, reader = None, None, None
+        try:
+            m = load_manifest(exporter.job_dir, epoch)
+            if m.job != name:
+                raise ExportError(f"{exporter.job_dir}: export of epoch {epoch} belongs to job {m.job!r}")
+            if os.path.exists(path):
+                os.unlink(path)
+            heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
+                                  job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
+            reader = fill_from_export(heap, exporter.job_dir, m, rank, size)
+            heap._native.rebase(epoch - 1)
+        except (OSError, HeapError, ValueError) as e:
+            err = str(e) if isinstance(e, ExportError) else error_text(e)
+        errors = [e for e in comm.allgather(err) if e]
+        if errors:
+            if reader is not None:
+                reader.close()
+            if heap is not None:
+                heap._native.abandon()
+            reasons.append(f"epoch {epoch}: {errors[0]}")
+            if rank == 0:
+                warnings.warn(f"hpcckpt: export of epoch {epoch} is unusable: {errors[0]}", RuntimeWarning,
+                              stacklevel=3)
+            continue
+        heap.comm = comm
+        reblock = heap._reblock
+        coordinated_checkpoint(heap, comm, json.dumps(m.meta, sort_keys=True).encode(), layout_changed=True)
+        heap._reblock, heap._layout_dirty = reblock, False
+        heap.restored, heap.restored_from = True, "export"
+        _remove_stale(comm, os.path.dirname(path), size)
+        return heap
+    raise ExportError(f"{exporter.job_dir}: no export can be restored ({'; '.join(reasons)}); "
+                      "the local heaps are gone or out of step, so the job cannot restart")
+
+
+def _remove_stale(comm, directory: str, size: int) -> None:
+    """Rank 0 removes heaps of ranks beyond the job's size (left by a larger run)."""
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        for entry in os.listdir(directory):
+            if entry.startswith("rank") and entry.endswith(".heap") and entry[4:-5].isdigit() and \
+                    int(entry[4:-5]) >= size:
+                os.unlink(os.path.join(directory, entry))
+
+
+__all__ = ["open", "JobHeap", "check_job_name"]

@@ -1,0 +1,181 @@
+"""The export manifest: what an export holds, where, with which checksums (JSON, never pickle).
+
+An export of epoch E of job J lives under ``<dir>/<J>/``: ``e<E>/rank<r>.h5`` (one per rank),
+the master ``e<E>.h5`` (a virtual dataset per distributed object), the manifest ``e<E>.json``
+and the marker ``LATEST`` naming the newest complete export.  Restore trusts the manifest
+and reads the rank files directly.
+
+>>> m = Manifest(job="demo", epoch=3, world_size=2, meta={"step": 30}, objects={})
+>>> Manifest.from_json(m.to_json(), "e3.json").epoch
+3
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from .errors import HeapError
+
+FORMAT = "hpcckpt-export"
+VERSION = 1
+_EXPORT = re.compile(r"^e(\d+)\.json$")
+
+
+class ExportError(HeapError):
+    """An export is missing, incomplete, damaged or does not fit; the message names the file."""
+
+
+@dataclass
+class Manifest:
+    """One complete export: per object its dtype, kind, global shape and every block.
+
+    A block is a dict: rank, offset, shape (of the exported data), halo, file (relative to
+    the job directory), dataset, crc32c of the block, chunk_rows and crc32c of the chunk CRCs.
+    """
+
+    job: str
+    epoch: int
+    world_size: int
+    meta: dict
+    objects: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        return json.dumps({**body, "crc32c": _crc(body)}, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, path: str) -> Manifest:
+        """Parse and check a manifest; anything malformed is an ExportError naming `path`."""
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ExportError(f"{path}: manifest is not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ExportError(f"{path}: not an hpcckpt export manifest")
+        if d.get("version") != VERSION:
+            raise ExportError(f"{path}: export format version {d.get('version')}, this hpcckpt reads {VERSION}; "
+                              "restore it with the hpcckpt that wrote it")
+        crc = d.pop("crc32c", None)
+        if crc != _crc(d):
+            raise ExportError(f"{path}: manifest is damaged (checksum mismatch)")
+        try:
+            m = cls(job=str(d["job"]), epoch=int(d["epoch"]), world_size=int(d["world_size"]),
+                    meta=dict(d["meta"]), objects=dict(d["objects"]))
+            for name, obj in m.objects.items():
+                for key in ("kind", "dtype", "global_shape", "distributed", "replicated", "blocks"):
+                    obj[key]
+                for b in obj["blocks"]:
+                    for key in ("rank", "offset", "shape", "file", "dataset", "crc32c", "chunk_rows", "chunks_crc32c"):
+                        b[key]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExportError(f"{path}: manifest is incomplete or malformed (at {e!r})") from None
+        return m
+
+
+def _crc(body: dict) -> int:
+    from . import _native
+
+    return _native.crc32c(json.dumps(body, sort_keys=True).encode())
+
+
+def export_paths(job_dir: str, epoch: int) -> dict[str, str]:
+    """Where the pieces of the export of `epoch` live."""
+    return {"dir": os.path.join(job_dir, f"e{epoch}"), "master": os.path.join(job_dir, f"e{epoch}.h5"),
+            "manifest": os.path.join(job_dir, f"e{epoch}.json"), "latest": os.path.join(job_dir, "LATEST")}
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, data: bytes) -> None:
+    """Write `path` atomically: a temporary file, fsync, rename, fsync the directory."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(path) or ".")
+
+
+def read_latest(job_dir: str) -> int | None:
+    """The epoch LATEST names, or None when there is no (valid) marker."""
+    path = os.path.join(job_dir, "LATEST")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return int(d["epoch"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def write_latest(job_dir: str, epoch: int) -> None:
+    write_durably(os.path.join(job_dir, "LATEST"),
+                  json.dumps({"format": FORMAT, "epoch": epoch, "manifest": f"e{epoch}.json"}).encode())
+
+
+def complete_exports(job_dir: str) -> list[int]:
+    """Epochs of the complete exports, newest first: a manifest, and not newer than LATEST."""
+    latest = read_latest(job_dir)
+    if latest is None or not os.path.isdir(job_dir):
+        return []
+    found = [int(m.group(1)) for m in map(_EXPORT.match, os.listdir(job_dir)) if m]
+    return sorted((e for e in found if e <= latest), reverse=True)
+
+
+def load_manifest(job_dir: str, epoch: int) -> Manifest:
+    path = export_paths(job_dir, epoch)["manifest"]
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read the manifest: {e.strerror}") from None
+    m = Manifest.from_json(text, path)
+    if m.epoch != epoch:
+        raise ExportError(f"{path}: manifest says epoch {m.epoch}, its name says {epoch}")
+    return m
+
+
+def remove_export(job_dir: str, epoch: int) -> None:
+    """Remove every piece of one export (missing pieces are fine)."""
+    import shutil
+
+    p = export_paths(job_dir, epoch)
+    for f in (p["manifest"], p["master"]):
+        try:
+            os.unlink(f)
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(p["dir"], ignore_errors=True)
+
+
+def tidy(job_dir: str, keep: int = 2, running: bool = False) -> list[int]:
+    """Remove all but the newest `keep` complete exports, and every half-written one: newer
+    than LATEST (only at start; a running job may be writing it) or without a manifest.
+    Returns the epochs removed."""
+    if not os.path.isdir(job_dir):
+        return []
+    latest = read_latest(job_dir)
+    if latest is None:
+        return []   # no marker (never written, or lost): nothing here is trusted, nothing removed
+    kept = set(complete_exports(job_dir)[:keep])
+    found = {int(m.group(1)) for m in (re.match(r"^e(\d+)(\.h5|\.json)?(\.tmp\d+)?$", x) for x in os.listdir(job_dir))
+             if m}
+    removed = sorted(e for e in found if e not in kept and not (running and e > latest))
+    for e in removed:
+        remove_export(job_dir, e)
+    return removed
+
+
+__all__ = ["Manifest", "ExportError", "export_paths", "read_latest", "write_latest", "complete_exports",
+           "load_manifest", "remove_export", "tidy", "write_durably", "fsync_path"]

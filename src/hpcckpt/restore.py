@@ -1,0 +1,117 @@
+"""Restore a rank's heap from an export, on the same or another number of ranks.
+
+Distributed objects are re-blocked: each rank gets the default split of the global shape
+(``numpy.array_split`` along the first axis) and may re-declare another block before its
+first checkpoint; replicated objects go to every rank; rank-private objects need the same
+number of ranks.  Every byte used is checked against its CRC (see :mod:`hpcckpt.h5io`).
+
+>>> heap = Heap.create("/tmp/r0.heap", "64MiB")                       # doctest: +SKIP
+>>> fill_from_export(heap, "/scratch/exports/demo", load_manifest(d, 7), rank=0, size=2)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .h5io import BlockReader
+from .heap import Heap, _dtype_parse
+from .manifest import ExportError, Manifest
+from .plan import covered, default_blocks, pieces
+
+_KINDS = {"array": 1, "pool": 2}
+
+
+def private_objects_block_resize(m: Manifest, size: int) -> list[str]:
+    """Rank-private objects that cannot follow a change of rank count."""
+    if size == m.world_size:
+        return []
+    return sorted(n for n, o in m.objects.items() if not o["distributed"] and not o["replicated"])
+
+
+def fill_from_export(heap: Heap, job_dir: str, m: Manifest, rank: int, size: int) -> BlockReader:
+    """Allocate and fill every object this rank gets from the export; returns the open reader.
+
+    Also installs ``heap._reblock`` so that a different block declared before the first
+    checkpoint is read from the export again.
+    """
+    stuck = private_objects_block_resize(m, size)
+    if stuck:
+        raise ExportError(f"{job_dir}: the export of epoch {m.epoch} was written by {m.world_size} ranks and "
+                          f"holds rank-private objects {stuck}; restart on {m.world_size} ranks, or declare them "
+                          "distributed (global_shape=, offset=) or replicated")
+    reader = BlockReader(job_dir)
+    for name, obj in sorted(m.objects.items()):
+        dt = _dtype_parse(obj["dtype"])
+        el = list(obj["element_shape"])
+        if obj["distributed"]:
+            rows = obj["global_shape"][:1] if obj["kind"] == "pool" else obj["global_shape"]
+            offset, block = default_blocks(rows, size)[rank]
+            halo = obj["blocks"][0]["halo"] if obj["kind"] == "array" else None
+            _allocate(heap, reader, name, obj, dt, el, offset, block, halo)
+        elif obj["replicated"]:
+            _allocate(heap, reader, name, obj, dt, el, None, None, None)
+        else:
+            mine = [b for b in obj["blocks"] if b["rank"] == rank]
+            if mine:
+                _allocate(heap, reader, name, obj, dt, el, None, None, None, source=mine[0])
+
+    def reblock(name: str, dt: np.dtype, shape: tuple, count: int, kind: int, layout: dict):
+        obj = m.objects[name]
+        del heap[name]
+        block = [count] if kind == 2 else [s - 2 * w for s, w in zip(shape, layout["halo"])]
+        return _allocate(heap, reader, name, obj, dt, list(obj["element_shape"]), layout["offset"], block,
+                         layout["halo"] if kind == 1 else None)
+
+    heap._reblock = reblock
+    return reader
+
+
+def _allocate(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtype, el: list[int], offset, block,
+              halo, source: dict | None = None):
+    """Create one object (distributed block, replicated whole, or private) and fill it."""
+    if obj["replicated"] or source is not None:
+        b = source or obj["blocks"][0]
+        shape = list(b["shape"])
+        if obj["kind"] == "pool":
+            target = heap.pool(name, dt, shape[0], tuple(el), replicated=obj["replicated"])
+        else:
+            target = heap.array(name, tuple(shape), dt, replicated=obj["replicated"])
+        _fill(reader, name, obj, dt, target, [0] * len(shape), shape, [0] * len(shape), [b])
+        return target
+    if obj["kind"] == "pool":
+        target = heap.pool(name, dt, block[0], tuple(el), global_count=obj["global_shape"][0], offset=offset[0])
+        full_off, full_shape, halo = list(offset) + [0] * len(el), list(block) + el, [0] * (1 + len(el))
+    else:
+        local = tuple(n + 2 * w for n, w in zip(block, halo))
+        target = heap.array(name, local, dt, global_shape=tuple(obj["global_shape"]), offset=tuple(offset),
+                            halo=tuple(halo))
+        full_off, full_shape = list(offset), list(block)
+    _fill(reader, name, obj, dt, target, full_off, full_shape, halo, obj["blocks"])
+    return target
+
+
+def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offset, shape, halo, blocks) -> None:
+    """Copy every piece of the exported blocks that meets (offset, shape) into target."""
+    if not shape:   # a 0-d array
+        target[()] = reader.read(blocks[0], dt, ())
+        return
+    if math.prod(shape) == 0:
+        return
+    parts = pieces(offset, shape, [(b["offset"], b["shape"]) for b in blocks])
+    if not covered(shape, parts):
+        raise ExportError(f"{reader.job_dir}: the export's blocks of {name!r} do not cover offset {offset}, "
+                          f"shape {shape} (manifest damaged or inconsistent)")
+    for p in parts:
+        data = reader.read(blocks[p.source], dt, p.src)
+        if obj["kind"] == "pool":
+            rows = np.arange(p.dst[0].start, p.dst[0].stop)
+            if len(p.dst) > 1 and any(s.start != 0 or s.stop != n for s, n in zip(p.dst[1:], shape[1:])):
+                raise ExportError(f"{reader.job_dir}: pool {name!r} was exported in partial records")
+            target.put(rows, data)
+        else:
+            inner = tuple(slice(w + s.start, w + s.stop) for s, w in zip(p.dst, halo))
+            target[inner] = data
+
+
+__all__ = ["fill_from_export", "private_objects_block_resize"]
