@@ -8,51 +8,14 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from mpijobs import demo, launch, reference
 
 pytestmark = pytest.mark.timeout(600)
-DEMO = ["--nx", "96", "--ny", "64", "--particles", "4000", "--steps", "30", "--checkpoint-every", "5",
-        "--capacity", "64MiB"]
 SIZES = [2, 4]
-
-
-def launch(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on timeout the whole group is killed."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})), start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
-def demo(n: int, root: str, *extra: str, restarts: int = 0, env: dict | None = None, name: str = "t"):
-    """``hpcckpt run -n N -- python -m hpcckpt.demo ...``; returns the process and its checksum line."""
-    cmd = [sys.executable, "-m", "hpcckpt", "run", "-n", str(n), "--max-restarts", str(restarts), "--",
-           sys.executable, "-m", "hpcckpt.demo", *DEMO, "--root", root, "--name", name, *extra]
-    proc = launch(cmd, env)
-    sums = [line for line in proc.stdout.splitlines() if line.startswith("checksum: ")]
-    return proc, sums[-1] if sums else None
-
-
-_reference: dict[int, str] = {}
-
-
-def reference(n: int, root: str) -> str:
-    """The failure-free answer at n ranks, with no hpcckpt at all."""
-    if n not in _reference:
-        proc, line = demo(n, root, "--no-checkpoint", name="reference")
-        assert proc.returncode == 0 and line, proc.stderr
-        _reference[n] = line
-    return _reference[n]
 
 
 @pytest.mark.parametrize("n", SIZES)

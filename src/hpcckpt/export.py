@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import warnings
@@ -26,7 +27,7 @@ import numpy as np
 
 from . import _native
 from .h5io import write_master, write_rank_file
-from .heap import Heap
+from .heap import Heap, crash_hook
 from .manifest import ExportError, Manifest, export_paths, tidy, write_durably, write_latest
 from .mpi import error_text
 
@@ -51,6 +52,11 @@ def run_rank_request(req: dict, read_epoch: Callable) -> list[dict]:
     os.makedirs(os.path.dirname(req["file"]), exist_ok=True)
     blocks = write_rank_file(req["file"], req["rel"], read_epoch, req["epoch"], req["meta"], req["descs"],
                              req["ident"])
+    hook = crash_hook(req["ident"]["rank"])
+    if hook and hook[0] == "mid-export" and hook[1] in (0, req["epoch"]):   # test hook: the rank dies here
+        if os.environ.get("HPCCKPT_EXPORT_HELPER"):
+            os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
     for b in blocks:
         b["rank"] = req["ident"]["rank"]
     return blocks
@@ -93,7 +99,7 @@ class Helper:
     """
 
     def __init__(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HPCCKPT_EXPORT_HELPER="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "hpcckpt._export_helper"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, close_fds=True)
         self._sent = 0

@@ -21,7 +21,7 @@ from typing import Any
 from .errors import HeapError
 from .export import Exporter, ExportHandle
 from .heap import Heap, _check_name
-from .manifest import ExportError, complete_exports, load_manifest, tidy
+from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
 from .mpi import agree, coordinated_checkpoint, default_root, error_text, private_dir
 from .restore import fill_from_export
 
@@ -126,6 +126,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         use_export = bool(exports)
         if heap is not None:
             if _restore_local(heap, comm, states, exports):
+                heap.restored_from = "local" if heap._info()["committed"] else None   # clean reopen included
                 return _ready(heap, comm, name, exporter)
         elif not exports and any(s[1] for s in states) or (not exports and any(s[2] for s in states)):
             missing = [r for r, s in enumerate(states) if not s[0]]
@@ -181,6 +182,9 @@ def _list_exports(comm, exporter: Exporter | None) -> list[int]:
             os.makedirs(exporter.job_dir, exist_ok=True)
             tidy(exporter.job_dir, keep=1 << 30)
             found = complete_exports(exporter.job_dir)
+            if read_latest(exporter.job_dir) is None and any(f.endswith(".json") for f in os.listdir(exporter.job_dir)):
+                warnings.warn(f"hpcckpt: {exporter.job_dir} holds exports but no LATEST marker: they may be "
+                              "incomplete and are not used", RuntimeWarning, stacklevel=3)
         except OSError as e:
             err = f"{exporter.job_dir}: {e.strerror}"
     found, err = comm.bcast((found, err), root=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import getpass
 import os
 import signal
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
