@@ -20,44 +20,18 @@ import glob
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from hpcckpt.run import find_mpiexec
+from hpcckpt.run import find_mpiexec, kill_tree
 
 MODES = {"none": ["--no-checkpoint"], "hpcckpt": [],
          "h5py": ["--no-checkpoint", "--save-with", "h5py"], "npy": ["--no-checkpoint", "--save-with", "npy"]}
 GOALS = {"max_overhead": 0.05, "min_h5py_over_hpcckpt": 10.0}
 RESULTS = Path(__file__).resolve().parent / "results" / "demo.json"
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL the process groups of ``pid`` and of all its descendants.
-
-    Hydra's proxy and each rank run in sessions of their own, so the launcher's group alone
-    would miss them. Example: ``kill_tree(proc.pid)``.
-    """
-    children: dict[int, list[int]] = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            ppid = int(Path(stat).read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.split("/")[2]))
-    tree, todo = [pid], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        tree += kids
-        todo += kids
-    for p in tree:
-        try:
-            os.killpg(os.getpgid(p), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def run(cmd: list[str], cwd: str, timeout: float) -> str:

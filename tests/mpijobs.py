@@ -3,9 +3,10 @@ process group, killed as a group on timeout (a hang fails the test, it does not 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+
+from hpcckpt.run import kill_tree
 
 DEMO = ["--nx", "96", "--ny", "64", "--particles", "4000", "--steps", "30", "--checkpoint-every", "5",
         "--capacity", "64MiB"]
@@ -18,7 +19,7 @@ def launch(args: list[str], env: dict | None = None, timeout: float = 300) -> su
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)   # the ranks too: hydra starts them in sessions of their own
         proc.communicate()
         raise
     return subprocess.CompletedProcess(args, proc.returncode, out, err)

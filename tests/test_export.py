@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import KERNEL_TRACKERS
 from mpijobs import demo, launch, reference
 
 pytestmark = pytest.mark.timeout(600)
@@ -119,10 +120,11 @@ def test_moved_export_directory_still_reads_and_restores(dirs):
 
 
 RESTORE_CHECK = """
-import sys, numpy as np, hpcckpt
+import os, sys, numpy as np, hpcckpt
 from mpi4py import MPI
 comm = MPI.COMM_WORLD
-heap = hpcckpt.open("j", comm, root=sys.argv[1], capacity="64MiB", export_dir=sys.argv[2])
+heap = hpcckpt.open("j", comm, root=sys.argv[1], capacity="64MiB", export_dir=sys.argv[2],
+                    tracker=os.environ.get("TRACKER", "auto"))
 u = heap["u"]
 (g, off) = heap.layout("u")
 inner = u[1:-1, 1:-1]
@@ -135,6 +137,17 @@ heap.close()
 if comm.rank == 0:
     print(*done, flush=True)
 """
+
+
+@pytest.mark.parametrize("tracker", KERNEL_TRACKERS + ["page", "hash"])
+def test_restore_from_export_works_under_every_tracker(dirs, tracker):
+    heaps, exports = dirs
+    assert run_job(2, EXPORT_JOB, heaps, exports).returncode == 0
+    shutil.rmtree(heaps)
+    proc = launch(["mpiexec", "-n", "2", sys.executable, "-c", textwrap.dedent(RESTORE_CHECK), heaps, exports],
+                  env={"TRACKER": tracker}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["export:1", "export:1"]
 
 
 def test_rank_private_objects_refuse_another_rank_count_by_name(dirs):

@@ -337,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     what = "saves" if save_dir else "checkpoints"
     say(f"time: {elapsed:.3f} s for {args.steps - start} steps, {t_ckpt:.3f} s in {n_ckpt} {what}")
     mode = args.save_with or ("none" if heap is None else "hpcckpt")
+    exported = heap.stats.get("export", {}) if heap is not None else {}
     say("timing: " + json.dumps({"elapsed": elapsed, "t_save": t_ckpt, "n_save": n_ckpt, "steps": args.steps - start,
-                                 "mode": mode, **(phases if heap is not None else {})}))
+                                 "mode": mode, **(phases if heap is not None else {}),
+                                 "n_export": exported.get("started", 0), "t_export_stall": exported.get("t_stall", 0.0)}))
 
     sums = checksums(comm, block, u, pool, args.nx, args.ny)
     if heap is not None:

@@ -20,6 +20,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from typing import Any, Callable
 
@@ -248,7 +249,8 @@ class Exporter:
         self.inflight: ExportHandle | None = None      # rank files being written
         self.finishing: list[ExportHandle] = []         # rank 0: masters being written
         self.meta_of: dict[int, dict] = {}
-        self.stall = 0.0
+        self.stall = 0.0      # seconds the application waited for background exports, in all
+        self.started = 0      # background exports started
 
     def start(self, heap: Heap, wait: bool) -> ExportHandle:
         """Collective: export the last committed epoch of `heap`."""
@@ -273,7 +275,12 @@ class Exporter:
             self.helper = Helper()
         handle = ExportHandle(self, epoch, self.helper.send(req), None, None)
         self.inflight = handle
+        self.started += 1
         return handle
+
+    def figures(self) -> dict:
+        """What the background exports cost the application so far."""
+        return {"started": self.started, "t_stall": self.stall}
 
     def warm_up(self) -> None:
         """Start the background helper now, so that the first export does not wait for it."""
@@ -284,8 +291,6 @@ class Exporter:
     def before_prepare(self, heap: Heap, epoch: int) -> None:
         h = self.inflight
         if h is not None and h._ticket is not None and (epoch >= h.epoch + 2 or heap._info()["entries_pending"]):
-            import time
-
             t = time.perf_counter()
             h._take_local()
             self.stall += time.perf_counter() - t
@@ -301,6 +306,11 @@ class Exporter:
         return 1.0 if self.inflight is None or self.inflight.local_ready() else 0.0
 
     def after_commit(self, heap: Heap, votes: np.ndarray) -> None:
+        t = time.perf_counter()
+        self._after_commit(heap, votes)
+        self.stall += time.perf_counter() - t
+
+    def _after_commit(self, heap: Heap, votes: np.ndarray) -> None:
         h = self.inflight
         if h is not None and votes.all():
             h._gather()

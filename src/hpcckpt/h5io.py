@@ -225,6 +225,33 @@ class BlockReader:
             return data.reshape(())
         return data[(slice(src[0].start - lo, src[0].stop - lo), *src[1:])]
 
+    def read_into(self, b: dict, dtype: np.dtype, src: tuple[slice, ...], out: np.ndarray) -> bool:
+        """Read the rows `src` of block `b` straight into `out` (C-contiguous, their shape) and
+        check them there; False when that cannot be done (partial rows, converted dtype)."""
+        if not b["shape"] or not out.flags.c_contiguous or any(
+                s.start != 0 or s.stop != n for s, n in zip(src[1:], b["shape"][1:])):
+            return False
+        ds = self._file(b["file"])[b["dataset"]]
+        if ds.dtype != dtype or list(ds.shape) != list(b["shape"]):
+            return False
+        k, crcs, lo, hi = b["chunk_rows"], self._chunk_crcs(b), src[0].start, src[0].stop
+        rows = out.view(np.uint8).reshape(hi - lo, -1) if out.size else None
+        for c in range(lo // k, -(-hi // k)):
+            a, z = c * k, min(b["shape"][0], (c + 1) * k)
+            if a < lo or z > hi:   # a chunk that sticks out of the piece: check it whole, elsewhere
+                part = self.read(b, dtype, (slice(max(a, lo), min(z, hi)), *src[1:]))
+                out[max(a, lo) - lo:min(z, hi) - lo] = part
+                continue
+            try:
+                ds.read_direct(out, np.s_[a:z], np.s_[a - lo:z - lo])
+            except (OSError, ValueError, TypeError) as e:
+                raise ExportError(f"{os.path.join(self.job_dir, b['file'])}: {b['dataset']!r} cannot be read ({e})") \
+                    from None
+            if c >= crcs.size or _native.crc32c(rows[a - lo:z - lo]) != int(crcs[c]):
+                raise ExportError(f"{os.path.join(self.job_dir, b['file'])}: {b['dataset']!r}: rows {a}..{z} do not "
+                                  "match their checksum (damaged data)")
+        return True
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

@@ -450,6 +450,12 @@ class Heap:
         """Check the checksum of every committed copy; returns how many were checked."""
         return _call(self._native.verify)
 
+    @property
+    def kernel_writable(self) -> bool:
+        """Can system calls (read, recv, MPI's CMA) write into this heap's arrays?  Not under the
+        mprotect-based trackers: a protected page makes the kernel fail with EFAULT, not fault."""
+        return self.tracker in ("uffd", "hash", "full") or (self.tracker == "page" and _native.UFFD_SUPPORTED)
+
     def _info(self) -> dict:
         return _call(self._native.info)
 

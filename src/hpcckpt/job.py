@@ -49,6 +49,8 @@ class JobHeap(Heap):
         epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=self._layout_dirty)
         self._layout_dirty = False
         self._reblock = None
+        if self.exporter is not None:
+            self._stats["export"] = self.exporter.figures()
         return epoch
 
     def export(self, wait: bool = True) -> ExportHandle:

@@ -77,7 +77,7 @@ def _allocate(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtyp
             target = heap.pool(name, dt, shape[0], tuple(el), replicated=obj["replicated"])
         else:
             target = heap.array(name, tuple(shape), dt, replicated=obj["replicated"])
-        _fill(reader, name, obj, dt, target, [0] * len(shape), shape, [0] * len(shape), [b])
+        _fill(reader, name, obj, dt, target, [0] * len(shape), shape, [0] * len(shape), [b], heap.kernel_writable)
         return target
     if obj["kind"] == "pool":
         target = heap.pool(name, dt, block[0], tuple(el), global_count=obj["global_shape"][0], offset=offset[0])
@@ -87,12 +87,14 @@ def _allocate(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtyp
         target = heap.array(name, local, dt, global_shape=tuple(obj["global_shape"]), offset=tuple(offset),
                             halo=tuple(halo))
         full_off, full_shape = list(offset), list(block)
-    _fill(reader, name, obj, dt, target, full_off, full_shape, halo, obj["blocks"])
+    _fill(reader, name, obj, dt, target, full_off, full_shape, halo, obj["blocks"], heap.kernel_writable)
     return target
 
 
-def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offset, shape, halo, blocks) -> None:
-    """Copy every piece of the exported blocks that meets (offset, shape) into target."""
+def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offset, shape, halo, blocks,
+          direct: bool) -> None:
+    """Copy every piece of the exported blocks that meets (offset, shape) into target (with
+    `direct`, HDF5 reads straight into the heap array: only where the kernel may write there)."""
     if not shape:   # a 0-d array
         target[()] = reader.read(blocks[0], dt, ())
         return
@@ -103,6 +105,10 @@ def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offse
         raise ExportError(f"{reader.job_dir}: the export's blocks of {name!r} do not cover offset {offset}, "
                           f"shape {shape} (manifest damaged or inconsistent)")
     for p in parts:
+        if direct and obj["kind"] == "array" and not any(halo):   # straight into the heap, checked in place
+            view = target[p.dst]
+            if reader.read_into(blocks[p.source], dt, p.src, view):
+                continue
         data = reader.read(blocks[p.source], dt, p.src)
         if obj["kind"] == "pool":
             rows = np.arange(p.dst[0].start, p.dst[0].stop)

@@ -18,6 +18,7 @@ This module uses only the standard library, so ``python hpcckpt/run.py`` works t
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import signal
@@ -36,6 +37,33 @@ def find_mpiexec() -> str:
     if not found:
         raise SystemExit("hpcckpt run: no mpiexec found; `pip install mpich` or pass --mpiexec PATH")
     return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the process groups of ``pid`` and of all its descendants.
+
+    Hydra's proxy and each rank run in sessions of their own, so the launcher's group alone
+    would miss them (a hung job leaves its ranks running otherwise). Example: ``kill_tree(proc.pid)``.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            ppid = int(Path(stat).read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.split("/")[2]))
+    tree, todo = [pid], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        tree += kids
+        todo += kids
+    ours = os.getpgrp()
+    for p in tree:
+        try:
+            group = os.getpgid(p)
+            os.kill(p, signal.SIGKILL) if group == ours else os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def describe(code: int) -> str:
@@ -75,7 +103,7 @@ class Relauncher:
         """Kill whatever the attempt left behind in its process group, and wait for it."""
         child = self.child
         if child.poll() is None:
-            child.kill()
+            kill_tree(child.pid)   # hydra's proxies and ranks run in sessions of their own
         child.wait()
         try:
             os.killpg(child.pid, signal.SIGKILL)
