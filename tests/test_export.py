@@ -273,3 +273,40 @@ def test_blocks_that_overlap_or_leave_holes_are_refused_naming_object_and_ranks(
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 3 and all(line.startswith("refused") and "'u'" in line and words in line for line in lines)
+
+
+def hpcckpt_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcckpt", *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_offline_export_info_verify_and_restore_for_another_rank_count(heap_dir):
+    assert demo(2, heap_dir, "--steps", "20")[0].returncode == 0
+    exports, root = os.path.join(heap_dir, "x"), os.path.join(heap_dir, "r")
+    proc = hpcckpt_cli("export", os.path.join(heap_dir, "t"), "--to", exports, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["epoch"] == 4
+    info = json.loads(hpcckpt_cli("info", os.path.join(exports, "t"), "--json").stdout)
+    assert info[0]["meta"] == {"step": 20} and info[0]["objects"]["u"]["shape"] == [96, 64]
+    verify = hpcckpt_cli("verify", os.path.join(exports, "t", "e4.h5"))
+    assert verify.returncode == 0 and "ok, epoch 4" in verify.stdout
+    proc = hpcckpt_cli("restore", os.path.join(exports, "t"), "--to", root, "-n", "3", "--capacity", "64MiB")
+    assert proc.returncode == 0, proc.stderr
+    proc, line = demo(3, root)
+    assert "resumed from epoch 4 at step 20 (local level)" in proc.stdout
+    assert line == reference(3, heap_dir)
+
+
+def test_verify_of_a_damaged_export_names_the_file_and_fails(heap_dir):
+    exports = os.path.join(heap_dir, "exports")
+    assert demo(2, heap_dir, "--steps", "10", "--export-dir", exports, "--export-every", "2")[0].returncode == 0
+    bad = os.path.join(exports, "t", "e2", "rank0.h5")
+    _flip_data_byte(bad)
+    proc = hpcckpt_cli("verify", os.path.join(exports, "t"))
+    assert proc.returncode == 1 and bad in proc.stderr and "checksum" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_offline_export_of_a_missing_job_says_so_in_one_line(heap_dir):
+    proc = hpcckpt_cli("export", os.path.join(heap_dir, "nothing"), "--to", heap_dir)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr

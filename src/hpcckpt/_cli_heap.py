@@ -13,6 +13,7 @@ import sys
 
 from .errors import HeapError
 from .heap import Heap, Pool
+from ._cli_export import find_export, info_export, verify_export
 from .mpi import default_root
 
 
@@ -57,10 +58,22 @@ def info(argv: list[str]) -> int:
     ap.add_argument("--objects", action="store_true", help="list the objects")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    rows = [describe(p, args.objects) for t in args.targets for p in heap_files(t)]
+    rows, exports = [], []
+    for t in args.targets:
+        where = find_export(t)
+        if where:
+            exports += info_export(*where)
+        else:
+            rows += [describe(p, args.objects) for p in heap_files(t)]
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows + exports, indent=1))
         return 0
+    for e in exports:
+        print(f"{e['path']}: export of job {e['job']!r}, epoch {e['epoch']} {json.dumps(e['meta'])}, "
+              f"{e['world_size']} ranks{', LATEST' if e['latest'] else ''}, {len(e['objects'])} objects")
+        if args.objects:
+            for name, o in e["objects"].items():
+                print(f"    {name}: {o['layout']} {o['kind']} {o['dtype']} {o['shape']}, {o['bytes']} bytes")
     for r in rows:
         print(f"{r['path']}: job {r['job']!r} rank {r['rank']}/{r['world_size']}, format {r['format']}, "
               f"{r['objects']} objects, {r['used_bytes'] / 2**20:.1f} of {r['capacity'] / 2**20:.0f} MiB used, "
@@ -73,16 +86,36 @@ def info(argv: list[str]) -> int:
 def verify(argv: list[str]) -> int:
     """Check the checksum of every committed copy; exit 1 naming the first bad heap and object."""
     ap = argparse.ArgumentParser(prog="hpcckpt verify", description="check checkpoint checksums (read-only)")
-    ap.add_argument("targets", nargs="+")
+    ap.add_argument("targets", nargs="+", help="heap file, directory of heaps, job name, export directory or master")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    bad = 0
-    for path in (p for t in args.targets for p in heap_files(t)):
+    bad, report = 0, []
+    for t in args.targets:
+        where = find_export(t)
+        if not where:
+            continue
+        try:
+            r = verify_export(*where, quiet=args.json)
+            report.append({**r, "ok": True})
+            if not args.json:
+                print(f"{r['path']}: ok, epoch {r['epoch']}, {r['blocks']} blocks ({r['bytes']} bytes) verified")
+        except (HeapError, OSError) as e:
+            report.append({"path": t, "ok": False, "error": str(e)})
+            print(f"{t}: FAILED: {e}", file=sys.stderr)
+            bad += 1
+    for path in (p for t in args.targets if not find_export(t) for p in heap_files(t)):
         try:
             with Heap.open(path, readonly=True) as heap:
-                print(f"{path}: ok, epoch {heap.info['prepared'] or None}, {heap.verify()} committed copies verified")
+                n, epoch = heap.verify(), heap.info["prepared"] or None
+            report.append({"path": path, "ok": True, "epoch": epoch, "copies": n})
+            if not args.json:
+                print(f"{path}: ok, epoch {epoch}, {n} committed copies verified")
         except (HeapError, OSError) as e:
+            report.append({"path": path, "ok": False, "error": str(e)})
             print(f"{path}: FAILED: {e}", file=sys.stderr)
             bad += 1
+    if args.json:
+        print(json.dumps(report, indent=1))
     return 1 if bad else 0
 
 

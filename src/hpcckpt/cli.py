@@ -1,4 +1,4 @@
-"""The ``hpcckpt`` command: ``hpcckpt run | info | verify | bench``.
+"""The ``hpcckpt`` command: ``hpcckpt run | info | verify | export | restore | bench``.
 
 Each subcommand parses its own options, so ``hpcckpt run --help`` shows those of ``run``.
 
@@ -18,6 +18,8 @@ COMMANDS = {
     "run": "run an MPI job under mpiexec and relaunch it after a failure",
     "info": "show heaps and exports: epochs, objects, sizes",
     "verify": "check the checksums of a heap or an export",
+    "export": "export the last committed epoch of a job's heaps to HDF5 (offline)",
+    "restore": "lay out heaps for M ranks from an export, ahead of a job",
     "bench": "measure checkpoint cost per tracker",
 }
 
@@ -28,7 +30,8 @@ def handler(command: str) -> Callable[[list[str]], int]:
         from hpcckpt.run import main as run
         return run
     try:
-        module = importlib.import_module("hpcckpt._cli_heap")
+        module = importlib.import_module("hpcckpt._cli_export" if command in ("export", "restore")
+                                         else "hpcckpt._cli_heap")
     except ModuleNotFoundError as e:
         if e.name != "hpcckpt._cli_heap":
             raise
@@ -49,4 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         parser().parse_args(argv[:1])  # prints usage or help and exits
-    return handler(argv[0])(argv[1:])
+    from hpcckpt.errors import HeapError
+
+    try:
+        return handler(argv[0])(argv[1:])
+    except (HeapError, OSError) as e:   # bad input or a damaged file: one line, no traceback
+        print(f"hpcckpt {argv[0]}: {e}", file=sys.stderr)
+        return 1
