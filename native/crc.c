@@ -113,3 +113,30 @@ uint32_t crc_compute(uint32_t crc, const void *buf, size_t len)
 #endif
     return ~crc_sw_update(c, buf, len);
 }
+
+#define CRC_POLY 0x82f63b78u   /* CRC32C, reflected */
+
+/* crc_mulmod -- a * b modulo the CRC polynomial, bit-reflected (x^0 is the top bit). */
+static uint32_t crc_mulmod(uint32_t a, uint32_t b)
+{
+    uint32_t prod = 0;
+    for (uint32_t bit = 1u << 31; bit; bit >>= 1) {
+        if (a & bit)
+            prod ^= b;
+        b = (b & 1) ? (b >> 1) ^ CRC_POLY : b >> 1;
+    }
+    return prod;
+}
+
+/* crc_combine -- the CRC of A||B from crc(A), crc(B) and len(B): crc(A) times x^(8 len(B)), plus crc(B). */
+uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
+{
+    uint32_t power = 1u << 23;   /* x^8: one byte */
+    uint32_t shift = 1u << 31;   /* x^0 */
+    for (; len_b; len_b >>= 1) {
+        if (len_b & 1)
+            shift = crc_mulmod(shift, power);
+        power = crc_mulmod(power, power);
+    }
+    return crc_mulmod(shift, crc_a) ^ crc_b;
+}

@@ -95,6 +95,7 @@ int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t epoch, uint64_t u0, uin
  * checkpoint is E+1 (used when a job restarts from an export of epoch E). */
 int ckpt_rebase(hk_heap *h, uint64_t epoch);
 uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);   /* CRC32C */
+uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);   /* CRC32C of A||B */
 int ckpt_meta(hk_heap *h, char *buf, uint32_t cap, uint32_t *len);
 int ckpt_stats(hk_heap *h, struct hk_stats *out);
 int ckpt_verify(hk_heap *h, uint64_t *units_checked);

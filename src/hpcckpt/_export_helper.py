@@ -3,7 +3,7 @@
 It reads JSON requests on stdin and answers each with one JSON line on stdout:
 ``rank`` writes a rank file from the committed copies of a heap that its owner has open
 (through a read-only, unlocked mapping of the heap file); ``finish`` writes the master,
-the manifest and LATEST.  It exits when stdin closes, and dies with its parent.
+the manifest and LATEST from the blocks every rank left beside its file.  It exits when stdin closes, and dies with its parent.
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ def main() -> int:
     _die_with_parent()
     import h5py  # noqa: F401  (imported before the first request, while the job computes)
 
-    from .export import finish, open_peek, run_rank_request
-    from .manifest import Manifest
+    from .export import finish_from_sidecars, open_peek, run_rank_request
 
     handles: dict[str, object] = {}
     for line in sys.stdin:
@@ -35,8 +34,8 @@ def main() -> int:
                 h = handles.get(req["heap"]) or handles.setdefault(req["heap"], open_peek(req["heap"]))
                 reply = {"ok": True, "blocks": run_rank_request(req, h.read_epoch)}
             else:
-                m = Manifest.from_json(req["manifest"], "manifest")
-                reply = {"ok": True, "master": finish(req["job_dir"], m)}
+                master = finish_from_sidecars(req["job_dir"], req["job"], req["epoch"], req["world_size"], req["meta"])
+                reply = {"ok": True, "master": master}
         except Exception as e:   # noqa: BLE001 -- every failure goes back to the owner as a reply
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         sys.stdout.write(json.dumps(reply) + "\n")

@@ -395,6 +395,16 @@ static PyObject *mod_crc32c(PyObject *m, PyObject *args)
     return PyLong_FromUnsignedLong(c);
 }
 
+/* mod_crc32c_combine -- (crc_a, crc_b, len_b) -> CRC32C of A||B. */
+static PyObject *mod_crc32c_combine(PyObject *m, PyObject *args)
+{
+    unsigned int a, b;
+    unsigned long long len;
+    if (!PyArg_ParseTuple(args, "IIK", &a, &b, &len))
+        return NULL;
+    return PyLong_FromUnsignedLong(crc_combine(a, b, len));
+}
+
 /* mod_crc32c_chunks -- CRC32C of each `chunk`-byte piece of a buffer (the last may be short), as uint32 bytes. */
 static PyObject *mod_crc32c_chunks(PyObject *m, PyObject *args)
 {
@@ -423,6 +433,7 @@ static PyObject *mod_crc32c_chunks(PyObject *m, PyObject *args)
 
 static PyMethodDef mod_methods[] = {
     {"crc32c", mod_crc32c, METH_VARARGS, "crc32c(buffer, crc=0) -> CRC32C"},
+    {"crc32c_combine", mod_crc32c_combine, METH_VARARGS, "crc32c_combine(crc_a, crc_b, len_b) -> CRC32C of A||B"},
     {"crc32c_chunks", mod_crc32c_chunks, METH_VARARGS, "crc32c_chunks(buffer, chunk) -> bytes of uint32 CRCs"},
     {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size, preallocate)"},
     {"open", mod_open, METH_VARARGS, "open(path, tracker, job|None, rank|-1, world|-1) -> NativeHeap (no recovery)"},

@@ -60,7 +60,27 @@ def run_rank_request(req: dict, read_epoch: Callable) -> list[dict]:
         os.kill(os.getpid(), signal.SIGKILL)
     for b in blocks:
         b["rank"] = req["ident"]["rank"]
+    write_durably(sidecar(os.path.dirname(os.path.dirname(req["file"])), req["epoch"], req["ident"]["rank"]),
+                  json.dumps(blocks).encode())
     return blocks
+
+
+def sidecar(job_dir: str, epoch: int, rank: int) -> str:
+    """Where a rank leaves its blocks (JSON) once its rank file is durable."""
+    return os.path.join(job_dir, f"e{epoch}", f"rank{rank}.json")
+
+
+def finish_from_sidecars(job_dir: str, job: str, epoch: int, size: int, meta: dict) -> str:
+    """Rank 0's helper: the manifest from every rank's sidecar, then master, manifest, LATEST."""
+    per_rank = []
+    for r in range(size):
+        path = sidecar(job_dir, epoch, r)
+        try:
+            with open(path) as f:
+                per_rank.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"{path}: the blocks of rank {r} are missing or damaged ({e})") from None
+    return finish(job_dir, build_manifest(job, epoch, size, meta, per_rank))
 
 
 def build_manifest(job: str, epoch: int, size: int, meta: dict, per_rank: list[list[dict]]) -> Manifest:
@@ -151,71 +171,56 @@ class Helper:
 
 
 class ExportHandle:
-    """One export of one epoch; ``wait()`` (collective) returns the master's path once durable."""
+    """One export of one epoch; ``wait()`` (collective) returns the master's path once durable.
 
-    def __init__(self, exporter: Exporter, epoch: int, ticket: int | None, blocks: list | None, error: str | None):
-        self.exporter, self.epoch, self.background = exporter, epoch, ticket is not None
-        self._ticket, self._blocks, self._error = ticket, blocks, error
+    States: ``writing`` (rank files), ``finishing`` (rank 0's helper writes master, manifest
+    and LATEST), ``done`` or ``failed``.
+    """
+
+    def __init__(self, exporter: Exporter, epoch: int, ticket: int | None):
+        self.exporter, self.epoch, self._ticket = exporter, epoch, ticket
         self._finish_ticket: int | None = None
+        self.error: str | None = None
         self.path: str | None = None
-        self.state = "writing"      # writing -> finishing (rank 0) -> done | failed
+        self.state = "writing"
 
-    def local_ready(self) -> bool:
-        """Is this rank's rank file written (or failed)?"""
-        if self._ticket is None:
-            return True
-        return self.exporter.helper.ready(self._ticket)
+    def local_vote(self) -> float:
+        """0: this rank's file is still being written; 1: written; 2: failed (never blocks)."""
+        if self._ticket is not None and not self.exporter.helper.ready(self._ticket):
+            return 0.0
+        self._take_local()
+        return 2.0 if self.error else 1.0
 
-    def _take_local(self) -> tuple[list | None, str | None]:
+    def _take_local(self) -> None:
+        """Wait for this rank's file (blocks)."""
         if self._ticket is not None:
             r = self.exporter.helper.result(self._ticket)
             self._ticket = None
-            self._blocks, self._error = (r.get("blocks"), None) if r.get("ok") else (None, r.get("error"))
-        return self._blocks, self._error
+            if not r.get("ok"):
+                self.error = r.get("error", "unknown")
 
-    def _gather(self) -> None:
-        """Collective: every rank's blocks to rank 0, which starts the master (in the background)."""
-        blocks, error = self._take_local()
+    def finalize(self, failed_ranks: list[int]) -> None:
+        """Every rank's file is written (or some failed): rank 0 starts the master, in the background."""
         ex = self.exporter
-        parts = ex.comm.gather((blocks, error), root=0)
+        if failed_ranks:
+            self.state = "failed"
+            self.error = self.error or f"the rank file of rank(s) {failed_ranks} could not be written"
+            return
         self.state = "finishing"
-        if parts is None:
-            return
-        errors = [(r, e) for r, (_, e) in enumerate(parts) if e]
-        if errors:
-            self._fail(f"rank {errors[0][0]}: {errors[0][1]}")
-            return
-        try:
-            m = build_manifest(ex.job, self.epoch, ex.comm.Get_size(), ex.meta_of[self.epoch],
-                               [b for b, _ in parts])
-        except ExportError as e:
-            self._fail(str(e))
-            return
-        if not self.background:
-            try:
-                self.path = finish(ex.job_dir, m)
-                self.state = "done"
-            except (OSError, ExportError) as e:
-                self._fail(error_text(e))
-        else:
-            self._finish_ticket = ex.helper.send({"op": "finish", "job_dir": ex.job_dir, "manifest": m.to_json()})
+        if ex.comm.Get_rank() == 0:
+            self._finish_ticket = ex.helper.send({"op": "finish", "job_dir": ex.job_dir, "job": ex.job,
+                                                  "epoch": self.epoch, "world_size": ex.comm.Get_size(),
+                                                  "meta": ex.meta_of.pop(self.epoch, {})})
 
-    def _fail(self, why: str) -> None:
-        self.state, self._error = "failed", why
-
-    def poll_finish(self) -> None:
-        """Rank 0: take the master's reply if it is there (never blocks)."""
+    def settle(self, block: bool) -> None:
+        """Rank 0: take the master's reply (if it is there, or waiting for it)."""
         t = self._finish_ticket
-        if t is not None and self.exporter.helper.ready(t):
-            self._settle_finish()
-
-    def _settle_finish(self) -> None:
-        r = self.exporter.helper.result(self._finish_ticket)
+        if t is None or not (block or self.exporter.helper.ready(t)):
+            return
+        r = self.exporter.helper.result(t)
         self._finish_ticket = None
-        if r.get("ok"):
-            self.state, self.path = "done", r["master"]
-        else:
-            self._fail(r.get("error", "unknown"))
+        self.state, self.path, self.error = ("done", r["master"], None) if r.get("ok") else \
+            ("failed", None, r.get("error", "unknown"))
 
     def wait(self) -> str:
         """Collective: block until the export is durable (LATEST names it); returns the master path.
@@ -224,23 +229,28 @@ class ExportHandle:
         """
         ex = self.exporter
         if self.state == "writing":
-            self._gather()
-        if ex.comm.Get_rank() == 0 and self._finish_ticket is not None:
-            self._settle_finish()
-        outcome = ex.comm.bcast((self.state, self.path, self._error) if ex.comm.Get_rank() == 0 else None, root=0)
-        self.state, self.path, self._error = outcome
+            self._take_local()
+            errors = ex.comm.allgather(self.error)
+            self.finalize([r for r, e in enumerate(errors) if e])
+            self.error = self.error or next((e for e in errors if e), None)
+        if ex.comm.Get_rank() == 0:
+            self.settle(block=True)
+        self.state, self.path, self.error = ex.comm.bcast((self.state, self.path, self.error), root=0)
         if ex.inflight is self:
             ex.inflight = None
+        if self in ex.finishing:
+            ex.finishing.remove(self)
         if self.state != "done":
-            raise ExportError(f"export of epoch {self.epoch} to {ex.job_dir} failed: {self._error}; "
+            raise ExportError(f"export of epoch {self.epoch} to {ex.job_dir} failed: {self.error}; "
                               "LATEST still names the previous export")
         return self.path
 
 
 class Exporter:
     """Takes part in every coordinated checkpoint of one heap: exports every K-th epoch in the
-    background, waits for the rank file only where the protocol needs it, finishes exports once
-    every rank's file is written."""
+    background (skipping one whose predecessor is still being written: compute never waits
+    for that), waits for a rank file only where the protocol needs it, and finishes an export
+    once the vote says every rank's file is written.  No collective of its own."""
 
     def __init__(self, comm, job: str, export_dir: str, every: int = 0):
         self.comm, self.job, self.every = comm, job, every
@@ -250,7 +260,7 @@ class Exporter:
         self.finishing: list[ExportHandle] = []         # rank 0: masters being written
         self.meta_of: dict[int, dict] = {}
         self.stall = 0.0      # seconds the application waited for background exports, in all
-        self.started = 0      # background exports started
+        self.started = self.skipped = 0
 
     def start(self, heap: Heap, wait: bool) -> ExportHandle:
         """Collective: export the last committed epoch of `heap`."""
@@ -263,67 +273,88 @@ class Exporter:
         self.meta_of[epoch] = heap.meta
         req = rank_request(heap, self.job_dir, self.job, epoch, rank, size, self.meta_of[epoch])
         if wait:
-            blocks, error = None, None
-            try:
-                blocks = run_rank_request(req, heap._native.read_epoch)
-            except Exception as e:   # noqa: BLE001 -- any failure is this rank's vote against the export
-                error = error_text(e)
-            handle = ExportHandle(self, epoch, None, blocks, error)
-            handle.wait()
-            return handle
-        if self.helper is None:
-            self.helper = Helper()
-        handle = ExportHandle(self, epoch, self.helper.send(req), None, None)
+            return self._export_now(heap, req, epoch)
+        self.warm_up()
+        handle = ExportHandle(self, epoch, self.helper.send(req))
         self.inflight = handle
         self.started += 1
         return handle
 
-    def figures(self) -> dict:
-        """What the background exports cost the application so far."""
-        return {"started": self.started, "t_stall": self.stall}
+    def _export_now(self, heap: Heap, req: dict, epoch: int) -> ExportHandle:
+        """The foreground export: this process writes its rank file, rank 0 the master."""
+        blocks, error = None, None
+        try:
+            blocks = run_rank_request(req, heap._native.read_epoch)
+        except Exception as e:   # noqa: BLE001 -- any failure is this rank's vote against the export
+            error = error_text(e)
+        parts = self.comm.gather((blocks, error), root=0)
+        handle = ExportHandle(self, epoch, None)
+        if parts is not None:
+            errors = [(r, e) for r, (_, e) in enumerate(parts) if e]
+            try:
+                if errors:
+                    raise ExportError(f"rank {errors[0][0]}: {errors[0][1]}")
+                m = build_manifest(self.job, epoch, self.comm.Get_size(), self.meta_of.pop(epoch),
+                                   [b for b, _ in parts])
+                handle.state, handle.path = "done", finish(self.job_dir, m)
+            except (OSError, ExportError) as e:
+                handle.state, handle.error = "failed", str(e)
+        handle.state, handle.path, handle.error = self.comm.bcast((handle.state, handle.path, handle.error), root=0)
+        if handle.state != "done":
+            raise ExportError(f"export of epoch {epoch} to {self.job_dir} failed: {handle.error}; "
+                              "LATEST still names the previous export")
+        return handle
 
     def warm_up(self) -> None:
         """Start the background helper now, so that the first export does not wait for it."""
         if self.helper is None:
             self.helper = Helper()
 
+    def figures(self) -> dict:
+        """What the background exports cost the application so far."""
+        return {"started": self.started, "skipped": self.skipped, "t_stall": self.stall}
+
     # -- the Participant protocol (hpcckpt.mpi.coordinated_checkpoint) ---------------------
     def before_prepare(self, heap: Heap, epoch: int) -> None:
         h = self.inflight
         if h is not None and h._ticket is not None and (epoch >= h.epoch + 2 or heap._info()["entries_pending"]):
             t = time.perf_counter()
-            h._take_local()
+            h._take_local()   # epoch E+2 overwrites the slots E's export reads; a commit wipes freed space
             self.stall += time.perf_counter() - t
 
     def vote(self) -> float:
+        t = time.perf_counter()
         for h in list(self.finishing):
-            h.poll_finish()
+            h.settle(block=False)
             if h.state != "finishing":
                 self.finishing.remove(h)
-                if h.state == "failed":
-                    warnings.warn(f"hpcckpt: background export of epoch {h.epoch} failed: {h._error}; "
-                                  "LATEST still names the previous export", RuntimeWarning, stacklevel=4)
-        return 1.0 if self.inflight is None or self.inflight.local_ready() else 0.0
+                self._report(h)
+        v = 1.0 if self.inflight is None else self.inflight.local_vote()
+        self.stall += time.perf_counter() - t
+        return v
 
     def after_commit(self, heap: Heap, votes: np.ndarray) -> None:
         t = time.perf_counter()
-        self._after_commit(heap, votes)
-        self.stall += time.perf_counter() - t
-
-    def _after_commit(self, heap: Heap, votes: np.ndarray) -> None:
         h = self.inflight
-        if h is not None and votes.all():
-            h._gather()
+        if h is not None and (votes > 0).all():
+            h.finalize(np.flatnonzero(votes == 2).tolist())
             self.inflight = None
-            if self.comm.Get_rank() == 0:
-                if h.state == "finishing":
-                    self.finishing.append(h)
-                elif h.state == "failed":
-                    warnings.warn(f"hpcckpt: background export of epoch {h.epoch} failed: {h._error}",
-                                  RuntimeWarning, stacklevel=4)
+            if h.state == "finishing" and self.comm.Get_rank() == 0:
+                self.finishing.append(h)
+            else:
+                self._report(h)
         epoch = heap._info()["committed"]
         if self.every and epoch % self.every == 0:
-            self.start(heap, wait=False)
+            if self.inflight is None:
+                self.start(heap, wait=False)
+            else:
+                self.skipped += 1
+        self.stall += time.perf_counter() - t
+
+    def _report(self, h: ExportHandle) -> None:
+        if h.state == "failed" and self.comm.Get_rank() == 0:
+            warnings.warn(f"hpcckpt: background export of epoch {h.epoch} failed: {h.error}; "
+                          "LATEST still names the previous export", RuntimeWarning, stacklevel=4)
 
     def drain(self) -> None:
         """Collective: finish whatever is in flight (at close)."""
@@ -331,9 +362,11 @@ class Exporter:
             try:
                 self.inflight.wait()
             except ExportError as e:
-                warnings.warn(f"hpcckpt: {e}", RuntimeWarning, stacklevel=3)
+                if self.comm.Get_rank() == 0:
+                    warnings.warn(f"hpcckpt: {e}", RuntimeWarning, stacklevel=3)
         for h in self.finishing:
-            h._settle_finish() if h._finish_ticket is not None else None
+            h.settle(block=True)
+            self._report(h)
         self.finishing = []
         if self.helper is not None:
             self.helper.stop()
@@ -345,4 +378,5 @@ def open_peek(path: str) -> Any:
     return _native.open(path, _native.TRACK_PEEK, None, -1, -1)
 
 
-__all__ = ["Exporter", "ExportHandle", "ExportError", "finish", "build_manifest", "run_rank_request", "open_peek"]
+__all__ = ["Exporter", "ExportHandle", "ExportError", "finish", "finish_from_sidecars", "build_manifest",
+           "run_rank_request", "open_peek"]

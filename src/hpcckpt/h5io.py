@@ -108,7 +108,7 @@ def _write_object(f, crcs_group, rel: str, read_epoch: Callable, epoch: int, d: 
         part = np.ascontiguousarray(part[(slice(None), *inner[1:])] if shape else part.reshape(()))
         raw = part.view(np.uint8).reshape(-1) if part.size else np.empty(0, np.uint8)
         chunk_crcs.append(_native.crc32c(raw))
-        crc = _native.crc32c(raw, crc)
+        crc = _native.crc32c_combine(crc, chunk_crcs[-1], raw.size)
         if shape:
             ds[a:b] = part.view(fdt) if fdt != dt else part
         else:

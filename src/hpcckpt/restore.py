@@ -48,6 +48,8 @@ def fill_from_export(heap: Heap, job_dir: str, m: Manifest, rank: int, size: int
             rows = obj["global_shape"][:1] if obj["kind"] == "pool" else obj["global_shape"]
             offset, block = default_blocks(rows, size)[rank]
             halo = obj["blocks"][0]["halo"] if obj["kind"] == "array" else None
+            if block[0] == 0:
+                continue   # more ranks than rows: this rank holds none of it
             _allocate(heap, reader, name, obj, dt, el, offset, block, halo)
         elif obj["replicated"]:
             _allocate(heap, reader, name, obj, dt, el, None, None, None)

@@ -1,0 +1,38 @@
+"""The restore plan (N -> M block intersections) and the checksum arithmetic it relies on."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from hpcckpt import _native
+from hpcckpt.plan import covered, default_blocks, pieces
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 5), n=st.integers(1, 9), m=st.integers(1, 9),
+       cut=st.integers(1, 4))
+def test_every_new_block_is_assembled_exactly_from_the_old_blocks(rows, cols, n, m, cut):
+    glob = np.arange(rows * cols).reshape(rows, cols)
+    old = default_blocks((rows, cols), n)
+    # the old blocks may also be cut along the second axis (a 2D decomposition)
+    old = [([o[0], c0], [s[0], len(cs)]) for o, s in old
+           for c0, cs in ((int(c[0]), c) for c in np.array_split(np.arange(cols), min(cut, cols)))]
+    data = [glob[o[0]:o[0] + s[0], o[1]:o[1] + s[1]] for o, s in old]
+    for offset, shape in default_blocks((rows, cols), m):
+        out = np.full(shape, -1)
+        parts = pieces(offset, shape, old)
+        assert covered(shape, parts)
+        for p in parts:
+            out[p.dst] = data[p.source][p.src]
+        assert np.array_equal(out, glob[offset[0]:offset[0] + shape[0]])
+
+
+def test_default_split_is_numpy_array_split_along_the_first_axis():
+    assert default_blocks((10, 3), 4) == [([0, 0], [3, 3]), ([3, 0], [3, 3]), ([6, 0], [2, 3]), ([8, 0], [2, 3])]
+    assert default_blocks((2,), 3) == [([0], [1]), ([1], [1]), ([2], [0])]
+
+
+@given(a=st.binary(max_size=300), b=st.binary(max_size=5000))
+def test_crc32c_of_two_pieces_combines_into_the_crc_of_the_whole(a, b):
+    assert _native.crc32c_combine(_native.crc32c(a), _native.crc32c(b), len(b)) == _native.crc32c(a + b)
+    assert _native.crc32c(b, _native.crc32c(a)) == _native.crc32c(a + b)
