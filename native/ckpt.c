@@ -493,9 +493,11 @@ void ckpt_set_nvm(hk_heap *h, double write_gbps, double flush_latency_ns)
 
 /* ckpt_read_epoch -- copy units [u0, u1) of entry `index` as committed at epoch E into dst,
  * packed as in the object (dst[0] is the first byte of unit u0), each unit checked against
- * the CRC of its shadow slot.  The slots of E stay untouched until epoch E+2 prepares, so
+ * the CRC of its shadow slot; *crc (if not NULL) gets the CRC32C of all the bytes copied,
+ * combined from the unit CRCs.  The slots of E stay untouched until epoch E+2 prepares, so
  * this may run beside the owner (peek handle) while it computes. */
-int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_t u1, void *dst, size_t dst_len)
+int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_t u1, void *dst, size_t dst_len,
+                    uint32_t *crc)
 {
     if (h->closed)
         return hk_fail(EBADF, "%s: heap is closed", h->path);
@@ -514,6 +516,7 @@ int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_
         return hk_fail(EINVAL, "%s: '%.63s' has %lu units, cannot read units %lu..%lu", h->path, e->name,
                        (unsigned long)units, (unsigned long)u0, (unsigned long)u1);
     uint64_t base = 0;
+    uint32_t all = 0, xlen = 0, xpow = 0;   /* x^(8 len) of the last unit length seen */
     for (uint64_t u = u0; u < u1; u++) {
         struct hk_tag *t = heap_tag(h, e, u);
         uint32_t l = __atomic_load_n(&t->latest, __ATOMIC_ACQUIRE);
@@ -535,10 +538,16 @@ int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_
         at -= base;
         const uint8_t *src = h->raw + h->sb->off_shadow[slot] + off;
         memcpy((uint8_t *)dst + at, src, len);
-        if (crc_compute(0, (uint8_t *)dst + at, len) != t->crc[slot])
+        uint32_t c = crc_compute(0, (uint8_t *)dst + at, len);
+        if (c != t->crc[slot])
             return hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu, epoch <= %lu) is corrupt "
                            "(checksum mismatch)", h->path, e->name, (unsigned long)u, (unsigned long)E);
+        if (len != xlen)
+            xpow = crc_xpow(xlen = len);
+        all = u == u0 ? c : crc_append(all, c, xpow);
     }
+    if (crc)
+        *crc = all;
     return 0;
 }
 

@@ -128,15 +128,27 @@ static uint32_t crc_mulmod(uint32_t a, uint32_t b)
     return prod;
 }
 
-/* crc_combine -- the CRC of A||B from crc(A), crc(B) and len(B): crc(A) times x^(8 len(B)), plus crc(B). */
-uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
+/* crc_xpow -- x^(8 len) modulo the polynomial: what appending len bytes does to a CRC. */
+uint32_t crc_xpow(uint64_t len)
 {
     uint32_t power = 1u << 23;   /* x^8: one byte */
     uint32_t shift = 1u << 31;   /* x^0 */
-    for (; len_b; len_b >>= 1) {
-        if (len_b & 1)
+    for (; len; len >>= 1) {
+        if (len & 1)
             shift = crc_mulmod(shift, power);
         power = crc_mulmod(power, power);
     }
-    return crc_mulmod(shift, crc_a) ^ crc_b;
+    return shift;
+}
+
+/* crc_append -- crc(A||B) from crc(A), crc(B) and crc_xpow(len(B)). */
+uint32_t crc_append(uint32_t crc_a, uint32_t crc_b, uint32_t xpow_b)
+{
+    return crc_mulmod(xpow_b, crc_a) ^ crc_b;
+}
+
+/* crc_combine -- the CRC of A||B from crc(A), crc(B) and len(B). */
+uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
+{
+    return crc_append(crc_a, crc_b, crc_xpow(len_b));
 }

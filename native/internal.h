@@ -98,6 +98,8 @@ int hk_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)))
 /* crc.c */
 uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);
 void crc_compute3(const void *a, const void *b, const void *c, size_t len, uint32_t out[3]);
+uint32_t crc_xpow(uint64_t len);
+uint32_t crc_append(uint32_t crc_a, uint32_t crc_b, uint32_t xpow_b);
 
 /* pmem.c */
 int pmem_map_file(hk_heap *h, uint8_t *at, size_t len);

@@ -88,9 +88,10 @@ int ckpt_commit(hk_heap *h);
 int ckpt_withdraw(hk_heap *h);
 int ckpt_recover(hk_heap *h, uint64_t epoch);
 /* ckpt_read_epoch -- units [u0, u1) of an entry as committed at `epoch`, packed as in the object,
- * every unit checked against its CRC.  Works on read-only and peek handles. */
+ * every unit checked against its CRC; *crc (may be NULL) is the CRC32C of the bytes copied.
+ * Works on read-only and peek handles. */
 int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t epoch, uint64_t u0, uint64_t u1, void *dst,
-                    size_t dst_len);
+                    size_t dst_len, uint32_t *crc);
 /* ckpt_rebase -- a fresh heap (nothing ever prepared) continues a job at epoch E: its next
  * checkpoint is E+1 (used when a job restarts from an export of epoch E). */
 int ckpt_rebase(hk_heap *h, uint64_t epoch);

@@ -24,22 +24,30 @@ def main() -> int:
     _die_with_parent()
     import h5py  # noqa: F401  (imported before the first request, while the job computes)
 
-    from .export import finish_from_sidecars, open_peek, run_rank_request
+    from .export import KEEP, finish_from_sidecars, open_peek, run_rank_request
+    from .manifest import tidy
 
     handles: dict[str, object] = {}
     for line in sys.stdin:
+        prune = None
         try:
             req = json.loads(line)
             if req["op"] == "rank":
                 h = handles.get(req["heap"]) or handles.setdefault(req["heap"], open_peek(req["heap"]))
                 reply = {"ok": True, "blocks": run_rank_request(req, h.read_epoch)}
             else:
-                master = finish_from_sidecars(req["job_dir"], req["job"], req["epoch"], req["world_size"], req["meta"])
-                reply = {"ok": True, "master": master}
+                master = finish_from_sidecars(req["job_dir"], req["job"], req["epoch"], req["world_size"], req["meta"],
+                                              prune=False)
+                reply, prune = {"ok": True, "master": master}, req["job_dir"]
         except Exception as e:   # noqa: BLE001 -- every failure goes back to the owner as a reply
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+        if prune:   # after the reply: nobody waits for old exports to be freed
+            try:
+                tidy(prune, keep=KEEP, running=True)
+            except OSError:
+                pass
     return 0
 
 

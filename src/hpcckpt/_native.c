@@ -238,18 +238,26 @@ static PyObject *nh_recover(NativeHeap *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* nh_read_epoch -- (index, epoch, u0, u1, out: writable buffer): committed copies of units [u0, u1). */
+/* nh_read_epoch -- (index, epoch, u0, u1, out: writable buffer) -> CRC: committed copies of units [u0, u1). */
 static PyObject *nh_read_epoch(NativeHeap *self, PyObject *args)
 {
     unsigned long long idx, epoch, u0, u1;
     Py_buffer out;
     if (!live(self) || !PyArg_ParseTuple(args, "KKKKw*", &idx, &epoch, &u0, &u1, &out))
         return NULL;
-    int rc = ckpt_read_epoch(self->h, idx, epoch, u0, u1, out.buf, (size_t)out.len);
+    uint32_t crc = 0;
+    int rc;
+    if (self->info.tracker == HK_TRACK_NONE) {   /* read-only or peek: nothing in this process changes it */
+        Py_BEGIN_ALLOW_THREADS
+        rc = ckpt_read_epoch(self->h, idx, epoch, u0, u1, out.buf, (size_t)out.len, &crc);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = ckpt_read_epoch(self->h, idx, epoch, u0, u1, out.buf, (size_t)out.len, &crc);
+    }
     PyBuffer_Release(&out);
     if (rc < 0)
         return raise_rc(rc);
-    Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(crc);
 }
 
 static PyObject *nh_rebase(NativeHeap *self, PyObject *arg)
@@ -328,7 +336,7 @@ static PyMethodDef nh_methods[] = {
     {"commit", (PyCFunction)nh_commit, METH_NOARGS, "commit the prepared epoch"},
     {"withdraw", (PyCFunction)nh_withdraw, METH_NOARGS, "withdraw the prepared epoch"},
     {"recover", (PyCFunction)nh_recover, METH_O, "recover(epoch): restore the working area"},
-    {"read_epoch", (PyCFunction)nh_read_epoch, METH_VARARGS, "read_epoch(index, epoch, u0, u1, out): committed copies of units, CRC-checked"},
+    {"read_epoch", (PyCFunction)nh_read_epoch, METH_VARARGS, "read_epoch(index, epoch, u0, u1, out) -> CRC32C of the bytes: committed copies of units, checked"},
     {"rebase", (PyCFunction)nh_rebase, METH_O, "rebase(epoch): a fresh heap's next checkpoint is epoch+1"},
     {"meta", (PyCFunction)nh_meta, METH_NOARGS, "metadata of the newest epoch (bytes)"},
     {"stats", (PyCFunction)nh_stats, METH_NOARGS, "figures of the last prepare"},

@@ -30,7 +30,6 @@ from . import _native
 from .h5io import write_master, write_rank_file
 from .heap import Heap, crash_hook
 from .manifest import ExportError, Manifest, export_paths, tidy, write_durably, write_latest
-from .mpi import error_text
 
 KEEP = 2   # complete exports kept
 
@@ -70,7 +69,7 @@ def sidecar(job_dir: str, epoch: int, rank: int) -> str:
     return os.path.join(job_dir, f"e{epoch}", f"rank{rank}.json")
 
 
-def finish_from_sidecars(job_dir: str, job: str, epoch: int, size: int, meta: dict) -> str:
+def finish_from_sidecars(job_dir: str, job: str, epoch: int, size: int, meta: dict, prune: bool = True) -> str:
     """Rank 0's helper: the manifest from every rank's sidecar, then master, manifest, LATEST."""
     per_rank = []
     for r in range(size):
@@ -80,7 +79,7 @@ def finish_from_sidecars(job_dir: str, job: str, epoch: int, size: int, meta: di
                 per_rank.append(json.load(f))
         except (OSError, ValueError) as e:
             raise ExportError(f"{path}: the blocks of rank {r} are missing or damaged ({e})") from None
-    return finish(job_dir, build_manifest(job, epoch, size, meta, per_rank))
+    return finish(job_dir, build_manifest(job, epoch, size, meta, per_rank), prune)
 
 
 def build_manifest(job: str, epoch: int, size: int, meta: dict, per_rank: list[list[dict]]) -> Manifest:
@@ -103,13 +102,15 @@ def build_manifest(job: str, epoch: int, size: int, meta: dict, per_rank: list[l
     return Manifest(job=job, epoch=epoch, world_size=size, meta=meta, objects=objects)
 
 
-def finish(job_dir: str, m: Manifest) -> str:
-    """Master, manifest, then LATEST (each durable before the next); older exports pruned."""
+def finish(job_dir: str, m: Manifest, prune: bool = True) -> str:
+    """Master, manifest, then LATEST (each durable before the next); then older exports pruned
+    (the helper prunes after it has replied: freeing a GiB takes a while)."""
     master = write_master(job_dir, m)
     p = export_paths(job_dir, m.epoch)
     write_durably(p["manifest"], m.to_json().encode())
     write_latest(job_dir, m.epoch)
-    tidy(job_dir, keep=KEEP, running=True)
+    if prune:
+        tidy(job_dir, keep=KEEP, running=True)
     return master
 
 
@@ -272,37 +273,12 @@ class Exporter:
             raise ExportError(f"{heap.path}: nothing is committed yet; checkpoint before exporting")
         self.meta_of[epoch] = heap.meta
         req = rank_request(heap, self.job_dir, self.job, epoch, rank, size, self.meta_of[epoch])
-        if wait:
-            return self._export_now(heap, req, epoch)
         self.warm_up()
         handle = ExportHandle(self, epoch, self.helper.send(req))
         self.inflight = handle
         self.started += 1
-        return handle
-
-    def _export_now(self, heap: Heap, req: dict, epoch: int) -> ExportHandle:
-        """The foreground export: this process writes its rank file, rank 0 the master."""
-        blocks, error = None, None
-        try:
-            blocks = run_rank_request(req, heap._native.read_epoch)
-        except Exception as e:   # noqa: BLE001 -- any failure is this rank's vote against the export
-            error = error_text(e)
-        parts = self.comm.gather((blocks, error), root=0)
-        handle = ExportHandle(self, epoch, None)
-        if parts is not None:
-            errors = [(r, e) for r, (_, e) in enumerate(parts) if e]
-            try:
-                if errors:
-                    raise ExportError(f"rank {errors[0][0]}: {errors[0][1]}")
-                m = build_manifest(self.job, epoch, self.comm.Get_size(), self.meta_of.pop(epoch),
-                                   [b for b, _ in parts])
-                handle.state, handle.path = "done", finish(self.job_dir, m)
-            except (OSError, ExportError) as e:
-                handle.state, handle.error = "failed", str(e)
-        handle.state, handle.path, handle.error = self.comm.bcast((handle.state, handle.path, handle.error), root=0)
-        if handle.state != "done":
-            raise ExportError(f"export of epoch {epoch} to {self.job_dir} failed: {handle.error}; "
-                              "LATEST still names the previous export")
+        if wait:   # the same helper, waited for: it reads the file through its own mapping, overlapped
+            handle.wait()
         return handle
 
     def warm_up(self) -> None:

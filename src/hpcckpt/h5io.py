@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -32,8 +33,9 @@ def file_dtype(dt: np.dtype) -> np.dtype:
         return np.dtype(f"V{dt.itemsize}")
 
 
-def committed_rows(read_epoch: Callable, desc: dict, epoch: int, r0: int, r1: int) -> np.ndarray:
-    """Rows [r0, r1) of an object (a pool's objects, an array's first axis) as committed at `epoch`."""
+def committed_rows(read_epoch: Callable, desc: dict, epoch: int, r0: int, r1: int) -> tuple[np.ndarray, int | None]:
+    """Rows [r0, r1) of an object (a pool's objects, an array's first axis) as committed at
+    `epoch`, and their CRC32C when the units read were exactly those rows (else None)."""
     dt = _dtype_parse(desc["dtype"])
     size, count = desc["obj_size"], desc["count"]
     if desc["kind"] == 2:
@@ -44,7 +46,7 @@ def committed_rows(read_epoch: Callable, desc: dict, epoch: int, r0: int, r1: in
         lo, hi = r0 * row, r1 * row
     total = size * count
     if hi <= lo:
-        return np.empty((r1 - r0, *full[1:]), dt)
+        return np.empty((r1 - r0, *full[1:]), dt), None
     if desc["kind"] == 2 and size > 2048:          # objects of whole pages: ppo units each
         ppo = -(-size // 4096)
         u0, u1, base, end = r0 * ppo, r1 * ppo, lo, hi
@@ -56,8 +58,9 @@ def committed_rows(read_epoch: Callable, desc: dict, epoch: int, r0: int, r1: in
     else:                                           # one small unit
         u0, u1, base, end = 0, 1, 0, total
     buf = np.empty(end - base, np.uint8)
-    read_epoch(desc["index"], epoch, u0, u1, buf)
-    return buf[lo - base:hi - base].view(dt).reshape(r1 - r0, *full[1:])
+    crc = read_epoch(desc["index"], epoch, u0, u1, buf)
+    exact = lo == base and hi == end
+    return buf[lo - base:hi - base].view(dt).reshape(r1 - r0, *full[1:]), crc if exact else None
 
 
 def _interior(desc: dict) -> tuple[tuple[slice, ...], list[int]]:
@@ -102,17 +105,24 @@ def _write_object(f, crcs_group, rel: str, read_epoch: Callable, epoch: int, d: 
     chunk_rows = max(1, CHUNK_BYTES // max(1, row_bytes))
     start = inner[0].start if inner else 0
     crc, chunk_crcs = 0, []
-    for a in range(0, rows if row_bytes else 0, chunk_rows):
-        b = min(rows, a + chunk_rows)
-        part = committed_rows(read_epoch, d, epoch, start + a, start + b)
-        part = np.ascontiguousarray(part[(slice(None), *inner[1:])] if shape else part.reshape(()))
-        raw = part.view(np.uint8).reshape(-1) if part.size else np.empty(0, np.uint8)
-        chunk_crcs.append(_native.crc32c(raw))
-        crc = _native.crc32c_combine(crc, chunk_crcs[-1], raw.size)
-        if shape:
-            ds[a:b] = part.view(fdt) if fdt != dt else part
-        else:
-            ds[()] = part.view(fdt) if fdt != dt else part
+    spans = [(a, min(rows, a + chunk_rows)) for a in range(0, rows if row_bytes else 0, chunk_rows)]
+    with ThreadPoolExecutor(1) as pool:   # read chunk i+1 (native, without the GIL) while h5py writes chunk i
+        ahead = pool.submit(committed_rows, read_epoch, d, epoch, start + spans[0][0], start + spans[0][1]) \
+            if spans else None
+        for i, (a, b) in enumerate(spans):
+            part, part_crc = ahead.result()
+            if i + 1 < len(spans):
+                na, nb = spans[i + 1]
+                ahead = pool.submit(committed_rows, read_epoch, d, epoch, start + na, start + nb)
+            whole_rows = all(s.start == 0 and s.stop == n for s, n in zip(inner[1:], part.shape[1:]))
+            part = np.ascontiguousarray(part[(slice(None), *inner[1:])] if shape else part.reshape(()))
+            raw = part.view(np.uint8).reshape(-1) if part.size else np.empty(0, np.uint8)
+            chunk_crcs.append(part_crc if part_crc is not None and whole_rows and raw.size else _native.crc32c(raw))
+            crc = _native.crc32c_combine(crc, chunk_crcs[-1], raw.size)
+            if shape:
+                ds[a:b] = part.view(fdt) if fdt != dt else part
+            else:
+                ds[()] = part.view(fdt) if fdt != dt else part
     crc_arr = np.array(chunk_crcs, "<u4")
     crcs_group.create_dataset(d["name"], data=crc_arr)
     lay = d["layout"]

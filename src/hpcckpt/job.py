@@ -169,7 +169,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
 
 def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None) -> JobHeap:
     heap.comm, heap.job, heap.exporter = comm, name, exporter
-    if exporter is not None and exporter.every:
+    if exporter is not None:
         exporter.warm_up()   # the helper starts (and imports h5py) while the job computes
     return heap
 
