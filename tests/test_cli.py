@@ -50,3 +50,13 @@ def test_info_on_a_missing_target_says_what_to_give():
 def test_bench_prints_one_row_per_tracker():
     out = cli("bench", "--count", "2000", "--trackers", "hash,full")
     assert out.returncode == 0 and out.stdout.count("\n") == 4, out.stderr
+
+
+def test_info_on_a_file_that_is_not_a_heap_is_one_line_naming_it(heap_dir):
+    for content in (b"", b"garbage" * 100, os.urandom(8192)):
+        path = os.path.join(heap_dir, "rank0.heap")
+        with open(path, "wb") as f:
+            f.write(content)
+        out = cli("info", path)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert out.stderr.count("\n") == 1 and path in out.stderr

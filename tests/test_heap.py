@@ -297,3 +297,18 @@ def test_readonly_open_writes_nothing_and_refuses_changes(heap_path):
         assert f.read() == before
     with hpcckpt.Heap.open(heap_path) as heap:
         assert heap.restored
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(("u1", 64)), np.dtype((np.dtype([("x", "<f4"), ("n", ">i2")]), (3,))),
+                                   np.dtype([("a", "<f8", (2,)), ("b", [("c", ">i4"), ("s", "S3")])]),
+                                   np.dtype(">M8[s]"), np.dtype("<U5"), np.dtype(("<c16", (2, 2)))])
+def test_every_numpy_dtype_reads_back_as_it_was_written(heap_path, dtype):
+    with hpcckpt.Heap.create(heap_path, "8MiB") as heap:
+        pool = heap.pool("p", dtype, 5)
+        arr = heap.array("a", (3,), dtype)
+        want_p, want_a = pool[2].dtype, arr.dtype
+        pool[2][...] = np.frombuffer(bytes(range(dtype.itemsize)), np.uint8).view(want_p).reshape(pool[2].shape)
+        raw = bytes(pool[2].tobytes())
+    with hpcckpt.Heap.open(heap_path) as heap:
+        assert heap["p"].dtype == dtype and heap["p"][2].dtype == want_p and heap["a"].dtype == want_a
+        assert heap["p"][2].tobytes() == raw and heap["a"].shape == arr.shape

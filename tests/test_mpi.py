@@ -122,3 +122,44 @@ def test_a_checkpoint_failing_on_one_rank_raises_on_every_rank_and_is_withdrawn(
                    sys.executable, script, heap_dir])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["ok", *map(str, range(n))]
+
+
+OPEN_ONLY = """
+import sys, hpcckpt
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+try:
+    heap = hpcckpt.open(sys.argv[2], comm, root=sys.argv[1], capacity="4MiB")
+except hpcckpt.OwnerMismatchError as e:
+    said = "owner"
+except ValueError as e:
+    said = "name"
+else:
+    said = f"{heap.restored_from}:{heap.epoch}"
+    heap.close()
+said = comm.gather(said)
+if comm.rank == 0:
+    print(*said)
+"""
+
+
+def open_only(n: int, root: str, name: str) -> list[str]:
+    proc = launch(["mpiexec", "-n", str(n), sys.executable, "-c", textwrap.dedent(OPEN_ONLY), root, name])
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_heaps_created_but_never_checkpointed_on_some_ranks_start_afresh(heap_dir):
+    assert open_only(2, heap_dir, "j") == ["None:None", "None:None"]
+    os.unlink(os.path.join(heap_dir, "j", "rank1.heap"))      # as if rank 1 died while creating its heap
+    assert open_only(2, heap_dir, "j") == ["None:None", "None:None"]
+
+
+def test_owner_mismatch_arrives_as_its_own_class_on_every_rank(heap_dir):
+    assert open_only(2, heap_dir, "j") == ["None:None", "None:None"]
+    assert open_only(3, heap_dir, "j") == ["owner"] * 3
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "x" * 64])
+def test_job_names_that_escape_the_root_or_cannot_reopen_are_refused(heap_dir, name):
+    assert open_only(2, heap_dir, name) == ["name", "name"]

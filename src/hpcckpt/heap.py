@@ -82,11 +82,27 @@ def _dtype_str(dtype: np.dtype) -> str:
     if dtype.hasobject:
         raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in a persistent heap; "
                         "use plain numeric, bytes or structured dtypes")
-    return repr(np.lib.format.dtype_to_descr(dtype))
+    return repr(_descr(dtype))
+
+
+def _descr(dtype: np.dtype) -> Any:
+    """A literal that describes `dtype` exactly; sub-array dtypes, which numpy's own description
+    flattens to void bytes, become {"subarray": (base, shape)}."""
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return {"subarray": (_descr(base), tuple(shape))}
+    return np.lib.format.dtype_to_descr(dtype)
+
+
+def _from_descr(d: Any) -> np.dtype:
+    if isinstance(d, dict):
+        base, shape = d["subarray"]
+        return np.dtype((_from_descr(base), tuple(shape)))
+    return np.lib.format.descr_to_dtype(d)
 
 
 def _dtype_parse(text: str) -> np.dtype:
-    return np.lib.format.descr_to_dtype(ast.literal_eval(text))
+    return _from_descr(ast.literal_eval(text))
 
 
 class Pool:

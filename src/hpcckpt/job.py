@@ -22,7 +22,7 @@ from .errors import HeapError
 from .export import Exporter, ExportHandle
 from .heap import Heap, _check_name
 from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
-from .mpi import agree, coordinated_checkpoint, default_root, error_text, private_dir
+from .mpi import agree, coordinated_checkpoint, default_root, error_class, error_text, private_dir
 from .restore import fill_from_export
 
 
@@ -99,7 +99,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     try:
         private_dir(directory)
     except (OSError, HeapError) as e:
-        err = str(e)
+        err = error_text(e)
     agree(comm, err)
     exporter = Exporter(comm, name, export_dir, export_every) if export_dir else None
     exports = _list_exports(comm, exporter)
@@ -135,8 +135,9 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
             broken = [(r, s[1]) for r, s in enumerate(states) if s[1]]
             why = (f"rank {broken[0][0]} cannot open its heap: {broken[0][1]}" if broken else
                    f"rank(s) {missing} have no heap while the others do")
-            raise HeapError(f"{directory}: {why}; the job cannot restart from local heaps (nothing was "
-                            f"overwritten) and no export is given (export_dir=). Remove {directory} to start afresh.")
+            cls = error_class([e for _, e in broken]) if broken else HeapError
+            raise cls(f"{directory}: {why}; the job cannot restart from local heaps (nothing was "
+                      f"overwritten) and no export is given (export_dir=). Remove {directory} to start afresh.")
         if use_export:   # local heaps missing, damaged, older than the export, or of another rank count
             if heap is not None:
                 heap._native.abandon()

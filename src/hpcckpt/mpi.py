@@ -35,12 +35,27 @@ def error_text(e: BaseException) -> str:
 
 
 def agree(comm, ok_or_error: str | None, cls: type[Exception] = HeapError) -> None:
-    """Raise the same error on every rank if any rank reported one."""
+    """Raise the same error on every rank if any rank reported one (an ``error_text``).
+
+    When every failed rank raised the same hpcckpt error class (or FileNotFoundError,
+    PermissionError, ValueError), every rank raises that class, so ``except`` works under MPI.
+    """
     errors = comm.allgather(ok_or_error)
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         ranks = ", ".join(str(r) for r, _ in failed)
-        raise cls(f"on rank(s) {ranks}: {failed[0][1]}")
+        raise error_class([e for _, e in failed], cls)(f"on rank(s) {ranks}: {failed[0][1]}")
+
+
+def error_class(texts: list[str], default: type[Exception] = HeapError) -> type[Exception]:
+    """The class named by every one of these ``error_text``s, if they agree and it is known."""
+    kinds = {t.split(":", 1)[0] for t in texts}
+    known = {c.__name__: c for c in _subclasses(HeapError) + [FileNotFoundError, PermissionError, ValueError]}
+    return known.get(kinds.pop(), default) if len(kinds) == 1 else default
+
+
+def _subclasses(c: type) -> list[type]:
+    return [c] + [d for s in c.__subclasses__() for d in _subclasses(s)]
 
 
 def private_dir(path: str) -> None:
