@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import signal
 import sys
 
@@ -22,6 +23,7 @@ def _die_with_parent() -> None:
 
 def main() -> int:
     _die_with_parent()
+    os.nice(19)   # yield to the ranks: waking up must not preempt the compute it works beside
     import h5py  # noqa: F401  (imported before the first request, while the job computes)
 
     from .export import KEEP, finish_from_sidecars, open_peek, run_rank_request

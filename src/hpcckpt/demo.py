@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     exported = heap.stats.get("export", {}) if heap is not None else {}
     say("timing: " + json.dumps({"elapsed": elapsed, "t_save": t_ckpt, "n_save": n_ckpt, "steps": args.steps - start,
                                  "mode": mode, **(phases if heap is not None else {}),
-                                 "n_export": exported.get("started", 0), "t_export_stall": exported.get("t_stall", 0.0)}))
+                                 "n_export": exported.get("started", 0), "t_export_stall": exported.get("t_stall", 0.0),
+                                 **{f"export_{k}": v for k, v in exported.items() if k.startswith("t_") and k != "t_stall"}}))
 
     sums = checksums(comm, block, u, pool, args.nx, args.ny)
     if heap is not None:

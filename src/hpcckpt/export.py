@@ -261,6 +261,7 @@ class Exporter:
         self.finishing: list[ExportHandle] = []         # rank 0: masters being written
         self.meta_of: dict[int, dict] = {}
         self.stall = 0.0      # seconds the application waited for background exports, in all
+        self.parts = {"t_wait": 0.0, "t_vote": 0.0, "t_start": 0.0}   # ... split by where
         self.started = self.skipped = 0
 
     def start(self, heap: Heap, wait: bool) -> ExportHandle:
@@ -288,7 +289,7 @@ class Exporter:
 
     def figures(self) -> dict:
         """What the background exports cost the application so far."""
-        return {"started": self.started, "skipped": self.skipped, "t_stall": self.stall}
+        return {"started": self.started, "skipped": self.skipped, "t_stall": self.stall, **self.parts}
 
     # -- the Participant protocol (hpcckpt.mpi.coordinated_checkpoint) ---------------------
     def before_prepare(self, heap: Heap, epoch: int) -> None:
@@ -296,7 +297,7 @@ class Exporter:
         if h is not None and h._ticket is not None and (epoch >= h.epoch + 2 or heap._info()["entries_pending"]):
             t = time.perf_counter()
             h._take_local()   # epoch E+2 overwrites the slots E's export reads; a commit wipes freed space
-            self.stall += time.perf_counter() - t
+            self._spent("t_wait", t)
 
     def vote(self) -> float:
         t = time.perf_counter()
@@ -306,7 +307,7 @@ class Exporter:
                 self.finishing.remove(h)
                 self._report(h)
         v = 1.0 if self.inflight is None else self.inflight.local_vote()
-        self.stall += time.perf_counter() - t
+        self._spent("t_vote", t)
         return v
 
     def after_commit(self, heap: Heap, votes: np.ndarray) -> None:
@@ -325,7 +326,12 @@ class Exporter:
                 self.start(heap, wait=False)
             else:
                 self.skipped += 1
-        self.stall += time.perf_counter() - t
+        self._spent("t_start", t)
+
+    def _spent(self, part: str, since: float) -> None:
+        dt = time.perf_counter() - since
+        self.parts[part] += dt
+        self.stall += dt
 
     def _report(self, h: ExportHandle) -> None:
         if h.state == "failed" and self.comm.Get_rank() == 0:
