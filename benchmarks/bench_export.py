@@ -234,7 +234,7 @@ def demo_part(args, work: str) -> dict:
     mpiexec = find_mpiexec()
     common = [mpiexec, "-n", "4", sys.executable, "-m", "hpcckpt.demo", "--steps", str(args.steps),
               "--checkpoint-every", "10"]
-    runs, elapsed = {"h5py": [], "export": []}, {}
+    runs, elapsed, parts = {"h5py": [], "export": []}, {}, []
     for rep in range(args.repeats):
         for mode in runs:
             root = os.path.join(work, f"demo{rep}{mode}")
@@ -246,11 +246,14 @@ def demo_part(args, work: str) -> dict:
                 raise SystemExit(f"demo ({mode}) failed: {proc.stderr[-2000:]}")
             t = json.loads(line[len("timing: "):])
             runs[mode].append(t["t_save"] / t["n_save"] if mode == "h5py" else t["t_export_stall"] / t["n_export"])
+            if mode == "export":
+                parts.append({k: t[k] for k in t if k.startswith("export_t_")})
             elapsed.setdefault(mode, []).append(t["elapsed"])
             shutil.rmtree(root, ignore_errors=True)
     out = {"t_h5py_dump": statistics.median(runs["h5py"]), "t_export_stall": statistics.median(runs["export"]),
            "demo_elapsed_h5py_every_10_steps": statistics.median(elapsed["h5py"]),
-           "demo_elapsed_export_every_50_steps": statistics.median(elapsed["export"])}
+           "demo_elapsed_export_every_50_steps": statistics.median(elapsed["export"]),
+           "demo_export_runs": runs["export"], "demo_h5py_runs": runs["h5py"], "demo_export_parts": parts}
     out["demo_stall_vs_sync"] = out["t_export_stall"] / out["t_h5py_dump"]
     return out
 
@@ -262,11 +265,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200, help="demo steps")
     ap.add_argument("--dir", default="/dev/shm", help="where heaps and exports go (same file system for both)")
     ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--only-demo", action="store_true")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="hpcckpt-bench-export-", dir=args.dir)
     try:
-        res = {"mib": args.mib, "repeats": args.repeats, "dir": args.dir, **array_parts(args, work),
-               "vds": vds_open(work)}
+        res = {"mib": args.mib, "repeats": args.repeats, "dir": args.dir}
+        if not args.only_demo:
+            res.update({**array_parts(args, work), "vds": vds_open(work)})
         if not args.no_demo:
             res.update(demo_part(args, work))
     finally:
