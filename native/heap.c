@@ -98,11 +98,12 @@ uint32_t heap_entry_crc(const struct hk_entry *e)
 void heap_release_entry(hk_heap *h, uint32_t idx)
 {
     struct hk_entry *e = &h->cat[idx];
+    int alive = !HK_EPOCH_DEAD(e->epochs);   /* a freed entry left the live count at its free */
     alloc_space_free(h, e);
     alloc_wipe(h, e);
     vec_push32(&h->free_entries, idx);
     vec_push32(&h->touched, idx);
-    h->entries_live--;
+    h->entries_live -= alive;
 }
 
 /* heap_alloc -- create a catalog entry and its space.  The object is zero (free space
@@ -244,6 +245,9 @@ int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char 
     if (index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE)
         return hk_fail(ENOENT, "no object at catalog index %lu", (unsigned long)index);
     const struct hk_entry *e = &h->cat[index];
+    if (e->crc != heap_entry_crc(e) || e->dtype_len >= HK_DTYPE_MAX)   /* lengths are never trusted */
+        return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
+                       (unsigned long)index);
     memcpy(name, e->name, HK_NAME_MAX);
     name[HK_NAME_MAX - 1] = 0;
     memcpy(dtype, e->dtype, e->dtype_len);

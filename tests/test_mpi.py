@@ -163,3 +163,38 @@ def test_owner_mismatch_arrives_as_its_own_class_on_every_rank(heap_dir):
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "x" * 64])
 def test_job_names_that_escape_the_root_or_cannot_reopen_are_refused(heap_dir, name):
     assert open_only(2, heap_dir, name) == ["name", "name"]
+
+
+INTERRUPTED = """
+import sys, hpcckpt, hpcckpt.mpi as coordination
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+heap = hpcckpt.open("k", comm, root=sys.argv[1], capacity="4MiB")
+heap.array("a", 10)[:] = 1
+heap.checkpoint(step=1)
+if comm.rank == 1:   # Ctrl-C lands on rank 1 while it prepares
+    real = coordination._call
+    def interrupted(fn, *args):
+        if fn == heap._native.prepare:
+            raise KeyboardInterrupt
+        return real(fn, *args)
+    coordination._call = interrupted
+try:
+    heap.checkpoint(step=2)
+    said = "committed"
+except KeyboardInterrupt:
+    said = "interrupted"
+except hpcckpt.CheckpointError as e:
+    said = "failed" if "rank(s) 1" in str(e) else str(e)
+said = comm.gather((said, heap.epoch))
+if comm.rank == 0:
+    print(*(f"{s}:{e}" for s, e in said))
+"""
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_keyboard_interrupt_on_one_rank_before_the_vote_fails_every_rank_and_none_hangs(heap_dir, n):
+    proc = launch(["mpiexec", "-n", str(n), sys.executable, "-c", textwrap.dedent(INTERRUPTED), heap_dir],
+                  timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["failed:1", "interrupted:1"] + ["failed:1"] * (n - 2)

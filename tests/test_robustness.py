@@ -133,3 +133,42 @@ def test_a_wipe_torn_by_a_crash_leaves_an_openable_heap(heap_path):
         assert sorted(heap) == ["b"] and heap["b"].tolist() == [2.0] * 8
         heap.array("c", 8)
         assert heap["c"].tolist() == [0.0] * 8
+
+
+def test_live_count_stays_right_after_frees_and_commits(heap_path):
+    with hpcckpt.Heap.create(heap_path, "4MiB") as heap:
+        for name in "abc":
+            heap.array(name, 10)
+        heap.checkpoint()
+        del heap["a"]
+        assert heap.info["entries_live"] == 2
+        heap.checkpoint()                 # the free commits: its entry is released
+        del heap["b"]                     # and one never committed goes at once
+        heap.array("d", 3)
+        del heap["d"]
+        assert heap.info["entries_live"] == 1 and len(heap) == 1
+
+
+@pytest.mark.parametrize("bad,error", [(np.array([2**64 - 1], np.uint64), IndexError), ([2.9], TypeError),
+                                       (np.array([5], np.uint8), IndexError)])
+def test_pool_put_and_take_refuse_indices_that_would_wrap_or_truncate(heap_path, bad, error):
+    with hpcckpt.Heap.create(heap_path, "4MiB") as heap:
+        pool = heap.pool("p", "i8", 5)
+        with pytest.raises(error):
+            pool.put(bad, [7])
+        with pytest.raises(error):
+            pool.take(bad)
+        assert pool.take(np.arange(5)).tolist() == [0] * 5
+
+
+def test_a_damaged_length_field_is_refused_by_info_and_verify_without_a_signal(heap_path):
+    with hpcckpt.Heap.create(heap_path, "4MiB") as heap:
+        heap.array("u", 10)
+        heap.checkpoint()
+    with open(heap_path, "r+b") as f:                 # hk_entry.dtype_len of entry 0 (offset 60)
+        f.seek(CATALOG + 60)
+        f.write(struct.pack("<H", 0xFFFF))
+    for cmd in ("info", "verify"):
+        out = subprocess.run([sys.executable, "-m", "hpcckpt", cmd, heap_path], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 1 and "corrupt" in out.stderr and "Traceback" not in out.stderr, out.stderr

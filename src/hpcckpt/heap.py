@@ -136,7 +136,12 @@ class Pool:
         return (self[i] for i in range(self._count))
 
     def _indices(self, indices: Any) -> np.ndarray:
-        idx = np.asarray(indices, dtype=np.int64).ravel()
+        raw = np.asarray(indices)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise TypeError(f"pool {self.name!r}: indices must be integers, got {raw.dtype}")
+        if raw.size and raw.dtype.kind == "u" and raw.max() >= self._count:
+            raise IndexError(f"pool {self.name!r} has {self._count} objects; index {int(raw.max())} is out of range")
+        idx = raw.astype(np.int64).ravel()
         idx = np.where(idx < 0, idx + self._count, idx)
         if idx.size and (idx.min() < 0 or idx.max() >= self._count):
             raise IndexError(f"pool {self.name!r} has {self._count} objects; an index is out of range")
@@ -261,7 +266,7 @@ class Heap:
         hidden = None
         i = self._native.next_live(0)
         while i >= 0:
-            name = self._native.lookup(i)[0]
+            name = _call(self._native.lookup, i)[0]
             if name == LAYOUT_OBJECT:
                 hidden = i
             else:
