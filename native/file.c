@@ -2,6 +2,7 @@
  * arm the tracker), close it cleanly, drop it as a crash would, describe it. */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +12,45 @@
 #include <time.h>
 #include <unistd.h>
 #include "internal.h"
+
+#define FILE_MAX_OPEN 256
+static hk_heap *file_open_heaps[FILE_MAX_OPEN];   /* for the fork handler; changed with the GIL held */
+static pthread_once_t file_atfork_once = PTHREAD_ONCE_INIT;
+
+/* file_after_fork -- in a forked child every open heap becomes a detached copy-on-write view:
+ * the child's writes never reach the parent's heap, and nothing the child does (exit, close,
+ * a `with` block) unlocks, marks clean or writes the parent's file. */
+static void file_after_fork(void)
+{
+    for (int i = 0; i < FILE_MAX_OPEN; i++) {
+        hk_heap *h = file_open_heaps[i];
+        if (!h || h->closed)
+            continue;
+        if (!h->peek)
+            alias_map_views(h, 1);
+        h->closed = 1;   /* every core entry point refuses a closed heap */
+        h->forked = 1;
+        close(h->fd);    /* the parent's descriptor keeps the lock: only an explicit unlock would drop it */
+        h->fd = -1;
+        file_open_heaps[i] = NULL;
+    }
+}
+
+static void file_install_atfork(void)
+{
+    pthread_atfork(NULL, NULL, file_after_fork);
+}
+
+/* file_register -- remember an open heap (or forget it), for the fork handler. */
+static void file_register(hk_heap *h, int on)
+{
+    pthread_once(&file_atfork_once, file_install_atfork);
+    for (int i = 0; i < FILE_MAX_OPEN; i++)
+        if (on ? file_open_heaps[i] == NULL : file_open_heaps[i] == h) {
+            file_open_heaps[i] = on ? h : NULL;
+            return;
+        }
+}
 
 /* file_record_valid -- is epoch record r intact? */
 static int file_record_valid(const struct hk_record *r)
@@ -169,6 +209,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
         goto fail;
     h->all_dirty = h->was_clean && h->prepared > 0;
     if (h->readonly) {
+        file_register(h, 1);
         *out = h;
         return 0;
     }
@@ -177,6 +218,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
     pmem_flush(h, h->st, sizeof *h->st);
     if ((rc = pmem_drain(h)))
         goto fail;
+    file_register(h, 1);
     *out = h;
     return 0;
 fail:
@@ -192,6 +234,7 @@ fail:
 /* file_detach -- stop tracking, detach the views from the file, drop the file. */
 static void file_detach(hk_heap *h)
 {
+    file_register(h, 0);
     if (h->ops && h->track)
         h->ops->detach(h);
     if (!h->peek)

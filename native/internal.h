@@ -70,6 +70,7 @@ struct hk_heap {
     /* checkpoint state */
     uint64_t prepared, committed;
     int was_clean, all_dirty, closed;
+    int forked;                     /* this is a forked child's copy: detached, never written */
     uint64_t *dmask;                /* dirty units of each page, one bit per slot, since the last prepare */
     struct u32vec dpages;           /* pages whose dmask is not zero */
     struct unitvec work;

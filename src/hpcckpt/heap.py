@@ -193,6 +193,7 @@ class Heap:
         self.restored_from: str | None = None
         self._reblock = None   # set by the restore layer: re-blocks a distributed object from an export
         self._layout_index: int | None = None
+        self._pid = os.getpid()   # a forked child holds a detached copy (see README "Decisions")
         info = native.info()
         self._load_names()
         hook = crash_hook(info["rank"])

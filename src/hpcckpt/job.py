@@ -65,7 +65,7 @@ class JobHeap(Heap):
 
     def close(self) -> None:
         """Finish an export in flight (collective then), make the heap durable and mark it clean."""
-        if self.exporter is not None:
+        if self.exporter is not None and os.getpid() == self._pid:
             self.exporter.drain()
         super().close()
 
