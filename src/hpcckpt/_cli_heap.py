@@ -128,8 +128,12 @@ def bench(argv: list[str]) -> int:
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--nvm-gbps", type=float, default=0.0, help="model NVM write bandwidth (0: off)")
     ap.add_argument("--trackers", default=",".join(available_trackers()))
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     rows = measure_trackers(args.count, args.size, args.fraction, args.trackers.split(","), args.nvm_gbps)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
     print(f"{args.count} objects of {args.size} B, {args.fraction:.1%} rewritten"
           + (f", NVM model {args.nvm_gbps} GB/s" if args.nvm_gbps else ""))
     print(f"{'tracker':>9} {'ckpt ms':>9} {'copied MB':>10} {'page-grained MB':>16}")
