@@ -60,3 +60,17 @@ def test_info_on_a_file_that_is_not_a_heap_is_one_line_naming_it(heap_dir):
         out = cli("info", path)
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert out.stderr.count("\n") == 1 and path in out.stderr
+
+
+def test_version_is_printed():
+    out = cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"hpcckpt {hpcckpt.__version__}"
+
+
+def test_single_process_stats_have_the_same_keys_as_under_mpi_and_int_counters(heap_path):
+    with hpcckpt.Heap.create(heap_path, "4MiB") as heap:
+        heap.array("u", 100)[:] = 1
+        heap.checkpoint()
+        s = heap.stats
+        assert isinstance(s["total"]["bytes_copied"], int) and s["total"]["bytes_copied"] == 800
+        assert set(s["max"]) == set(s["total"])

@@ -50,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``argv`` (default ``sys.argv[1:]``) to a subcommand; returns its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--version"]:
+        from hpcckpt import __version__
+
+        print(f"hpcckpt {__version__}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         parser().parse_args(argv[:1])  # prints usage or help and exits
     from hpcckpt.errors import HeapError

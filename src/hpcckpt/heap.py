@@ -456,7 +456,9 @@ class Heap:
         blob = json.dumps(meta, sort_keys=True).encode()
         epoch = _call(self._native.prepare, blob)
         _call(self._native.commit)
-        self._stats = self._local_stats()
+        local = self._local_stats()
+        numbers = {k: v for k, v in local.items() if isinstance(v, (int, float)) and k != "epoch"}
+        self._stats = {**local, "total": dict(numbers), "max": dict(numbers)}   # the same keys as under MPI
         return epoch
 
     def _local_stats(self) -> dict:
