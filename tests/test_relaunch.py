@@ -108,3 +108,9 @@ def test_missing_command_says_to_put_it_after_double_dash() -> None:
     done = relaunch("-n", "2", "python", "app.py")
     assert done.returncode == 2
     assert "put the command after --, e.g. hpcckpt run -n 2 -- python app.py" in done.stderr
+
+
+def test_a_command_that_cannot_be_executed_is_not_relaunched() -> None:
+    proc = relaunch("-n", "2", "--", "no-such-program-here")
+    assert proc.returncode == 2 and "no-such-program-here: no such program" in proc.stderr
+    assert "attempt" not in proc.stderr

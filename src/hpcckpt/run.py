@@ -142,6 +142,7 @@ def log(line: str) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="hpcckpt run",
+        usage="hpcckpt run [-h] -n N [--max-restarts R] [--mpiexec PATH] -- command [args ...]",
         description="Run an MPI job under mpiexec and relaunch it after a failure.",
         epilog="example: hpcckpt run -n 4 -- python app.py --steps 100",
     )
@@ -157,6 +158,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error(f"put the command after --, e.g. hpcckpt run -n {args.np} -- {example}")
     if args.np < 1 or args.max_restarts < 0:
         parser.error("need -n >= 1 and --max-restarts >= 0")
+    program = args.command[0]
+    runnable = shutil.which(program) if os.sep not in program else (program if os.access(program, os.X_OK) else None)
+    if runnable is None:   # it would fail the same way on every attempt: never relaunch it
+        parser.error(f"{program}: no such program (not executable, or not on PATH); nothing was started")
     return args
 
 
