@@ -100,16 +100,11 @@ def verify_export(job_dir: str, epoch: int | None, quiet: bool = False) -> dict:
     nbytes = 0
     try:
         for o, b in blocks:
-            dt = _dtype_parse(o["dtype"])
-            data = reader.read(b, dt, tuple(slice(0, n) for n in b["shape"]))
-            from . import _native
-            import numpy as np
-
-            raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1) if data.size else b""
-            if _native.crc32c(raw) != b["crc32c"]:
+            data = reader.read(b, _dtype_parse(o["dtype"]), tuple(slice(0, n) for n in b["shape"]))
+            if reader.block_crc(b, data.nbytes) != b["crc32c"]:   # every chunk checked: now the whole
                 raise ExportError(f"{os.path.join(job_dir, b['file'])}: {b['dataset']!r} does not match its "
                                   "checksum in the manifest")
-            nbytes += len(raw)
+            nbytes += data.nbytes
             bar.step()
     finally:
         bar.close()

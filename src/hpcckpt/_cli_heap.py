@@ -89,31 +89,36 @@ def verify(argv: list[str]) -> int:
     ap.add_argument("targets", nargs="+", help="heap file, directory of heaps, job name, export directory or master")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    bad, report = 0, []
-    for t in args.targets:
-        where = find_export(t)
-        if not where:
-            continue
+    report = []
+
+    def check(path: str, run) -> None:
+        """One target: run() returns its figures and the line to print, or raises naming the damage."""
         try:
-            r = verify_export(*where, quiet=args.json)
-            report.append({**r, "ok": True})
+            figures, line = run()
+            report.append({"path": path, "ok": True, **figures})
             if not args.json:
-                print(f"{r['path']}: ok, epoch {r['epoch']}, {r['blocks']} blocks ({r['bytes']} bytes) verified")
-        except (HeapError, OSError) as e:
-            report.append({"path": t, "ok": False, "error": str(e)})
-            print(f"{t}: FAILED: {e}", file=sys.stderr)
-            bad += 1
-    for path in (p for t in args.targets if not find_export(t) for p in heap_files(t)):
-        try:
-            with Heap.open(path, readonly=True) as heap:
-                n, epoch = heap.verify(), heap.info["prepared"] or None
-            report.append({"path": path, "ok": True, "epoch": epoch, "copies": n})
-            if not args.json:
-                print(f"{path}: ok, epoch {epoch}, {n} committed copies verified")
+                print(f"{path}: ok, {line}")
         except (HeapError, OSError) as e:
             report.append({"path": path, "ok": False, "error": str(e)})
             print(f"{path}: FAILED: {e}", file=sys.stderr)
-            bad += 1
+
+    def verify_heap(path: str):
+        with Heap.open(path, readonly=True) as heap:
+            n, epoch = heap.verify(), heap.info["prepared"] or None
+        return {"epoch": epoch, "copies": n}, f"epoch {epoch}, {n} committed copies verified"
+
+    def verify_one_export(where):
+        r = verify_export(*where, quiet=args.json)
+        return r, f"epoch {r['epoch']}, {r['blocks']} blocks ({r['bytes']} bytes) verified"
+
+    for t in args.targets:
+        where = find_export(t)
+        if where:
+            check(t, lambda: verify_one_export(where))
+        else:
+            for path in heap_files(t):
+                check(path, lambda: verify_heap(path))
+    bad = sum(not r["ok"] for r in report)
     if args.json:
         print(json.dumps(report, indent=1))
     return 1 if bad else 0

@@ -178,8 +178,8 @@ class ExportHandle:
     and LATEST), ``done`` or ``failed``.
     """
 
-    def __init__(self, exporter: Exporter, epoch: int, ticket: int | None):
-        self.exporter, self.epoch, self._ticket = exporter, epoch, ticket
+    def __init__(self, exporter: Exporter, epoch: int, meta: dict, ticket: int | None):
+        self.exporter, self.epoch, self.meta, self._ticket = exporter, epoch, meta, ticket
         self._finish_ticket: int | None = None
         self.error: str | None = None
         self.path: str | None = None
@@ -211,7 +211,7 @@ class ExportHandle:
         if ex.comm.Get_rank() == 0:
             self._finish_ticket = ex.helper.send({"op": "finish", "job_dir": ex.job_dir, "job": ex.job,
                                                   "epoch": self.epoch, "world_size": ex.comm.Get_size(),
-                                                  "meta": ex.meta_of.pop(self.epoch, {})})
+                                                  "meta": self.meta})
 
     def settle(self, block: bool) -> None:
         """Rank 0: take the master's reply (if it is there, or waiting for it)."""
@@ -259,7 +259,6 @@ class Exporter:
         self.helper: Helper | None = None
         self.inflight: ExportHandle | None = None      # rank files being written
         self.finishing: list[ExportHandle] = []         # rank 0: masters being written
-        self.meta_of: dict[int, dict] = {}
         self.stall = 0.0      # seconds the application waited for background exports, in all
         self.parts = {"t_wait": 0.0, "t_vote": 0.0, "t_start": 0.0}   # ... split by where
         self.started = self.skipped = 0
@@ -272,10 +271,10 @@ class Exporter:
             self.inflight.wait()
         if not epoch:
             raise ExportError(f"{heap.path}: nothing is committed yet; checkpoint before exporting")
-        self.meta_of[epoch] = heap.meta
-        req = rank_request(heap, self.job_dir, self.job, epoch, rank, size, self.meta_of[epoch])
+        meta = heap.meta
+        req = rank_request(heap, self.job_dir, self.job, epoch, rank, size, meta)
         self.warm_up()
-        handle = ExportHandle(self, epoch, self.helper.send(req))
+        handle = ExportHandle(self, epoch, meta, self.helper.send(req))
         self.inflight = handle
         self.started += 1
         if wait:   # the same helper, waited for: it reads the file through its own mapping, overlapped

@@ -95,6 +95,18 @@ def write_rank_file(path: str, rel: str, read_epoch: Callable, epoch: int, meta:
     return blocks
 
 
+def _prefetched(read: Callable, spans: list[tuple[int, int]]):
+    """read(*span) for each span, the next one running in a thread (native reads drop the GIL)
+    while the caller writes the current one with h5py."""
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, *spans[0]) if spans else None
+        for i in range(len(spans)):
+            done = ahead.result()
+            if i + 1 < len(spans):
+                ahead = pool.submit(read, *spans[i + 1])
+            yield done
+
+
 def _write_object(f, crcs_group, rel: str, read_epoch: Callable, epoch: int, d: dict) -> dict:
     dt = _dtype_parse(d["dtype"])
     fdt = file_dtype(dt)
@@ -106,23 +118,14 @@ def _write_object(f, crcs_group, rel: str, read_epoch: Callable, epoch: int, d: 
     start = inner[0].start if inner else 0
     crc, chunk_crcs = 0, []
     spans = [(a, min(rows, a + chunk_rows)) for a in range(0, rows if row_bytes else 0, chunk_rows)]
-    with ThreadPoolExecutor(1) as pool:   # read chunk i+1 (native, without the GIL) while h5py writes chunk i
-        ahead = pool.submit(committed_rows, read_epoch, d, epoch, start + spans[0][0], start + spans[0][1]) \
-            if spans else None
-        for i, (a, b) in enumerate(spans):
-            part, part_crc = ahead.result()
-            if i + 1 < len(spans):
-                na, nb = spans[i + 1]
-                ahead = pool.submit(committed_rows, read_epoch, d, epoch, start + na, start + nb)
-            whole_rows = all(s.start == 0 and s.stop == n for s, n in zip(inner[1:], part.shape[1:]))
-            part = np.ascontiguousarray(part[(slice(None), *inner[1:])] if shape else part.reshape(()))
-            raw = part.view(np.uint8).reshape(-1) if part.size else np.empty(0, np.uint8)
-            chunk_crcs.append(part_crc if part_crc is not None and whole_rows and raw.size else _native.crc32c(raw))
-            crc = _native.crc32c_combine(crc, chunk_crcs[-1], raw.size)
-            if shape:
-                ds[a:b] = part.view(fdt) if fdt != dt else part
-            else:
-                ds[()] = part.view(fdt) if fdt != dt else part
+    reads = _prefetched(lambda a, b: committed_rows(read_epoch, d, epoch, start + a, start + b), spans)
+    for (a, b), (part, part_crc) in zip(spans, reads):
+        whole_rows = all(s.start == 0 and s.stop == n for s, n in zip(inner[1:], part.shape[1:]))
+        part = np.ascontiguousarray(part[(slice(None), *inner[1:])] if shape else part.reshape(()))
+        raw = part.view(np.uint8).reshape(-1) if part.size else np.empty(0, np.uint8)
+        chunk_crcs.append(part_crc if part_crc is not None and whole_rows and raw.size else _native.crc32c(raw))
+        crc = _native.crc32c_combine(crc, chunk_crcs[-1], raw.size)
+        ds[(slice(a, b),) if shape else ()] = part.view(fdt) if fdt != dt else part
     crc_arr = np.array(chunk_crcs, "<u4")
     crcs_group.create_dataset(d["name"], data=crc_arr)
     lay = d["layout"]
@@ -202,6 +205,15 @@ class BlockReader:
                 raise ExportError(f"{where}: chunk checksums do not match the manifest (damaged file)")
             self._crcs[key] = arr
         return self._crcs[key]
+
+    def block_crc(self, b: dict, nbytes: int) -> int:
+        """The CRC32C of a whole block of `nbytes`, combined from its (checked) chunk CRCs."""
+        crcs = self._chunk_crcs(b)
+        per = nbytes // max(1, b["shape"][0]) * b["chunk_rows"] if b["shape"] else nbytes
+        crc = 0
+        for i, c in enumerate(crcs.tolist()):
+            crc = _native.crc32c_combine(crc, c, min(per, nbytes - i * per))
+        return crc
 
     def read(self, b: dict, dtype: np.dtype, src: tuple[slice, ...]) -> np.ndarray:
         """The part `src` of block `b`, every chunk it touches checked."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 
 from .errors import HeapError
@@ -148,8 +149,6 @@ def load_manifest(job_dir: str, epoch: int) -> Manifest:
 
 def remove_export(job_dir: str, epoch: int) -> None:
     """Remove every piece of one export (missing pieces are fine)."""
-    import shutil
-
     p = export_paths(job_dir, epoch)
     for f in (p["manifest"], p["master"]):
         try:

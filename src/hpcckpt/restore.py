@@ -22,7 +22,7 @@ from .plan import covered, default_blocks, pieces
 _KINDS = {"array": 1, "pool": 2}
 
 
-def private_objects_block_resize(m: Manifest, size: int) -> list[str]:
+def private_objects_that_cannot_move(m: Manifest, size: int) -> list[str]:
     """Rank-private objects that cannot follow a change of rank count."""
     if size == m.world_size:
         return []
@@ -35,7 +35,7 @@ def fill_from_export(heap: Heap, job_dir: str, m: Manifest, rank: int, size: int
     Also installs ``heap._reblock`` so that a different block declared before the first
     checkpoint is read from the export again.
     """
-    stuck = private_objects_block_resize(m, size)
+    stuck = private_objects_that_cannot_move(m, size)
     if stuck:
         raise ExportError(f"{job_dir}: the export of epoch {m.epoch} was written by {m.world_size} ranks and "
                           f"holds rank-private objects {stuck}; restart on {m.world_size} ranks, or declare them "
@@ -122,4 +122,4 @@ def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offse
             target[inner] = data
 
 
-__all__ = ["fill_from_export", "private_objects_block_resize"]
+__all__ = ["fill_from_export", "private_objects_that_cannot_move"]
