@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "internal.h"
 
 
@@ -70,6 +71,55 @@ static void alloc_zero(hk_heap *h, uint64_t off, uint64_t len)
         return;
     memset(h->data + off, 0, len);
     pmem_flush(h, h->data + off, len);
+}
+
+/* alloc_nonzero -- does [p, p+len) hold a byte that is not zero? */
+static int alloc_nonzero(const uint8_t *p, uint64_t len)
+{
+    for (; len && ((uintptr_t)p & 7); len--)
+        if (*p++)
+            return 1;
+    const uint64_t *w = (const uint64_t *)p;
+    for (; len >= 64; len -= 64, w += 8)
+        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7])
+            return 1;
+    for (p = (const uint8_t *)w; len; len--)
+        if (*p++)
+            return 1;
+    return 0;
+}
+
+/* alloc_check_zero -- is a data range about to be handed out zero, as free space must be?
+ * If not, clear it and note the repair.  Holes of a sparse file are zero: only data is read. */
+int alloc_check_zero(hk_heap *h, uint64_t off, uint64_t len)
+{
+    uint64_t end = off + len, at = off, base = h->sb->off_data;
+    int sparse = !(h->sb->flags & HK_FLAG_PREALLOCATED) && len >= HK_PAGE, found = 0;
+    while (at < end) {
+        uint64_t lo = at, hi = end;
+        if (sparse) {
+            off_t d = lseek(h->fd, (off_t)(base + at), SEEK_DATA), x;
+            if (d < 0 && errno == ENXIO)
+                break;   /* nothing but holes from here on */
+            if (d >= 0) {
+                lo = (uint64_t)d - base;
+                x = lseek(h->fd, d, SEEK_HOLE);
+                hi = x < 0 || (uint64_t)x - base > end ? end : (uint64_t)x - base;
+            }
+            if (lo >= end)
+                break;
+        }
+        if (alloc_nonzero(h->data + lo, hi - lo)) {
+            memset(h->data + lo, 0, hi - lo);
+            pmem_flush(h, h->data + lo, hi - lo);
+            found = 1;
+        }
+        at = hi;
+    }
+    if (found)
+        state_note(h, "free space at data bytes %lu..%lu was not zero; cleared before reuse", (unsigned long)off,
+                   (unsigned long)end);
+    return found;
 }
 
 /* alloc_row_new -- a 64-entry slot-owner row for a shared small page. */
@@ -214,8 +264,8 @@ int alloc_space(hk_heap *h, uint32_t idx, unsigned cls, uint64_t count, uint64_t
 static int alloc_mark(hk_heap *h, uint32_t idx)
 {
     struct hk_entry *e = &h->cat[idx];
-    uint64_t np = h->sb->npages, units = heap_units(e);
-    if (e->cls > HK_PAGE_CLASS || e->first_page >= np || e->npages > np - e->first_page)
+    uint64_t units = heap_units(e);
+    if (!heap_entry_sane(h, e))
         return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') points outside the heap", h->path, idx, e->name);
     if (e->npages) {
         for (uint64_t p = e->first_page; p < e->first_page + e->npages; p++)
@@ -252,8 +302,6 @@ static int alloc_mark(hk_heap *h, uint32_t idx)
     }
     if (units > 1) {
         uint64_t tp = (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE;
-        if (e->tag_page >= np || tp > np - e->tag_page)
-            return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') has a bad tag run", h->path, idx, e->name);
         for (uint64_t p = e->tag_page; p < e->tag_page + tp; p++) {
             if (h->pcls[p] != HK_PAGE_FREE)
                 return hk_fail(EBADMSG, "%s: catalog entry %u ('%.63s') tag run overlaps", h->path, idx, e->name);
@@ -266,7 +314,7 @@ static int alloc_mark(hk_heap *h, uint32_t idx)
 }
 
 /* alloc_entry_is_zero -- is a free catalog entry all zero, as allocation expects? */
-static int alloc_entry_is_zero(const struct hk_entry *e)
+int alloc_entry_is_zero(const struct hk_entry *e)
 {
     const uint64_t *w = (const uint64_t *)e;
     for (size_t i = 0; i < sizeof *e / 8; i++)
@@ -314,11 +362,11 @@ int alloc_rebuild(hk_heap *h)
     h->dpages.n = 0;
     for (unsigned c = 0; c < HK_PAGE_CLASS; c++)
         h->partial[c].n = 0;
-    if (h->st->entries_hwm > h->sb->max_entries)
+    if (heap_hwm(h) > h->sb->max_entries)
         return hk_fail(EBADMSG, "%s: catalog high-water mark %lu exceeds its size %lu", h->path,
-                       (unsigned long)h->st->entries_hwm, (unsigned long)h->sb->max_entries);
+                       (unsigned long)heap_hwm(h), (unsigned long)h->sb->max_entries);
     int rc, sweep = 0;
-    for (uint64_t i = h->st->entries_hwm; i-- > 0;) {
+    for (uint64_t i = heap_hwm(h); i-- > 0;) {
         struct hk_entry *e = &h->cat[i];
         uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
         int bad = e->kind > HK_KIND_POOL || (e->kind != HK_KIND_FREE && heap_entry_crc(e) != e->crc);

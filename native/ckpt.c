@@ -123,15 +123,16 @@ static int page_cmp(const void *a, const void *b)
 
 /* ckpt_collect -- the dirty set of this epoch, in address order: every source marks
  * bits in the per-page dirty masks, then the marked pages are walked in order. */
-static int ckpt_collect(hk_heap *h)
+static int ckpt_collect(hk_heap *h, int by_hash)
 {
     int rc = 0;
     h->work.n = 0;
     int everything = h->tracker == HK_TRACK_FULL || h->tracker == HK_TRACK_HASH || h->all_dirty;
+    by_hash |= h->tracker == HK_TRACK_HASH && !h->all_dirty;
     if (h->ops)
         rc = h->ops->collect(h, ckpt_emit);
-    for (uint64_t i = 0; !rc && everything && i < h->st->entries_hwm; i++)
-        rc = ckpt_mark_entry(h, (uint32_t)i, h->tracker == HK_TRACK_HASH && !h->all_dirty);
+    for (uint64_t i = 0; !rc && everything && i < heap_hwm(h); i++)
+        rc = ckpt_mark_entry(h, (uint32_t)i, by_hash);
     for (size_t i = 0; !rc && i < h->fresh.n; i++)
         rc = ckpt_mark_entry(h, h->fresh.v[i], 0);
     if (rc)
@@ -193,7 +194,13 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
             struct unit *x = &h->work.v[i + k];
             t[k] = heap_tag(h, &h->cat[x->entry], x->u);
             uint32_t l = t[k]->latest;
-            slot[k] = l == 0 ? 0 : HK_TAG_EPOCH(l) <= h->committed ? !HK_TAG_SLOT(l) : HK_TAG_SLOT(l);
+            slot[k] = l == 0 ? 0 : !tag_slot_at(l, h->committed);
+            if (HK_EPOCH_BORN(h->cat[x->entry].epochs) <= h->committed) {   /* its committed copy leaves the digest */
+                uint32_t old = tag_slot_at(l, h->committed);
+                h->next_digest ^= state_unit_hash(x->entry, x->u, old, t[k]->crc[old]);
+            } else {
+                h->next_units++;
+            }
             dst[k] = h->raw + h->sb->off_shadow[slot[k]] + x->off;
             memcpy(dst[k], h->data + x->off, x->len);
             pmem_flush(h, dst[k], x->len);
@@ -205,6 +212,7 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
             for (size_t k = 0; k < m; k++)
                 crc[k] = crc_compute(0, dst[k], x[k].len);
         for (size_t k = 0; k < m; k++) {
+            h->next_digest ^= state_unit_hash(x[k].entry, x[k].u, slot[k], crc[k]);
             t[k]->crc[slot[k]] = crc[k];
             __atomic_store_n(&t[k]->latest, (uint32_t)n | slot[k] << 31, __ATOMIC_RELEASE);
             pmem_flush(h, t[k], sizeof *t[k]);
@@ -216,37 +224,32 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     s->bytes_page_baseline = s->pages_dirty * HK_PAGE;
 }
 
-/* ckpt_write_record -- persist "prepared = n" with the user's metadata. */
+/* ckpt_write_record -- persist "prepared = n" with the user's metadata and the epoch's digest. */
 static int ckpt_write_record(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len)
 {
-    struct hk_record *r = &h->st->rec[n & 1];
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    r->magic = 0;   /* an interrupted rewrite stays invalid */
-    pmem_flush(h, r, 8);
-    r->epoch = n;
-    r->time_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-    r->entries_hwm = h->st->entries_hwm;
-    r->meta_len = meta_len;
-    memset(r->meta, 0, sizeof r->meta);
-    memcpy(r->meta, meta, meta_len);
-    r->magic = HK_STATE_MAGIC;
-    r->crc = crc_compute(0, r, offsetof(struct hk_record, crc));
-    pmem_flush(h, r, sizeof *r);
-    int rc = pmem_drain(h);
-    if (rc) {   /* reported as failed: it must not be restorable either */
-        r->magic = 0;
-        pmem_flush(h, r, 8);
-        pmem_drain(h);
+    struct hk_record r = {.epoch = n, .entries_hwm = h->hdr.entries_hwm, .digest = h->next_digest,
+                          .units = h->next_units, .meta_len = meta_len};
+    memcpy(r.meta, meta, meta_len);
+    return state_write_record(h, &r);
+}
+
+/* ckpt_leaving -- take the entries freed in epoch n out of its digest. */
+static void ckpt_leaving(hk_heap *h, uint64_t n)
+{
+    for (size_t i = 0; i < h->pending.n; i++) {
+        struct hk_entry *e = &h->cat[h->pending.v[i]];
+        if (HK_EPOCH_DEAD(e->epochs) == n && HK_EPOCH_BORN(e->epochs) <= h->committed) {
+            h->next_digest ^= state_entry_term(h, h->pending.v[i], h->committed);
+            h->next_units -= heap_units(e);
+        }
     }
-    return rc;
 }
 
 /* ckpt_write -- write objects through the untracked mapping and mark them dirty:
  * the bulk path, with no write fault per object. */
 int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const void *src, size_t src_len)
 {
-    if (h->closed || h->readonly || index >= h->st->entries_hwm || !entry_alive(&h->cat[index]))
+    if (h->closed || h->readonly || index >= heap_hwm(h) || !entry_alive(&h->cat[index]))
         return hk_fail(h->readonly ? EROFS : ENOENT, "%s: no writable live object at catalog index %lu",
                        h->path, (unsigned long)index);
     struct hk_entry *e = &h->cat[index];
@@ -266,6 +269,8 @@ int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const
     return 0;
 }
 
+static int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len, double t0, uint64_t *epoch);
+
 /* ckpt_prepare -- steps 1-3 of the protocol for epoch committed+1. */
 int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch)
 {
@@ -283,12 +288,23 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
     memset(s, 0, sizeof *s);
     s->epoch = n;
     double t0 = pmem_now();
-    int rc = ckpt_collect(h);
+    int rc = ckpt_collect(h, 0);
     if (rc) {
         h->all_dirty = 1;   /* the tracker may have forgotten writes: copy everything next time */
         return rc;
     }
+    return ckpt_finish(h, n, meta, meta_len, t0, epoch);
+}
+
+/* ckpt_finish -- copy the collected units, flush the catalog, persist the record of epoch n. */
+static int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len, double t0, uint64_t *epoch)
+{
+    struct hk_stats *s = &h->stats;
+    int rc;
     double t1 = pmem_now();
+    h->next_digest = h->digest;
+    h->next_units = h->units;
+    ckpt_leaving(h, n);
     ckpt_crash(h, HK_CRASH_BEFORE_COPY, n);
     if (h->work.n == 0)
         ckpt_crash(h, HK_CRASH_MID_COPY, n);
@@ -305,7 +321,6 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
     for (size_t i = 0; i < h->touched.n; i++)
         pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
     s->bytes_meta += h->touched.n * sizeof(struct hk_entry);
-    pmem_flush(h, &h->st->entries_hwm, 8);
     rc = pmem_drain(h);
     double t4 = pmem_now();
     if (rc || (rc = ckpt_write_record(h, n, meta, meta_len))) {
@@ -331,6 +346,8 @@ int ckpt_commit(hk_heap *h)
     if (h->prepared != h->committed + 1)
         return hk_fail(EINVAL, "%s: no prepared epoch to commit", h->path);
     h->committed = h->prepared;
+    h->digest = h->next_digest;
+    h->units = h->next_units;
     for (size_t i = 0; i < h->pending.n; i++)
         heap_release_entry(h, h->pending.v[i]);
     h->pending.n = 0;
@@ -342,10 +359,7 @@ int ckpt_withdraw(hk_heap *h)
 {
     if (h->prepared != h->committed + 1)
         return hk_fail(EINVAL, "%s: no prepared epoch to withdraw", h->path);
-    struct hk_record *r = &h->st->rec[h->prepared & 1];
-    r->magic = 0;
-    pmem_flush(h, r, 8);
-    int rc = pmem_drain(h);
+    int rc = state_kill_record(h, h->prepared);
     if (rc)
         return rc;
     h->prepared = h->committed;
@@ -360,7 +374,7 @@ static int ckpt_restore_entry(hk_heap *h, uint32_t idx, uint64_t E)
     struct hk_entry *e = &h->cat[idx];
     for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
         struct hk_tag *t = heap_tag(h, e, u);
-        uint32_t l = t->latest, slot = HK_TAG_EPOCH(l) <= E ? HK_TAG_SLOT(l) : !HK_TAG_SLOT(l);
+        uint32_t l = t->latest, slot = tag_slot_at(l, E);
         if (l == 0)
             return hk_fail(EBADMSG, "%s: object '%.63s' (unit %lu) has no checkpoint copy", h->path, e->name,
                            (unsigned long)u);
@@ -389,18 +403,15 @@ int ckpt_recover(hk_heap *h, uint64_t E)
         return hk_fail(ERANGE, "%s: cannot restore epoch %lu: this heap is at epoch %lu and holds only "
                        "epochs %lu..%lu", h->path, (unsigned long)E, (unsigned long)h->prepared,
                        (unsigned long)(h->prepared ? h->prepared - 1 : 0), (unsigned long)h->prepared);
-    int rc;
-    if (h->prepared > E) {   /* first make the newer epoch unreachable, so a crash here is harmless */
-        struct hk_record *r = &h->st->rec[h->prepared & 1];
-        r->magic = 0;
-        pmem_flush(h, r, 8);
-        if ((rc = pmem_drain(h)))
-            return rc;
-    }
-    for (uint64_t i = 0; i < h->st->entries_hwm; i++) {
+    int rc = state_check(h, E);   /* nothing is changed before the catalog and tags are known good */
+    if (rc)
+        return rc;
+    if (h->prepared > E && (rc = state_kill_record(h, h->prepared)))   /* a crash from here on is harmless */
+        return rc;
+    for (uint64_t i = 0; i < heap_hwm(h); i++) {
         struct hk_entry *e = &h->cat[i];
         uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
-        if (i == h->st->entries_hwm / 2)
+        if (i == heap_hwm(h) / 2)
             ckpt_crash(h, HK_CRASH_MID_RESTORE, 0);
         if (e->kind == HK_KIND_FREE)
             continue;
@@ -419,6 +430,10 @@ int ckpt_recover(hk_heap *h, uint64_t E)
     h->prepared = h->committed = E;
     h->touched.n = 0;
     h->all_dirty = 0;
+    h->good_epoch = (int64_t)E;
+    const struct hk_record *r = state_record(h, E);
+    h->digest = r ? r->digest : 0;
+    h->units = r ? r->units : 0;
     if ((rc = alloc_rebuild(h)) || (rc = pmem_drain(h)))
         return rc;
     return h->ops ? h->ops->arm(h) : 0;
@@ -432,8 +447,8 @@ int ckpt_meta(hk_heap *h, char *buf, uint32_t cap, uint32_t *len)
         return hk_fail(EBADF, "%s: heap is closed", h->path);
     if (h->prepared == 0)
         return 0;
-    const struct hk_record *r = &h->st->rec[h->prepared & 1];
-    if (r->epoch != h->prepared || r->meta_len > cap)
+    const struct hk_record *r = state_record(h, h->prepared);
+    if (!r || r->meta_len > cap)
         return hk_fail(EBADMSG, "%s: epoch record %lu is damaged", h->path, (unsigned long)h->prepared);
     memcpy(buf, r->meta, r->meta_len);
     *len = r->meta_len;
@@ -447,34 +462,85 @@ int ckpt_stats(hk_heap *h, struct hk_stats *out)
     return 0;
 }
 
-/* ckpt_verify -- check the checksum of every committed copy of every live unit. */
+/* ckpt_unit_at -- byte offset of unit u inside its object's packed bytes. */
+static uint64_t ckpt_unit_at(const struct hk_entry *e, uint64_t u)
+{
+    uint64_t ppo = e->obj_size ? (e->obj_size + HK_PAGE - 1) / HK_PAGE : 1;
+    return e->cls == HK_PAGE_CLASS ? (u / ppo) * e->obj_size + (u % ppo) * HK_PAGE : u * e->obj_size;
+}
+
+/* ckpt_scan -- check every unit of epoch E (after state_check): CKPT_SHADOW its checkpoint
+ * copy, CKPT_WORKING its working data (a clean heap's equals its copy); CKPT_REPAIR puts an
+ * intact copy back over damaged working data.  Names the object and the bytes. */
+int ckpt_scan(hk_heap *h, uint64_t E, int flags, uint64_t *checked)
+{
+    for (uint64_t i = 0, hwm = heap_hwm(h); i < hwm; i++) {
+        struct hk_entry *e = &h->cat[i];
+        if (!state_alive_at(e, E))
+            continue;
+        for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
+            struct hk_tag *t = heap_tag(h, e, u);
+            uint32_t slot = tag_slot_at(t->latest, E), len;
+            uint64_t off;
+            heap_unit_place(h, e, u, &off, &len);
+            const uint8_t *copy = h->raw + h->sb->off_shadow[slot] + off;
+            int bad_copy = (flags & (CKPT_SHADOW | CKPT_REPAIR)) && crc_compute(0, copy, len) != t->crc[slot];
+            int bad_work = (flags & CKPT_WORKING) && crc_compute(0, h->data + off, len) != t->crc[slot];
+            uint64_t at = ckpt_unit_at(e, u);
+            if (bad_work && (flags & CKPT_REPAIR) && !bad_copy) {
+                memcpy(h->data + off, copy, len);
+                pmem_flush(h, h->data + off, len);
+                state_note(h, "'%.63s' bytes %lu..%lu: working data was damaged; restored from its checkpoint copy",
+                           e->name, (unsigned long)at, (unsigned long)(at + len));
+            } else if (bad_work || ((flags & CKPT_SHADOW) && bad_copy)) {
+                uint64_t file = (bad_work ? h->sb->off_data : h->sb->off_shadow[slot]) + off;
+                return hk_fail(EBADMSG, "%s: %s of '%.63s' (bytes %lu..%lu of the object, %lu..%lu of the file, "
+                               "epoch %lu) is corrupt (checksum mismatch)%s", h->path,
+                               bad_work ? "working data" : "checkpoint copy", e->name, (unsigned long)at,
+                               (unsigned long)(at + len), (unsigned long)file, (unsigned long)(file + len),
+                               (unsigned long)E, bad_work && bad_copy ? ", and so is its checkpoint copy" : "");
+            }
+            (*checked)++;
+        }
+    }
+    return flags & CKPT_REPAIR ? pmem_drain(h) : 0;
+}
+
+/* ckpt_verify -- check the committed epoch: catalog and tags against its record, every
+ * checkpoint copy, and (a cleanly closed heap) the working data against its copies. */
 int ckpt_verify(hk_heap *h, uint64_t *checked)
 {
     *checked = 0;
     if (h->closed)
         return hk_fail(EBADF, "%s: heap is closed", h->path);
-    for (uint64_t i = 0; i < h->st->entries_hwm; i++) {
-        struct hk_entry *e = &h->cat[i];
-        if (e->kind == HK_KIND_FREE)
-            continue;
-        if (e->crc != heap_entry_crc(e))
-            return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
-                           (unsigned long)i);
-        if (HK_EPOCH_BORN(e->epochs) > h->committed)
-            continue;
-        for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
-            struct hk_tag *t = heap_tag(h, e, u);
-            uint32_t l = t->latest, slot = HK_TAG_EPOCH(l) <= h->committed ? HK_TAG_SLOT(l) : !HK_TAG_SLOT(l);
-            uint64_t off;
-            uint32_t len;
-            heap_unit_place(h, e, u, &off, &len);
-            if (l == 0 || crc_compute(0, h->raw + h->sb->off_shadow[slot] + off, len) != t->crc[slot])
-                return hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu) is corrupt", h->path, e->name,
-                               (unsigned long)u);
-            (*checked)++;
-        }
-    }
-    return 0;
+    int rc = state_check(h, h->committed);
+    return rc ? rc : ckpt_scan(h, h->committed, CKPT_SHADOW | (h->was_clean ? CKPT_WORKING : 0), checked);
+}
+
+/* ckpt_seal -- at a clean close, whatever changed since the last checkpoint becomes a local
+ * epoch that keeps the last metadata, so the working data a clean reopen keeps is
+ * checkpointed and checked like any epoch.  Nothing changed: no new epoch. */
+int ckpt_seal(hk_heap *h)
+{
+    if (h->prepared != h->committed)
+        return hk_fail(EALREADY, "%s: epoch %lu is prepared but neither committed nor withdrawn", h->path,
+                       (unsigned long)h->prepared);
+    memset(&h->stats, 0, sizeof h->stats);
+    double t0 = pmem_now();
+    int rc = ckpt_collect(h, 1);
+    if (rc || (h->work.n == 0 && h->touched.n == 0 && h->pending.n == 0))
+        return rc;
+    const struct hk_record *r = state_record(h, h->committed);
+    char meta[HK_META_MAX];
+    uint32_t len = r ? r->meta_len : 0;
+    if (r)
+        memcpy(meta, r->meta, len);
+    uint64_t n = h->committed + 1, e;
+    h->stats.epoch = n;
+    if (n >= 0x7fffffffu)
+        return hk_fail(EOVERFLOW, "%s: epoch counter exhausted", h->path);
+    rc = ckpt_finish(h, n, meta, len, t0, &e);
+    return rc ? rc : ckpt_commit(h);
 }
 
 /* ckpt_set_crash -- arm the test hook: SIGKILL ourselves at `point` (of epoch, or any if 0). */
@@ -501,7 +567,7 @@ int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_
 {
     if (h->closed)
         return hk_fail(EBADF, "%s: heap is closed", h->path);
-    if (index >= h->st->entries_hwm || index >= h->sb->max_entries)
+    if (index >= heap_hwm(h) || index >= h->sb->max_entries)
         return hk_fail(ENOENT, "%s: no object at catalog index %lu", h->path, (unsigned long)index);
     struct hk_entry *e = &h->cat[index];
     uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
@@ -520,7 +586,7 @@ int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_
     for (uint64_t u = u0; u < u1; u++) {
         struct hk_tag *t = heap_tag(h, e, u);
         uint32_t l = __atomic_load_n(&t->latest, __ATOMIC_ACQUIRE);
-        uint32_t slot = HK_TAG_EPOCH(l) <= E ? HK_TAG_SLOT(l) : !HK_TAG_SLOT(l);
+        uint32_t slot = tag_slot_at(l, E);
         if (l == 0)
             return hk_fail(EBADMSG, "%s: object '%.63s' (unit %lu) has no checkpoint copy", h->path, e->name,
                            (unsigned long)u);
@@ -560,5 +626,9 @@ int ckpt_rebase(hk_heap *h, uint64_t E)
         return hk_fail(EINVAL, "%s: only a fresh heap can be rebased (it is at epoch %lu)", h->path,
                        (unsigned long)h->prepared);
     h->prepared = h->committed = E;
+    h->good_epoch = (int64_t)E;
+    h->digest = h->units = 0;
+    for (size_t i = 0; i < h->fresh.n; i++)   /* objects made before: born in the first epoch after E */
+        __atomic_store_n(&h->cat[h->fresh.v[i]].epochs, HK_EPOCHS(E + 1, 0), __ATOMIC_RELEASE);
     return 0;
 }

@@ -52,13 +52,6 @@ static void file_register(hk_heap *h, int on)
         }
 }
 
-/* file_record_valid -- is epoch record r intact? */
-static int file_record_valid(const struct hk_record *r)
-{
-    return r->magic == HK_STATE_MAGIC && r->meta_len <= HK_META_MAX &&
-           r->crc == crc_compute(0, r, offsetof(struct hk_record, crc));
-}
-
 /* heap_create -- create a new heap file (sparse) with the given geometry and owner. */
 int heap_create(const char *path, const struct hk_create_opts *o)
 {
@@ -77,7 +70,7 @@ int heap_create(const char *path, const struct hk_create_opts *o)
     sb.capacity = npages * HK_PAGE;
     sb.npages = npages;
     sb.max_entries = maxe;
-    sb.off_catalog = 2 * HK_PAGE;
+    sb.off_catalog = (HK_SUPER_TWIN + 1) * HK_PAGE;
     sb.off_data = sb.off_catalog + (maxe * sizeof(struct hk_entry) + HK_PAGE - 1) / HK_PAGE * HK_PAGE;
     sb.off_shadow[0] = sb.off_data + sb.capacity;
     sb.off_shadow[1] = sb.off_shadow[0] + sb.capacity;
@@ -94,14 +87,15 @@ int heap_create(const char *path, const struct hk_create_opts *o)
     int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return hk_fail(errno, "%s: cannot create: %s", path, strerror(errno));
-    struct hk_state st = {0};
-    st.clean = 1;
+    static struct hk_state st[HK_NSTATE];
+    state_init(st);
     int rc = 0;
     if (o->preallocate && (rc = posix_fallocate(fd, 0, (off_t)sb.file_size)) != 0)
         rc = hk_fail(rc, "%s: cannot reserve %lu bytes for the heap: %s", path, (unsigned long)sb.file_size,
                      strerror(rc));
     else if (ftruncate(fd, (off_t)sb.file_size) != 0 || pwrite(fd, &sb, sizeof sb, 0) != (ssize_t)sizeof sb ||
-        pwrite(fd, &st, sizeof st, HK_PAGE) != (ssize_t)sizeof st || fsync(fd) != 0)
+             pwrite(fd, st, sizeof st, HK_PAGE) != (ssize_t)sizeof st ||
+             pwrite(fd, &sb, sizeof sb, HK_SUPER_TWIN * HK_PAGE) != (ssize_t)sizeof sb || fsync(fd) != 0)
         rc = hk_fail(errno ? errno : EIO, "%s: cannot write the new heap: %s", path, strerror(errno ? errno : EIO));
     close(fd);
     if (rc)
@@ -109,27 +103,44 @@ int heap_create(const char *path, const struct hk_create_opts *o)
     return rc;
 }
 
-/* file_check_super -- refuse files that are not heaps of this format. */
-static int file_check_super(const char *path, int fd, struct hk_super *sb)
+/* file_super_ok -- is this superblock copy intact and of a geometry this build can map? */
+static int file_super_ok(const struct hk_super *sb)
+{
+    if (sb->magic != HK_MAGIC || sb->major != HK_MAJOR || sb->crc != crc_compute(0, sb, offsetof(struct hk_super, crc)))
+        return 0;
+    uint64_t cat = (sb->max_entries * sizeof(struct hk_entry) + HK_PAGE - 1) / HK_PAGE * HK_PAGE;
+    return sb->page_size == HK_PAGE && sb->entry_size == sizeof(struct hk_entry) && sb->npages &&
+           sb->npages <= 0xfffffff0ull && sb->capacity == sb->npages * HK_PAGE && sb->max_entries &&
+           sb->max_entries <= 0xfffffff0ull && sb->off_catalog == (HK_SUPER_TWIN + 1) * HK_PAGE &&
+           sb->off_data == sb->off_catalog + cat && sb->off_shadow[0] == sb->off_data + sb->capacity &&
+           sb->off_shadow[1] == sb->off_shadow[0] + sb->capacity && sb->file_size == sb->off_shadow[1] + sb->capacity;
+}
+
+/* file_check_super -- read the superblock from its intact copy (page 0, else its twin);
+ * refuse files that are not heaps of this format.  *twin says the twin stood in. */
+static int file_check_super(const char *path, int fd, struct hk_super *sb, int *twin)
 {
     struct stat stt;
+    struct hk_super alt;
     if (fstat(fd, &stt) != 0)
         return hk_fail(errno, "%s: stat failed: %s", path, strerror(errno));
-    ssize_t n = pread(fd, sb, sizeof *sb, 0);
-    if (n < 0)
+    ssize_t n = pread(fd, sb, sizeof *sb, 0), m = pread(fd, &alt, sizeof alt, HK_SUPER_TWIN * HK_PAGE);
+    if (n < 0 || m < 0)
         return hk_fail(errno, "%s: read failed: %s", path, strerror(errno));
     if (n < 8 || sb->magic != HK_MAGIC)
-        return hk_fail(EBADMSG, "%s: not an hpcckpt heap (bad magic)", path);
-    if (n != (ssize_t)sizeof *sb)
-        return hk_fail(EBADMSG, "%s: truncated heap (superblock is %zd of %zu bytes)", path, n, sizeof *sb);
-    if (sb->major != HK_MAJOR)
-        return hk_fail(EPROTO, "%s: heap format version %u.%u, this hpcckpt reads %d.x", path, sb->major,
+        if (m < 8 || alt.magic != HK_MAGIC)
+            return hk_fail(EBADMSG, "%s: not an hpcckpt heap (bad magic)", path);
+    if (n >= 16 && sb->magic == HK_MAGIC && sb->major != HK_MAJOR)
+        return hk_fail(EPROTO, "%s: heap format version %u.%u was written by another hpcckpt; this one reads "
+                       "format %d: restore it from an export, or remove it and start afresh", path, sb->major,
                        sb->minor, HK_MAJOR);
-    if (sb->crc != crc_compute(0, sb, offsetof(struct hk_super, crc)))
-        return hk_fail(EBADMSG, "%s: superblock is corrupt (checksum mismatch)", path);
-    if (sb->page_size != HK_PAGE || sb->entry_size != sizeof(struct hk_entry))
-        return hk_fail(EPROTO, "%s: heap written with page size %u / entry size %u, expected %u / %zu", path,
-                       sb->page_size, sb->entry_size, HK_PAGE, sizeof(struct hk_entry));
+    *twin = !(n == (ssize_t)sizeof *sb && file_super_ok(sb));
+    if (*twin && m == (ssize_t)sizeof alt && file_super_ok(&alt))
+        *sb = alt;
+    else if (*twin)
+        return hk_fail(EBADMSG, "%s: %s (both copies, pages 0 and %d)", path,
+                       n < (ssize_t)sizeof *sb ? "truncated heap: no whole superblock" : "superblock is corrupt",
+                       HK_SUPER_TWIN);
     if ((uint64_t)stt.st_size < sb->file_size)
         return hk_fail(EBADMSG, "%s: truncated heap (%ld of %lu bytes)", path, (long)stt.st_size,
                        (unsigned long)sb->file_size);
@@ -152,6 +163,34 @@ static int file_set_tracker(hk_heap *h, int tracker)
 /* heap_uffd_supported -- can tracker='uffd' work on this kernel? */
 int heap_uffd_supported(void) { return track_uffd_supported(); }
 
+/* file_check_epochs -- before anything is changed, find the newest epoch whose record
+ * matches the catalog and the tags (the last one, else the one before); none: refuse,
+ * except read-only, where info and verify report the damage. */
+static int file_check_epochs(hk_heap *h)
+{
+    h->good_epoch = -1;
+    int rc = state_check(h, h->prepared);
+    if (!rc)
+        h->good_epoch = (int64_t)h->prepared;
+    else {
+        char why[512];
+        snprintf(why, sizeof why, "%s", hk_errmsg());
+        if (h->prepared > 0 && state_record(h, h->prepared - 1) && state_check(h, h->prepared - 1) == 0) {
+            h->good_epoch = (int64_t)h->prepared - 1;
+            state_note(h, "epoch %lu does not match its record, epoch %lu does: restore to %lu",
+                       (unsigned long)h->prepared, (unsigned long)h->good_epoch, (unsigned long)h->good_epoch);
+        } else if (!h->readonly) {
+            return hk_fail(EBADMSG, "%s", why);
+        } else {
+            snprintf(h->damage, sizeof h->damage, "%s", why);
+        }
+    }
+    const struct hk_record *r = h->good_epoch > 0 ? state_record(h, (uint64_t)h->good_epoch) : NULL;
+    h->digest = r ? r->digest : 0;
+    h->units = r ? r->units : 0;
+    return 0;
+}
+
 /* heap_open -- map an existing heap and rebuild the allocator; no recovery here
  * (ckpt_recover restores a committed epoch; the caller decides which). */
 int heap_open(const char *path, int tracker, const char *job, int32_t rank, int32_t world, hk_heap **out)
@@ -171,7 +210,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
         return rc;
     }
     struct hk_super sb;
-    int rc = file_check_super(path, h->fd, &sb);
+    int twin = 0, rc = file_check_super(path, h->fd, &sb, &twin);
     if (!rc && ((job && strncmp(job, sb.job, HK_JOB_MAX) != 0) || (rank >= 0 && rank != sb.rank) ||
                 (world >= 0 && world != sb.world_size)))
         rc = hk_fail(EACCES, "%s: heap belongs to job '%.63s', rank %d of %d, not job '%s', rank %d of %d; use "
@@ -187,36 +226,46 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
     if (rc)
         goto fail;
     h->sb = (struct hk_super *)h->raw;
+    if (twin) {   /* the superblock's twin stood in: the mapping shows its content */
+        state_note(h, "superblock (page 0) was damaged; its twin (page %d) was used", HK_SUPER_TWIN);
+        h->sb = (struct hk_super *)(h->raw + HK_SUPER_TWIN * HK_PAGE);
+        if (!h->readonly && (pwrite(h->fd, &sb, sizeof sb, 0) != (ssize_t)sizeof sb || fdatasync(h->fd) != 0)) {
+            rc = hk_fail(errno ? errno : EIO, "%s: cannot repair the superblock: %s", path, strerror(errno ? errno : EIO));
+            goto fail;
+        }
+    }
     h->st = (struct hk_state *)(h->raw + HK_PAGE);
     h->cat = (struct hk_entry *)(h->raw + h->sb->off_catalog);
     h->data = h->raw + h->sb->off_data;
-    for (int i = 0; i < 2; i++) {
-        const struct hk_record *r = &h->st->rec[i];
-        if (file_record_valid(r) && r->epoch > h->prepared)
-            h->prepared = r->epoch;
-    }
+    if ((rc = state_load(h)))
+        goto fail;
     h->committed = h->prepared;
-    h->was_clean = h->st->clean == 1;
+    h->was_clean = h->hdr.clean == 1;
     if (h->peek) {   /* beside a live owner: the catalog is read as it is, nothing rebuilt */
         *out = h;
         return 0;
     }
-    if ((rc = alloc_dram(h)) || (rc = alloc_rebuild(h)) || (rc = alias_map_views(h, 0)))
+    if ((rc = file_check_epochs(h)) || (rc = alloc_dram(h)) || (rc = alloc_rebuild(h)) ||
+        (rc = alias_map_views(h, 0)))
         goto fail;
+    if (h->was_clean && h->good_epoch == (int64_t)h->prepared && !h->readonly) {
+        uint64_t n = 0;   /* a clean heap's working data is its last epoch: check it, repair from the copies */
+        if ((rc = ckpt_scan(h, h->prepared, CKPT_WORKING | CKPT_REPAIR, &n)))
+            goto fail;
+    }
     if ((h->sb->flags & HK_FLAG_PREALLOCATED) && !h->readonly)
         pmem_populate(h, h->raw + h->sb->off_catalog, h->sb->off_data + h->sb->capacity - h->sb->off_catalog);
     if (h->ops && ((rc = h->ops->attach(h)) || (rc = h->ops->arm(h))))
         goto fail;
-    h->all_dirty = h->was_clean && h->prepared > 0;
+    h->all_dirty = 0;   /* working data is the last epoch (checked above) or gets restored */
     if (h->readonly) {
         file_register(h, 1);
         *out = h;
         return 0;
     }
-    h->st->clean = 0;
-    h->st->open_pid = (uint64_t)getpid();
-    pmem_flush(h, h->st, sizeof *h->st);
-    if ((rc = pmem_drain(h)))
+    h->hdr.clean = 0;
+    h->hdr.open_pid = (uint64_t)getpid();
+    if ((rc = state_write_header(h)))
         goto fail;
     file_register(h, 1);
     *out = h;
@@ -257,16 +306,14 @@ int heap_close(hk_heap *h)
         return 0;
     if (h->readonly)
         return heap_abandon(h);
-    for (size_t i = 0; i < h->touched.n; i++)
-        pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
-    int rc = msync(h->raw, (size_t)(h->views - h->raw), MS_SYNC) ? -errno : 0;   /* on DAX: cache flush */
-    if (rc)
-        rc = hk_fail(-rc, "%s: msync failed: %s", h->path, strerror(-rc));
-    if (!rc && !(rc = pmem_drain(h))) {
-        h->st->clean = 1;
-        h->st->open_pid = 0;
-        pmem_flush(h, h->st, sizeof *h->st);
-        rc = pmem_drain(h);
+    int sealable = h->prepared == h->committed;   /* else not clean: the next open decides the epoch */
+    int rc = sealable ? ckpt_seal(h) : 0;        /* fails: not clean, the next open restores the last epoch */
+    if (!rc && msync(h->raw, (size_t)(h->views - h->raw), MS_SYNC) != 0)   /* on DAX: cache flush */
+        rc = hk_fail(errno, "%s: msync failed: %s", h->path, strerror(errno));
+    if (!rc && !(rc = pmem_drain(h)) && sealable) {
+        h->hdr.clean = 1;
+        h->hdr.open_pid = 0;
+        rc = state_write_header(h);
     }
     file_detach(h);
     return rc;
@@ -316,8 +363,12 @@ int heap_info(hk_heap *h, struct hk_info *o)
     o->pages_used = h->pages_used;
     o->pages_free = h->sb->npages - h->pages_used;
     o->entries_live = h->entries_live;
-    o->entries_hwm = h->st->entries_hwm;
+    o->entries_hwm = heap_hwm(h);
     o->entries_pending = h->pending.n;
+    o->good_epoch = h->good_epoch;
+    o->repairs = h->repairs;
+    snprintf(o->note, sizeof o->note, "%s", h->repairs ? h->note : "");
+    snprintf(o->damage, sizeof o->damage, "%s", h->damage);
     o->nviews = h->nviews;
     o->va_bytes = h->va_len;
     o->va_base = h->va;

@@ -94,6 +94,27 @@ uint32_t heap_entry_crc(const struct hk_entry *e)
     return crc_compute(c, e->dtype, e->dtype_len < HK_DTYPE_MAX ? e->dtype_len : HK_DTYPE_MAX);
 }
 
+/* heap_entry_sane -- do an entry's geometry fields describe space inside the heap? */
+int heap_entry_sane(const hk_heap *h, const struct hk_entry *e)
+{
+    uint64_t np = h->sb->npages, bytes;
+    if (e->cls > HK_PAGE_CLASS || e->ndim > HK_NDIM_MAX || e->dtype_len >= HK_DTYPE_MAX || e->count == 0 ||
+        __builtin_mul_overflow(e->count, e->obj_size, &bytes) || bytes > h->sb->capacity ||
+        e->first_page >= np || e->npages > np - e->first_page)
+        return 0;
+    if (e->cls == HK_PAGE_CLASS) {
+        if (e->npages != e->count * pages_per_obj(e))
+            return 0;
+    } else {
+        uint32_t k = HK_PAGE / heap_class_size[e->cls];
+        if (e->obj_size > heap_class_size[e->cls] ||
+            (e->npages == 0 ? e->count != 1 || e->slot >= k : e->npages != (e->count + k - 1) / k))
+            return 0;
+    }
+    uint64_t units = heap_units(e), tp = (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE;
+    return units <= 1 || (e->tag_page < np && tp <= np - e->tag_page);
+}
+
 /* heap_release_entry -- forget an entry for good: space and catalog slot become reusable. */
 void heap_release_entry(hk_heap *h, uint32_t idx)
 {
@@ -104,6 +125,24 @@ void heap_release_entry(hk_heap *h, uint32_t idx)
     vec_push32(&h->free_entries, idx);
     vec_push32(&h->touched, idx);
     h->entries_live -= alive;
+}
+
+/* heap_grow_catalog -- raise the high-water mark by a share of itself, durably, before any
+ * entry above the old mark is used: a reopen always sees every entry that was ever written. */
+static int heap_grow_catalog(hk_heap *h)
+{
+    uint64_t old = h->hdr.entries_hwm, max = h->sb->max_entries, step = old / 4 > 16 ? old / 4 : 16;
+    if (old >= max)
+        return hk_fail(ENOSPC, "%s: catalog full (%lu objects); create the heap with a larger max_objects",
+                       h->path, (unsigned long)max);
+    uint64_t hwm = max - old < step ? max : old + step;
+    for (uint64_t i = hwm; i-- > old;) {
+        int rc = vec_push32(&h->free_entries, (uint32_t)i);
+        if (rc)
+            return rc;
+    }
+    h->hdr.entries_hwm = hwm;
+    return state_write_header(h);
 }
 
 /* heap_alloc -- create a catalog entry and its space.  The object is zero (free space
@@ -134,17 +173,13 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
     if (too_big || npages > h->sb->npages)
         return hk_fail(ENOSPC, "%s: '%s' needs more than the heap's whole capacity (%lu objects of %lu bytes)",
                        h->path, d->name, (unsigned long)count, (unsigned long)d->obj_size);
-    uint32_t idx;
-    if (h->free_entries.n)
-        idx = h->free_entries.v[--h->free_entries.n];
-    else if (h->st->entries_hwm < h->sb->max_entries)
-        idx = (uint32_t)h->st->entries_hwm++;
-    else
-        return hk_fail(ENOSPC, "%s: catalog full (%lu objects); create the heap with a larger max_objects",
-                       h->path, (unsigned long)h->sb->max_entries);
+    int rc = h->free_entries.n ? 0 : heap_grow_catalog(h);
+    if (rc)
+        return rc;
+    uint32_t idx = h->free_entries.v[--h->free_entries.n];
     int64_t first, tags;
     uint32_t slot = 0;
-    int rc = alloc_space(h, idx, cls, count, npages, units, &first, &slot, &tags);
+    rc = alloc_space(h, idx, cls, count, npages, units, &first, &slot, &tags);
     if (rc) {
         vec_push32(&h->free_entries, idx);
         if (rc != -ENOSPC)
@@ -153,7 +188,17 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
                        "(del heap[name]) or create a larger heap", h->path, d->name, (unsigned long)bytes,
                        (unsigned long)(h->sb->npages - h->pages_used), (unsigned long)h->sb->npages);
     }
+    if (npages)   /* free space is zero; damage there is cleared before it is handed out */
+        alloc_check_zero(h, (uint64_t)first * HK_PAGE, npages * HK_PAGE);
+    else
+        alloc_check_zero(h, (uint64_t)first * HK_PAGE + (uint64_t)slot * heap_class_size[cls], heap_class_size[cls]);
+    if (units > 1)
+        alloc_check_zero(h, (uint64_t)tags * HK_PAGE, (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE * HK_PAGE);
     struct hk_entry *e = &h->cat[idx];   /* free entries are all zero (alloc_wipe) */
+    if (!alloc_entry_is_zero(e)) {
+        state_note(h, "free catalog entry %u was not zero; cleared before reuse", idx);
+        memset(e, 0, sizeof *e);
+    }
     e->kind = (uint16_t)d->kind;
     e->cls = (uint8_t)cls;
     e->ndim = (uint8_t)d->ndim;
@@ -189,7 +234,7 @@ int heap_free(hk_heap *h, uint64_t index)
     if (h->prepared != h->committed)
         return hk_fail(EBUSY, "%s: epoch %lu is being checkpointed; free after it commits", h->path,
                        (unsigned long)h->prepared);
-    if (index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE ||
+    if (index >= heap_hwm(h) || h->cat[index].kind == HK_KIND_FREE ||
         HK_EPOCH_DEAD(h->cat[index].epochs))
         return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
     struct hk_entry *e = &h->cat[index];
@@ -222,7 +267,7 @@ int heap_object_span(hk_heap *h, uint64_t index, uint64_t obj, uint64_t *off, ui
 /* heap_read -- copy objects objs[0..n) of an entry into dst, packed. */
 int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst, size_t dst_len)
 {
-    if (h->closed || index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE)
+    if (h->closed || index >= heap_hwm(h) || h->cat[index].kind == HK_KIND_FREE)
         return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
     uint64_t size = h->cat[index].obj_size, off, u, nu;
     if (dst_len / (size ? size : 1) < n)
@@ -242,7 +287,7 @@ int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char 
 {
     if (h->closed)
         return hk_fail(EBADF, "%s: heap is closed", h->path);
-    if (index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE)
+    if (index >= heap_hwm(h) || h->cat[index].kind == HK_KIND_FREE)
         return hk_fail(ENOENT, "no object at catalog index %lu", (unsigned long)index);
     const struct hk_entry *e = &h->cat[index];
     if (e->crc != heap_entry_crc(e) || e->dtype_len >= HK_DTYPE_MAX)   /* lengths are never trusted */
@@ -268,7 +313,7 @@ int64_t heap_next_live(hk_heap *h, uint64_t from)
 {
     if (h->closed)
         return -1;
-    for (uint64_t i = from; i < h->st->entries_hwm; i++)
+    for (uint64_t i = from; i < heap_hwm(h); i++)
         if (h->cat[i].kind != HK_KIND_FREE && !HK_EPOCH_DEAD(h->cat[i].epochs))
             return (int64_t)i;
     return -1;
@@ -277,7 +322,7 @@ int64_t heap_next_live(hk_heap *h, uint64_t from)
 /* heap_addr -- where object `obj` of entry `index` is seen by the program. */
 void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj)
 {
-    if (h->closed || index >= h->st->entries_hwm || h->cat[index].kind == HK_KIND_FREE ||
+    if (h->closed || index >= heap_hwm(h) || h->cat[index].kind == HK_KIND_FREE ||
         obj >= h->cat[index].count)
         return NULL;
     struct hk_entry *e = &h->cat[index];

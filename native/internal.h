@@ -47,7 +47,12 @@ struct hk_heap {
     uint32_t first_view[HK_NCLASSES];   /* view of slot 1 of each class (slot 0 is view 0) */
 
     struct hk_super *sb;
-    struct hk_state *st;
+    struct hk_state *st;            /* the HK_NSTATE state pages (state.c) */
+    struct hk_header hdr;           /* DRAM copy of the header; written by state_write_header */
+    struct hk_record rec[2];        /* DRAM copies of the intact records (magic 0: none) */
+    uint64_t repairs;               /* damaged copies replaced by their twins, or repaired data */
+    char note[256];                 /* what the latest repair was */
+    char damage[512];               /* read-only: why no epoch matches its record */
     struct hk_entry *cat;
     uint8_t *data;                  /* raw + off_data */
 
@@ -69,6 +74,9 @@ struct hk_heap {
 
     /* checkpoint state */
     uint64_t prepared, committed;
+    uint64_t digest, units;         /* of the committed epoch (state_check) */
+    uint64_t next_digest, next_units;   /* of the prepared one */
+    int64_t good_epoch;             /* newest epoch whose record matches catalog and tags; -1 none */
     int was_clean, all_dirty, closed;
     int forked;                     /* this is a forked child's copy: detached, never written */
     uint64_t *dmask;                /* dirty units of each page, one bit per slot, since the last prepare */
@@ -93,6 +101,20 @@ struct track_ops {
 extern const struct track_ops track_uffd_ops, track_mprotect_ops;
 int track_uffd_supported(void);
 
+/* tag_slot_at -- the slot holding a unit's newest copy of epoch E or older. */
+static inline uint32_t tag_slot_at(uint32_t latest, uint64_t E)
+{
+    return HK_TAG_EPOCH(latest) <= E ? HK_TAG_SLOT(latest) : !HK_TAG_SLOT(latest);
+}
+
+uint64_t state_live_hwm(const hk_heap *h);
+
+/* heap_hwm -- the catalog's high-water mark (a peek handle reads the owner's, as it is now). */
+static inline uint64_t heap_hwm(const hk_heap *h)
+{
+    return h->peek ? state_live_hwm(h) : h->hdr.entries_hwm;
+}
+
 /* errors */
 int hk_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -101,6 +123,19 @@ uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);
 void crc_compute3(const void *a, const void *b, const void *c, size_t len, uint32_t out[3]);
 uint32_t crc_xpow(uint64_t len);
 uint32_t crc_append(uint32_t crc_a, uint32_t crc_b, uint32_t xpow_b);
+
+/* state.c */
+int state_load(hk_heap *h);
+void state_init(struct hk_state st[HK_NSTATE]);
+const struct hk_record *state_record(hk_heap *h, uint64_t epoch);
+int state_write_record(hk_heap *h, struct hk_record *r);
+int state_kill_record(hk_heap *h, uint64_t epoch);
+int state_write_header(hk_heap *h);
+void state_note(hk_heap *h, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+uint64_t state_unit_hash(uint64_t idx, uint64_t u, uint32_t slot, uint32_t crc);
+int state_alive_at(const struct hk_entry *e, uint64_t epoch);
+uint64_t state_entry_term(hk_heap *h, uint32_t idx, uint64_t epoch);
+int state_check(hk_heap *h, uint64_t epoch);
 
 /* pmem.c */
 int pmem_map_file(hk_heap *h, uint8_t *at, size_t len);
@@ -124,6 +159,7 @@ uint64_t heap_units(const struct hk_entry *e);
 void heap_unit_place(const hk_heap *h, const struct hk_entry *e, uint64_t u, uint64_t *off, uint32_t *len);
 struct hk_tag *heap_tag(hk_heap *h, struct hk_entry *e, uint64_t u);
 uint32_t heap_entry_crc(const struct hk_entry *e);
+int heap_entry_sane(const hk_heap *h, const struct hk_entry *e);
 int heap_object_span(hk_heap *h, uint64_t index, uint64_t obj, uint64_t *off, uint64_t *first_unit,
                      uint64_t *units);
 void heap_release_entry(hk_heap *h, uint32_t idx);
@@ -138,5 +174,12 @@ int alloc_wipe(hk_heap *h, struct hk_entry *e);
 int alloc_rebuild(hk_heap *h);
 int alloc_dram(hk_heap *h);
 void alloc_free_dram(hk_heap *h);
+int alloc_check_zero(hk_heap *h, uint64_t off, uint64_t len);
+int alloc_entry_is_zero(const struct hk_entry *e);
+
+/* ckpt.c */
+int ckpt_seal(hk_heap *h);
+int ckpt_scan(hk_heap *h, uint64_t epoch, int flags, uint64_t *checked);
+enum { CKPT_SHADOW = 1, CKPT_WORKING = 2, CKPT_REPAIR = 4 };
 
 #endif

@@ -3,7 +3,9 @@
  * File layout (all offsets page aligned, fixed at create):
  *
  *   page 0            hk_super       immutable after create, CRC32C protected
- *   page 1            hk_state       two epoch records (A/B) + mutable header
+ *   pages 1-4         hk_state       epoch record slots 0, 1, then their twins; the
+ *                                    header and its twin in pages 1 and 3
+ *   page 5            hk_super       the superblock's twin
  *   catalog           hk_entry[max_entries]
  *   data              npages working pages (what the program reads and writes)
  *   shadow A, B       npages each: the two checkpoint copies of every unit
@@ -12,6 +14,12 @@
  * size class, or one page of a whole-page object.  Unit (page p, slot j) of
  * class size s sits at data + p*4096 + j*s; its shadow copies sit at the same
  * offset inside shadow A and shadow B.  Every unit has an hk_tag.
+ *
+ * Integrity: what recovery cannot do without (superblock, header, epoch records) is
+ * kept twice, pages apart, each copy with its CRC; the newest intact copy wins and
+ * repairs the other.  Each epoch record carries a digest of the epoch's live units:
+ * the XOR over them of a hash of (entry, unit, slot, CRC of that slot), so a damaged
+ * tag, born/dead epoch or high-water mark is caught before anything is restored.
  */
 #ifndef HPCCKPT_LAYOUT_H
 #define HPCCKPT_LAYOUT_H
@@ -20,7 +28,8 @@
 
 #define HK_MAGIC          0x54504b4343504848ull /* "HHPCCKPT" little endian */
 #define HK_STATE_MAGIC    0x4554415453434b48ull /* "HKCSTATE" */
-#define HK_MAJOR          1
+#define HK_HEADER_MAGIC   0x5244484b43504848ull /* "HHPCKHDR" */
+#define HK_MAJOR          2
 #define HK_MINOR          0
 #define HK_PAGE           4096u
 #define HK_NCLASSES       7      /* 64..2048 sub-page, then whole pages */
@@ -31,6 +40,8 @@
 #define HK_META_MAX       1536
 #define HK_JOB_MAX        64
 #define HK_FLAG_PREALLOCATED 1u  /* file space reserved at create; catalog and data populated at open */
+#define HK_NSTATE         4      /* state pages */
+#define HK_SUPER_TWIN     (1 + HK_NSTATE)   /* page of the superblock's twin */
 
 /* hk_super -- identity and geometry; written once at create. */
 struct hk_super {
@@ -51,23 +62,36 @@ struct hk_super {
     uint32_t crc;             /* CRC32C of everything before it */
 };
 
-/* hk_record -- one epoch record; "prepared = n" is record (n & 1) valid with epoch n. */
+/* hk_record -- one epoch record; "prepared = n" is record slot (n & 1) valid with epoch n. */
 struct hk_record {
     uint64_t magic;
     uint64_t epoch;
     uint64_t time_ns;
     uint64_t entries_hwm;     /* catalog high-water mark at this epoch */
+    uint64_t digest;          /* XOR of the unit hashes of the epoch's live units */
+    uint64_t units;           /* live units at this epoch */
     uint32_t meta_len;
     char     meta[HK_META_MAX];
     uint32_t crc;             /* CRC32C of everything before it */
 };
 
-/* hk_state -- page 1: the epoch records and the few mutable header words. */
-struct hk_state {
-    struct hk_record rec[2];
+/* hk_header -- the mutable header words; of two intact copies the higher seq wins. */
+struct hk_header {
+    uint64_t magic;
+    uint64_t seq;
     uint64_t entries_hwm;     /* live high-water mark; durable at checkpoint/close */
     uint64_t clean;           /* 1 after a clean close, 0 while open */
     uint64_t open_pid;
+    uint32_t reserved;
+    uint32_t crc;             /* CRC32C of everything before it */
+};
+
+/* hk_state -- one state page: an epoch record copy, and (pages 1 and 3) a header copy. */
+struct hk_state {
+    struct hk_record rec;
+    uint8_t  pad[2048 - sizeof(struct hk_record)];
+    struct hk_header hdr;
+    uint8_t  pad2[2048 - sizeof(struct hk_header)];
 };
 
 /* Entry kinds. */
@@ -114,7 +138,7 @@ struct hk_entry {
 #define HK_EPOCHS(b, d)  ((uint64_t)(b) | ((uint64_t)(d) << 32))
 
 _Static_assert(sizeof(struct hk_super) == 4096, "hk_super is one page");
-_Static_assert(sizeof(struct hk_state) <= 4096, "hk_state fits one page");
+_Static_assert(sizeof(struct hk_state) == 4096, "hk_state is one page");
 _Static_assert(sizeof(struct hk_entry) == 512, "hk_entry is 512 bytes");
 _Static_assert(sizeof(struct hk_tag) == 12, "hk_tag is 12 bytes");
 

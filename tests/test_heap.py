@@ -162,11 +162,25 @@ def test_other_format_version_is_refused(heap_path):
         hpcckpt.Heap.open(heap_path)
 
 
-def test_flipped_superblock_byte_is_refused(heap_path):
+def test_flipped_superblock_byte_is_repaired_from_its_twin(heap_path):
     hpcckpt.Heap.create(heap_path, "1MiB").close()
     with open(heap_path, "r+b") as f:
         f.seek(100)
         f.write(b"\x5a")
+    with pytest.warns(hpcckpt.RepairWarning, match="superblock"):
+        heap = hpcckpt.Heap.open(heap_path)
+    heap.close()
+    with open(heap_path, "rb") as f:
+        first, twin = f.read(4096), (f.seek(5 * 4096), f.read(4096))[1]
+    assert first == twin
+
+
+def test_superblock_damaged_in_both_copies_is_refused(heap_path):
+    hpcckpt.Heap.create(heap_path, "1MiB").close()
+    with open(heap_path, "r+b") as f:
+        for at in (100, 5 * 4096 + 100):
+            f.seek(at)
+            f.write(b"\x5a")
     with pytest.raises(hpcckpt.CorruptHeapError, match="superblock is corrupt"):
         hpcckpt.Heap.open(heap_path)
 

@@ -74,6 +74,7 @@ def run_sequence(tracker: str, ops: list) -> None:
                 heap.close()
                 heap = hpcckpt.Heap.open(path, tracker=tracker)
                 assert not heap.restored and snapshot(heap) == model
+                committed = {k: list(v) for k, v in model.items()}   # a clean close seals what changed
         heap.checkpoint()
         heap._native.abandon()
         heap = hpcckpt.Heap.open(path, tracker=tracker)

@@ -12,7 +12,7 @@ import pytest
 
 import hpcckpt
 
-CATALOG = 2 * 4096                  # layout.h: superblock page, state page, then the catalog
+CATALOG = 6 * 4096                  # layout.h: superblock, four state pages, superblock twin, catalog
 STATE_HWM = 4096 + 2 * 1576         # hk_state.entries_hwm, after the two 1576-byte epoch records
 
 

@@ -54,6 +54,10 @@ struct hk_info {
     uint64_t pages_used, pages_free, entries_live, entries_hwm, nviews, va_bytes;
     uint64_t entries_pending;          /* freed in the open epoch: released (wiped) at its commit */
     uint64_t off_data, views_offset;   /* data area in the file; views in the buffer */
+    int64_t good_epoch;     /* newest epoch whose record matches catalog and tags (-1: none) */
+    uint64_t repairs;       /* damaged copies replaced by their intact twins, data restored from copies */
+    char note[256];         /* the latest repair, in words */
+    char damage[512];       /* read-only open of a damaged heap: what is wrong */
     void *va_base;
 };
 

@@ -5,7 +5,7 @@
 ['full', 'hash', 'mprotect', 'page', 'uffd']
 """
 from .errors import (CheckpointError, CorruptHeapError, FormatVersionError, HeapBusyError, HeapError,
-                     HeapFullError, OwnerMismatchError)
+                     HeapFullError, OwnerMismatchError, RepairWarning)
 from .heap import TRACKERS, Heap, Pool, resolve_tracker
 from .job import JobHeap, open
 from .manifest import ExportError
@@ -13,5 +13,5 @@ from .mpi import default_root
 
 __all__ = ["Heap", "Pool", "JobHeap", "open", "default_root", "TRACKERS", "resolve_tracker", "HeapError",
            "CorruptHeapError", "FormatVersionError", "HeapBusyError", "HeapFullError", "OwnerMismatchError",
-           "CheckpointError", "ExportError"]
+           "CheckpointError", "ExportError", "RepairWarning"]
 __version__ = "0.1.0"

@@ -95,14 +95,15 @@ static PyObject *nh_info(NativeHeap *self, PyObject *unused)
     struct hk_info i;
     CALL(heap_info(self->h, &i));
     return Py_BuildValue(
-        "{s:I,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:i,s:i,s:s,s:K,s:K,s:O,s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:K,s:K,s:K}",
+        "{s:I,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:i,s:i,s:s,s:K,s:K,s:O,s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:K,s:K,s:K,s:L,s:K,s:s,s:s}",
         "major", i.major, "minor", i.minor, "page_size", i.page_size, "tracker", i.tracker, "capacity",
         i.capacity, "npages", i.npages, "max_entries", i.max_entries, "file_size", i.file_size, "rank", i.rank,
         "world_size", i.world_size, "job", i.job, "prepared", i.prepared, "committed", i.committed, "was_clean",
         i.was_clean ? Py_True : Py_False, "dax", i.dax ? Py_True : Py_False, "pages_used", i.pages_used,
         "pages_free", i.pages_free, "entries_live", i.entries_live, "entries_hwm", i.entries_hwm, "nviews",
         i.nviews, "va_bytes", i.va_bytes, "va_base", (unsigned long long)(uintptr_t)i.va_base, "exports",
-        self->exports, "off_data", i.off_data, "views_offset", i.views_offset, "entries_pending", i.entries_pending);
+        self->exports, "off_data", i.off_data, "views_offset", i.views_offset, "entries_pending", i.entries_pending,
+        "good_epoch", (long long)i.good_epoch, "repairs", i.repairs, "note", i.note, "damage", i.damage);
 }
 
 static PyObject *nh_alloc(NativeHeap *self, PyObject *args)

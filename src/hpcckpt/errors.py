@@ -32,6 +32,11 @@ class CheckpointError(HeapError):
     """A checkpoint failed (on this rank or another); the epoch was withdrawn."""
 
 
+class RepairWarning(UserWarning):
+    """Damage was found and repaired (from a twin copy or a checkpoint copy), or the heap
+    was rolled back to the newest epoch that its checks confirm; the message says which."""
+
+
 _BY_ERRNO = {
     errno.EBADMSG: CorruptHeapError,
     errno.EACCES: OwnerMismatchError,

@@ -17,13 +17,14 @@ import json
 import math
 import operator
 import os
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
 
 from . import _native
 from ._units import parse_size
-from .errors import CorruptHeapError, HeapError, HeapFullError, translate
+from .errors import CorruptHeapError, HeapError, HeapFullError, RepairWarning, translate
 
 TRACKERS = {"uffd": _native.TRACK_UFFD, "mprotect": _native.TRACK_MPROTECT, "page": _native.TRACK_PAGE,
             "hash": _native.TRACK_HASH, "full": _native.TRACK_FULL}
@@ -194,7 +195,9 @@ class Heap:
         self._reblock = None   # set by the restore layer: re-blocks a distributed object from an export
         self._layout_index: int | None = None
         self._pid = os.getpid()   # a forked child holds a detached copy (see README "Decisions")
+        self._repairs = 0
         info = native.info()
+        self._report_repairs(info)
         self._load_names()
         hook = crash_hook(info["rank"])
         if hook and hook[0] in _CRASH_POINTS:
@@ -237,7 +240,12 @@ class Heap:
         heap = cls._attach(os.fspath(path), tracker, job, rank, world_size)
         try:
             info = heap._info()
-            if not info["was_clean"]:
+            good = info["good_epoch"]
+            if good < info["prepared"]:
+                warnings.warn(f"{heap.path}: rolled back to epoch {good}, the newest that its checks confirm "
+                              f"({info['note']})", RepairWarning, stacklevel=2)
+                heap._recover(good)
+            elif not info["was_clean"]:
                 heap._recover(info["prepared"])
         except BaseException:
             heap._native.abandon()
@@ -254,6 +262,14 @@ class Heap:
         native = _call(_native.open, path, TRACKERS.get(name, _native.TRACK_NONE), job, -1 if rank is None else rank,
                        -1 if world_size is None else world_size)
         return cls(native, path, name)
+
+    def _report_repairs(self, info: dict | None = None) -> None:
+        """Warn once for every repair the core made since the last report (open, alloc)."""
+        info = info or self._native.info()
+        if info["repairs"] > self._repairs:
+            warnings.warn(f"{self.path}: repaired {info['repairs'] - self._repairs} damaged item(s): "
+                          f"{info['note']}", RepairWarning, stacklevel=3)
+            self._repairs = info["repairs"]
 
     def _recover(self, epoch: int) -> None:
         _call(self._native.recover, epoch)
@@ -402,6 +418,7 @@ class Heap:
                                 f"({count} objects of {size} bytes)")
         index = _call(self._native.alloc, name, _dtype_str(dt), shape, size, count, kind)
         self._names[name] = index
+        self._report_repairs()
         if layout:
             self._layouts[name] = layout
             try:
