@@ -239,7 +239,7 @@ static void ckpt_leaving(hk_heap *h, uint64_t n)
     for (size_t i = 0; i < h->pending.n; i++) {
         struct hk_entry *e = &h->cat[h->pending.v[i]];
         if (HK_EPOCH_DEAD(e->epochs) == n && HK_EPOCH_BORN(e->epochs) <= h->committed) {
-            h->next_digest ^= state_entry_term(h, h->pending.v[i], h->committed);
+            h->next_digest ^= state_entry_term(h, h->pending.v[i], h->committed, NULL);
             h->next_units -= heap_units(e);
         }
     }

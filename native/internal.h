@@ -134,7 +134,7 @@ int state_write_header(hk_heap *h);
 void state_note(hk_heap *h, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 uint64_t state_unit_hash(uint64_t idx, uint64_t u, uint32_t slot, uint32_t crc);
 int state_alive_at(const struct hk_entry *e, uint64_t epoch);
-uint64_t state_entry_term(hk_heap *h, uint32_t idx, uint64_t epoch);
+uint64_t state_entry_term(hk_heap *h, uint32_t idx, uint64_t epoch, uint64_t *newer);
 int state_check(hk_heap *h, uint64_t epoch);
 
 /* pmem.c */

@@ -170,16 +170,20 @@ int state_alive_at(const struct hk_entry *e, uint64_t E)
     return e->kind != HK_KIND_FREE && born && born <= E && !(dead && dead <= E);
 }
 
-/* state_entry_term -- XOR of the digest terms of an entry's units at epoch E. */
-uint64_t state_entry_term(hk_heap *h, uint32_t idx, uint64_t E)
+/* state_entry_term -- XOR of the digest terms of an entry's units at epoch E; *newer (if
+ * not NULL) counts the units with a copy newer than E. */
+uint64_t state_entry_term(hk_heap *h, uint32_t idx, uint64_t E, uint64_t *newer)
 {
     struct hk_entry *e = &h->cat[idx];
-    uint64_t d = 0;
+    uint64_t d = 0, later = 0;
     for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
         const struct hk_tag *t = heap_tag(h, e, u);
         uint32_t s = tag_slot_at(t->latest, E);
         d ^= state_unit_hash(idx, u, s, t->crc[s]);
+        later += HK_TAG_EPOCH(t->latest) > E;
     }
+    if (newer)
+        *newer += later;
     return d;
 }
 
@@ -195,15 +199,19 @@ int state_check(hk_heap *h, uint64_t E)
         return hk_fail(EBADMSG, "%s: catalog high-water mark %lu is damaged (epoch %lu had %lu entries, the "
                        "catalog holds %lu)", h->path, (unsigned long)hwm, (unsigned long)E,
                        (unsigned long)(r ? r->entries_hwm : 0), (unsigned long)h->sb->max_entries);
+    uint64_t beyond = 0;   /* signs of an epoch newer than E: objects born after it, copies made after it */
     for (uint64_t i = 0; i < hwm; i++) {
         struct hk_entry *e = &h->cat[i];
-        if (!state_alive_at(e, E))
+        if (!state_alive_at(e, E)) {
+            beyond += e->kind == HK_KIND_ARRAY || e->kind == HK_KIND_POOL ? HK_EPOCH_BORN(e->epochs) > E : 0;
             continue;
-        if (e->kind > HK_KIND_POOL || e->crc != heap_entry_crc(e) || !heap_entry_sane(h, e))
+        }
+        int pending = h->was_clean && E == h->prepared && HK_EPOCH_DEAD(e->epochs);   /* a clean heap has none */
+        if (pending || e->kind > HK_KIND_POOL || e->crc != heap_entry_crc(e) || !heap_entry_sane(h, e))
             return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (file bytes %lu..%lu)", h->path,
                            (unsigned long)i, (unsigned long)(h->sb->off_catalog + i * sizeof *e),
                            (unsigned long)(h->sb->off_catalog + (i + 1) * sizeof *e));
-        d ^= state_entry_term(h, (uint32_t)i, E);
+        d ^= state_entry_term(h, (uint32_t)i, E, &beyond);
         units += heap_units(e);
     }
     if (d != (r ? r->digest : 0) || units != (r ? r->units : 0))
@@ -211,5 +219,10 @@ int state_check(hk_heap *h, uint64_t E)
                        "(%lu live units, the record says %lu): a tag, an object's epochs or the catalog size "
                        "is damaged", h->path, (unsigned long)E, (unsigned long)units,
                        (unsigned long)(r ? r->units : 0));
+    if (beyond && h->was_clean && E == h->prepared) {   /* a newer record was lost: not the state a close left */
+        h->was_clean = 0;
+        state_note(h, "the heap was closed after epoch %lu, whose record is gone: restore epoch %lu",
+                   (unsigned long)E, (unsigned long)E);
+    }
     return 0;
 }

@@ -168,7 +168,8 @@ class Pool:
         """Write `values` into the objects at `indices` (fast, one call); they count as written
         for the next checkpoint without a write fault per object."""
         idx = self._indices(indices)
-        data = np.ascontiguousarray(np.broadcast_to(np.asarray(values, self.dtype), (idx.size, *self.shape)))
+        base, sub = self.dtype.subdtype or (self.dtype, ())   # numpy spreads a sub-array dtype into axes
+        data = np.ascontiguousarray(np.broadcast_to(np.asarray(values, base), (idx.size, *self.shape, *sub)))
         _call(self._heap._native.write, self._index, idx, data)
 
     def __repr__(self) -> str:
