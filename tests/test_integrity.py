@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 
 import hpcckpt
+from corruption import damage, regions
+from mpijobs import demo, reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE = 4096
@@ -211,3 +214,39 @@ def test_a_clean_close_seals_writes_since_the_last_checkpoint(heap_path):
     heap = hpcckpt.Heap.open(heap_path)
     assert heap.epoch == 2                                    # nothing changed: no new epoch
     heap.close()
+
+
+def _damaged_rank_runs(heap_dir: str, seed: int, export: bool, trials: int = 3) -> collections.Counter:
+    """Run the demo at 2 ranks to step 20; then, from that state each time, damage rank 1's heap
+    by one seeded fault and run on to step 30: the answer must be the failure-free one, or
+    (without an export) a clear error that names the file."""
+    rng = np.random.default_rng(seed)
+    job, saved = os.path.join(heap_dir, "job"), os.path.join(heap_dir, "saved")
+    extra = ["--export-dir", os.path.join(job, "x"), "--export-every", "2"] if export else []
+    assert demo(2, os.path.join(job, "h"), "--steps", "20", *extra)[0].returncode == 0
+    shutil.copytree(job, saved)
+    path = os.path.join(job, "h", "t", "rank1.heap")
+    regs = [r for r in regions(path) if r[0] != "whole file"]
+    outcomes = collections.Counter()
+    for _ in range(trials):
+        shutil.rmtree(job)
+        shutil.copytree(saved, job)
+        what = damage(path, rng, regs)
+        proc, line = demo(2, os.path.join(job, "h"), *extra)
+        if proc.returncode == 0:
+            assert line == reference(2, heap_dir), f"wrong answer after {what}: {proc.stderr[-1500:]}"
+            outcomes["restarted"] += 1
+        else:
+            assert not export, f"no restart from the export after {what}: {proc.stderr[-1500:]}"
+            assert path in proc.stderr and "Traceback" not in proc.stderr, f"{what}: {proc.stderr[-1500:]}"
+            outcomes["refused"] += 1
+    print(f"one damaged rank, export={export}: {dict(outcomes)}")
+    return outcomes
+
+
+def test_one_damaged_rank_never_gives_wrong_data_and_restarts_from_the_export(heap_dir):
+    assert _damaged_rank_runs(heap_dir, 21, export=True)["restarted"] == 3
+
+
+def test_one_damaged_rank_without_an_export_restarts_or_names_the_damaged_file(heap_dir):
+    _damaged_rank_runs(heap_dir, 22, export=False)

@@ -149,9 +149,14 @@ def open_only(n: int, root: str, name: str) -> list[str]:
     return proc.stdout.split()
 
 
-def test_heaps_created_but_never_checkpointed_on_some_ranks_start_afresh(heap_dir):
+@pytest.mark.parametrize("left", [None, b"", bytes(100), bytes(8192)])
+def test_a_rank_killed_while_the_heaps_are_created_starts_the_job_afresh(heap_dir, left):
     assert open_only(2, heap_dir, "j") == ["None:None", "None:None"]
-    os.unlink(os.path.join(heap_dir, "j", "rank1.heap"))      # as if rank 1 died while creating its heap
+    path = os.path.join(heap_dir, "j", "rank1.heap")
+    os.unlink(path)                                           # rank 1 died before, or while, creating its heap
+    if left is not None:
+        with open(path, "wb") as f:
+            f.write(left)
     assert open_only(2, heap_dir, "j") == ["None:None", "None:None"]
 
 

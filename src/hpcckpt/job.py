@@ -18,7 +18,7 @@ import os
 import warnings
 from typing import Any
 
-from .errors import HeapError
+from .errors import CorruptHeapError, HeapError, RepairWarning
 from .export import Exporter, ExportHandle
 from .heap import Heap, _check_name
 from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
@@ -105,16 +105,9 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     exports = _list_exports(comm, exporter)
     opts = dict(capacity=capacity, tracker=tracker, max_objects=max_objects, preallocate=preallocate)
 
-    present, err, prepared, clean = os.path.exists(path), None, 0, True
-    if present:   # look without writing anything: nothing is touched until the level is chosen
-        try:
-            probe = JobHeap.open(path, job=name, rank=rank, world_size=size, readonly=True)
-            info = probe._info()
-            prepared, clean = info["prepared"], info["was_clean"]
-            probe._native.abandon()
-        except (OSError, HeapError, ValueError) as e:
-            err = error_text(e)
-    states = comm.allgather((present, err, prepared, clean))
+    states = comm.allgather(_probe(path, name, rank, size))
+    if not any(s[2] for s in states) and all(s[0] is False or s[1] is None or s[4] for s in states):
+        states = [(False, None, 0, True, False)] * size   # nothing was ever committed: start afresh
     common = min(s[2] for s in states)
     local_ok = all(s[0] and not s[1] for s in states)
     heap = None
@@ -166,6 +159,27 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         raise
     _remove_stale(comm, directory, size)
     return _ready(heap, comm, name, exporter)
+
+
+def _probe(path: str, name: str, rank: int, size: int) -> tuple:
+    """(present, error, newest restorable epoch, clean, unfinished) of this rank's heap, looked
+    at without writing anything: nothing is touched until the level is chosen.  `unfinished`:
+    the file is not (yet) a heap at all, as when a rank died while creating it."""
+    if not os.path.exists(path):
+        return False, None, 0, True, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RepairWarning)   # the writable open repairs and says so
+            probe = JobHeap.open(path, job=name, rank=rank, world_size=size, readonly=True)
+        info = probe._info()
+        probe._native.abandon()
+    except (OSError, HeapError, ValueError) as e:
+        unfinished = isinstance(e, CorruptHeapError) and ("bad magic" in str(e) or "no whole superblock" in str(e))
+        return True, error_text(e), 0, True, unfinished
+    if info["good_epoch"] < 0:
+        return True, f"CorruptHeapError: {info['damage']}", 0, True, False
+    good = info["good_epoch"]
+    return True, None, good, info["was_clean"] and good == info["prepared"], False
 
 
 def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None) -> JobHeap:
