@@ -213,7 +213,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
     int twin = 0, rc = file_check_super(path, h->fd, &sb, &twin);
     if (!rc && ((job && strncmp(job, sb.job, HK_JOB_MAX) != 0) || (rank >= 0 && rank != sb.rank) ||
                 (world >= 0 && world != sb.world_size)))
-        rc = hk_fail(EACCES, "%s: heap belongs to job '%.63s', rank %d of %d, not job '%s', rank %d of %d; use "
+        rc = hk_fail(ENOTUNIQ, "%s: heap belongs to job '%.63s', rank %d of %d, not job '%s', rank %d of %d; use "
                      "another root or name, or remove it", path, sb.job, sb.rank, sb.world_size,
                      job ? job : sb.job, rank >= 0 ? rank : sb.rank, world >= 0 ? world : sb.world_size);
     if (!rc && !h->peek && flock(h->fd, (h->readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0)

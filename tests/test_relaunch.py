@@ -4,6 +4,7 @@ run.py is started as a script, so these tests work before the native core is bui
 """
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -66,11 +67,13 @@ def test_relaunches_after_rank_killed(tmp_path: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         MPI.COMM_WORLD.Barrier()
     """)
+    before = set(glob.glob("/dev/shm/mpich_shm_*"))
     done = relaunch("-n", "2", "--", sys.executable, str(job))
     assert done.returncode == 0, done.stderr
     lines = attempt_lines(done.stderr)
     assert len(lines) == 2 and lines[0].endswith("; relaunching") and lines[1].endswith("succeeded")
     assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-1-0", "ran-1-1", "ran-2-0", "ran-2-1"]
+    assert set(glob.glob("/dev/shm/mpich_shm_*")) <= before     # the killed attempt's segment is gone too
 
 
 def test_sigterm_reaches_the_ranks_and_stops_relaunching(tmp_path: Path) -> None:

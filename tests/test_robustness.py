@@ -2,6 +2,7 @@
 a crash, a hang or wrong data."""
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -172,3 +173,64 @@ def test_a_damaged_length_field_is_refused_by_info_and_verify_without_a_signal(h
         out = subprocess.run([sys.executable, "-m", "hpcckpt", cmd, heap_path], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 1 and "corrupt" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# -- where heaps may live: nobody else can replace them ----------------------------------------
+from hpcckpt.mpi import private_dir   # noqa: E402
+
+
+def test_a_root_of_another_user_is_refused(heap_dir):
+    root = os.path.join(heap_dir, "root")
+    os.mkdir(root, 0o700)
+    os.chown(root, 12345, 12345)
+    with pytest.raises(hpcckpt.HeapError, match="belongs to uid 12345"):
+        private_dir(os.path.join(root, "job"))
+
+
+def test_a_world_writable_root_without_the_sticky_bit_is_refused(heap_dir):
+    root = os.path.join(heap_dir, "root")
+    os.mkdir(root)
+    os.chmod(root, 0o777)
+    with pytest.raises(hpcckpt.HeapError, match="writable by other users.*not sticky"):
+        private_dir(os.path.join(root, "job"))
+    os.chmod(root, 0o1777)                                    # like /tmp: fine, the job directory is ours
+    private_dir(os.path.join(root, "job"))
+    assert os.stat(os.path.join(root, "job")).st_mode & 0o777 == 0o700
+
+
+def test_a_job_directory_writable_by_others_is_refused(heap_dir):
+    job = os.path.join(heap_dir, "job")
+    os.mkdir(job)
+    os.chmod(job, 0o777)
+    with pytest.raises(hpcckpt.HeapError, match="mode 777.*chmod 700"):
+        private_dir(job)
+
+
+def test_a_job_directory_of_another_user_is_an_owner_mismatch(heap_dir):
+    job = os.path.join(heap_dir, "job")
+    os.mkdir(job, 0o700)
+    os.chown(job, 12345, 12345)
+    with pytest.raises(hpcckpt.OwnerMismatchError, match="uid 12345"):
+        private_dir(job)
+
+
+def test_a_symlink_planted_in_a_shared_root_is_not_followed(heap_dir):
+    root, elsewhere = os.path.join(heap_dir, "root"), os.path.join(heap_dir, "elsewhere")
+    os.mkdir(root)
+    os.chmod(root, 0o1777)
+    os.mkdir(elsewhere, 0o700)
+    os.symlink(elsewhere, os.path.join(root, "job"))
+    with pytest.raises(hpcckpt.HeapError, match="symbolic link"):
+        private_dir(os.path.join(root, "job"))
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_permission_denied_is_reported_as_such_not_as_an_owner_mismatch(heap_dir, heap_path):
+    hpcckpt.Heap.create(heap_path, "1MiB").close()
+    os.chmod(heap_dir, 0o755)
+    code = ("import hpcckpt, os, sys\nos.setgid(65534)\nos.setuid(65534)\n"
+            "try:\n    hpcckpt.Heap.open(sys.argv[1])\n"
+            "except PermissionError as e:\n    print('permission', e)\n"
+            "except hpcckpt.OwnerMismatchError as e:\n    print('owner', e)\n")
+    out = subprocess.run([sys.executable, "-c", code, heap_path], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("permission") and heap_path in out.stdout, out.stdout + out.stderr

@@ -70,7 +70,8 @@ struct hk_stats {
 const char *hk_errmsg(void);
 
 int heap_create(const char *path, const struct hk_create_opts *opts);
-/* heap_open -- job NULL / rank or world_size < 0: not checked; a mismatch is refused before any write. */
+/* heap_open -- job NULL / rank or world_size < 0: not checked; a mismatch is refused before any write
+ * with ENOTUNIQ (kept apart from EACCES, which is the file system's "permission denied"). */
 int heap_open(const char *path, int tracker, const char *job, int32_t rank, int32_t world_size, hk_heap **out);
 int heap_close(hk_heap *h);                 /* durable, marked clean, views detached */
 int heap_abandon(hk_heap *h);               /* like a crash: nothing more written */

@@ -39,7 +39,7 @@ class RepairWarning(UserWarning):
 
 _BY_ERRNO = {
     errno.EBADMSG: CorruptHeapError,
-    errno.EACCES: OwnerMismatchError,
+    errno.ENOTUNIQ: OwnerMismatchError,
     errno.EPROTO: FormatVersionError,
     errno.EBUSY: HeapBusyError,
     errno.ENOSPC: HeapFullError,
@@ -54,6 +54,8 @@ def translate(exc: OSError) -> HeapError | OSError:
     """
     if exc.errno == errno.ENOENT and "cannot open" in str(exc.strerror):
         return FileNotFoundError(exc.errno, exc.strerror)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionError(exc.errno, f"{exc.strerror}; check the file's owner and mode, or set HPCCKPT_ROOT")
     cls = _BY_ERRNO.get(exc.errno or 0)
     if cls is None:
         return HeapError(exc.strerror or str(exc))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import getpass
 import os
 import signal
+import stat
 from typing import Protocol
 
 import numpy as np
 
-from .errors import CheckpointError, HeapError
+from .errors import CheckpointError, HeapError, OwnerMismatchError
 from .heap import Heap, block_shape, crash_hook, _call
 
 _NUMERIC = ("objects_dirty", "units_dirty", "bytes_dirty", "bytes_copied", "bytes_meta", "bytes_page_baseline",
@@ -59,11 +60,41 @@ def _subclasses(c: type) -> list[type]:
 
 
 def private_dir(path: str) -> None:
-    """Create `path` (0700) if needed; refuse a directory of another user."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid != os.getuid():
-        raise HeapError(f"{path}: directory belongs to uid {st.st_uid}, not to you; set HPCCKPT_ROOT or root=")
+    """Create the job directory `path` (0700) under its root if needed, and refuse a place where
+    another user could replace the heaps: a root owned by another user (root excepted), a root
+    others can write without the sticky bit, a job directory that is a symbolic link in a root
+    others can write, or a job directory of another user or writable by others."""
+    me, root = os.getuid(), os.path.dirname(os.path.abspath(path)) or "/"
+    fix = "set HPCCKPT_ROOT or root= to a directory of your own"
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        st = os.stat(root)
+        link = os.lstat(root)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
+            raise HeapError(f"{root}: the heap root is a symbolic link of uid {link.st_uid}; {fix}")
+        if st.st_uid not in (me, 0):
+            raise HeapError(f"{root}: the heap root belongs to uid {st.st_uid}, not to you; {fix}")
+        shared = bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+        if shared and not st.st_mode & stat.S_ISVTX:
+            raise HeapError(f"{root}: the heap root is writable by other users (mode {stat.S_IMODE(st.st_mode):o}) "
+                            f"and not sticky, so they could replace your heaps; chmod go-w it, or {fix}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        link = os.lstat(path)
+        if stat.S_ISLNK(link.st_mode) and (shared or link.st_uid != me):
+            raise HeapError(f"{path}: the job directory is a symbolic link in a shared root; refusing to follow it")
+        st = os.stat(path)
+    except PermissionError as e:
+        raise PermissionError(e.errno, f"{e.filename}: permission denied; {fix}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise HeapError(f"{path}: exists and is not a directory; remove it or choose another job name")
+    if st.st_uid != me:
+        raise OwnerMismatchError(f"{path}: directory belongs to uid {st.st_uid}, not to you; {fix}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise HeapError(f"{path}: the job directory is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                        f"chmod 700 it")
 
 
 class Participant(Protocol):

@@ -66,6 +66,28 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+MPICH_SEGMENTS = "/dev/shm/mpich_shm_*"   # MPICH's shared memory: a killed rank leaves its segment
+
+
+def remove_stale_segments(new: set[str]) -> None:
+    """Remove the segments that appeared during an attempt and that no live process maps
+    (a concurrent job's are mapped by its ranks, so they stay)."""
+    if not new:
+        return
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                text = f.read()
+        except OSError:
+            continue
+        new -= {path for path in new if path in text}
+    for path in new:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def describe(code: int) -> str:
     """``137`` -> ``'137 (killed by SIGKILL)'``; a negative code is the launcher's own death."""
     sig = -code if code < 0 else code - 128 if code > 128 else 0
@@ -93,11 +115,13 @@ class Relauncher:
 
     def attempt(self, number: int) -> int:
         env = {**os.environ, "HPCCKPT_ATTEMPT": str(number)}
+        before = set(glob.glob(MPICH_SEGMENTS))
         self.child = subprocess.Popen(self.command, env=env, start_new_session=True)
         try:
             return self.child.wait()
         finally:
             self.reap()
+            remove_stale_segments(set(glob.glob(MPICH_SEGMENTS)) - before)
 
     def reap(self) -> None:
         """Kill whatever the attempt left behind in its process group, and wait for it."""
