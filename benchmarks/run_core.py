@@ -3,6 +3,7 @@
     python benchmarks/run_core.py alloc       # issue 2: allocation vs pmemobj_alloc, pool, metadata
     python benchmarks/run_core.py tracking    # issue 3: first write, the paper's experiment, large arrays
     python benchmarks/run_core.py all
+    python benchmarks/run_core.py tracking --against REV   # checkpoint time now / at git REV, same run
 
 Writes benchmarks/results/<name>.json and .png (the plot needs matplotlib). Goals are
 ratios against a baseline measured in this run, so a noisy machine shifts both sides.
@@ -26,14 +27,48 @@ RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
 
 
-def build_harness(workdir: str) -> str:
+def build_harness(workdir: str, tree: str = ROOT) -> str:
     """Compile core_bench.c against the C core's sources, as a C program would use it."""
-    native = os.path.join(ROOT, "native")
+    native = os.path.join(tree, "native")
     srcs = [os.path.join(native, f) for f in sorted(os.listdir(native)) if f.endswith(".c")]
     exe = os.path.join(workdir, "core_bench")
     subprocess.run(["cc", "-O2", "-std=gnu11", f"-I{native}", f"-I{native}/include",
-                    os.path.join(HERE, "core_bench.c"), *srcs, "-o", exe], check=True)
+                    os.path.join(tree, "benchmarks", "core_bench.c"), *srcs, "-o", exe], check=True)
     return exe
+
+
+def build_at(rev: str, workdir: str) -> str:
+    """The harness as it was at git revision `rev` (for a before/after comparison in one run)."""
+    tree = os.path.join(workdir, "tree")
+    os.makedirs(tree)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "native", "benchmarks/core_bench.c"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    return build_harness(tree, tree)
+
+
+def bench_against(exe: str, old: str, rev: str, count: int, repeats: int, sizes: list[int],
+                  fractions: list[float]) -> dict:
+    """Checkpoint time of this tree over the one at `rev`, per tracker, size and fraction,
+    the two harnesses run alternately (paired, so noise hits both); goal: the median ratio."""
+    rows = []
+    for t in ("uffd", "mprotect", "page", "hash", "full"):
+        for size in sizes:
+            for frac in fractions:
+                now, then = [], []
+                for _ in range(repeats):
+                    now.append(statistics.median(r["t_checkpoint"] for r in harness(exe, "paper", count, size, frac, t, 0, 3)))
+                    then.append(statistics.median(r["t_checkpoint"] for r in harness(old, "paper", count, size, frac, t, 0, 3)))
+                ratio = statistics.median(a / b for a, b in zip(now, then))
+                rows.append({"tracker": t, "size": size, "fraction": frac, "now_ms": statistics.median(now) * 1e3,
+                             "then_ms": statistics.median(then) * 1e3, "ratio": ratio})
+                print(f"  {t:8s} {size:5d} B {frac:6.3f}: {rows[-1]['now_ms']:8.2f} ms now, "
+                      f"{rows[-1]['then_ms']:8.2f} ms at {rev}: {ratio:.3f}x")
+    med = statistics.median(r["ratio"] for r in rows)
+    res = {"against": rev, "count": count, "rows": rows,
+           "goals": [goal(f"checkpoint time now / at {rev}, median over configurations", med, 1.10, False)]}
+    save("against", res)
+    return res
 
 
 def harness(exe: str, *args) -> list[dict]:
@@ -206,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sizes", default="64,128,256,1024")
     ap.add_argument("--fractions", default="0.001,0.01,0.1")
+    ap.add_argument("--against", metavar="REV", help="compare checkpoint times with git revision REV instead")
     args = ap.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     work = tempfile.mkdtemp(prefix="hpcckpt-build-")
     try:
         exe = build_harness(work)
         results = []
+        if args.against:
+            old = build_at(args.against, tempfile.mkdtemp(dir=work))
+            results.append(bench_against(exe, old, args.against, args.count, args.repeats,
+                                         [int(s) for s in args.sizes.split(",")],
+                                         [float(f) for f in args.fractions.split(",")]))
+            args.which = "none"
         if args.which in ("alloc", "all"):
             results.append(bench_alloc(exe, args.count, args.repeats))
         if args.which in ("tracking", "all"):

@@ -469,39 +469,69 @@ static uint64_t ckpt_unit_at(const struct hk_entry *e, uint64_t u)
     return e->cls == HK_PAGE_CLASS ? (u / ppo) * e->obj_size + (u % ppo) * HK_PAGE : u * e->obj_size;
 }
 
+/* ckpt_crcs -- CRC32C of n (<= 3) buffers of the lengths given, three at a time when equal. */
+static void ckpt_crcs(const uint8_t *const *p, const uint32_t *len, size_t n, uint32_t *out)
+{
+    if (n == 3 && len[0] == len[1] && len[1] == len[2])
+        crc_compute3(p[0], p[1], p[2], len[0], out);
+    else
+        for (size_t k = 0; k < n; k++)
+            out[k] = crc_compute(0, p[k], len[k]);
+}
+
+/* ckpt_scan_entry -- ckpt_scan of one live entry, three units at a time. */
+static int ckpt_scan_entry(hk_heap *h, struct hk_entry *e, uint64_t E, int flags, uint64_t *checked)
+{
+    for (uint64_t u0 = 0, n = heap_units(e); u0 < n; u0 += 3) {
+        size_t m = n - u0 < 3 ? (size_t)(n - u0) : 3;
+        const uint8_t *copy[3], *work[3];
+        uint32_t len[3], want[3], slot[3], ccopy[3] = {0}, cwork[3] = {0};
+        uint64_t off[3];
+        for (size_t k = 0; k < m; k++) {
+            struct hk_tag *t = heap_tag(h, e, u0 + k);
+            slot[k] = tag_slot_at(t->latest, E);
+            want[k] = t->crc[slot[k]];
+            heap_unit_place(h, e, u0 + k, &off[k], &len[k]);
+            copy[k] = h->raw + h->sb->off_shadow[slot[k]] + off[k];
+            work[k] = h->data + off[k];
+        }
+        if (flags & CKPT_SHADOW)
+            ckpt_crcs(copy, len, m, ccopy);
+        if (flags & CKPT_WORKING)
+            ckpt_crcs(work, len, m, cwork);
+        for (size_t k = 0; k < m; k++) {
+            int bad_work = (flags & CKPT_WORKING) && cwork[k] != want[k];
+            int bad_copy = (flags & CKPT_SHADOW) ? ccopy[k] != want[k]
+                           : bad_work && crc_compute(0, copy[k], len[k]) != want[k];
+            uint64_t at = ckpt_unit_at(e, u0 + k);
+            if (bad_work && (flags & CKPT_REPAIR) && !bad_copy) {
+                memcpy(h->data + off[k], copy[k], len[k]);
+                pmem_flush(h, h->data + off[k], len[k]);
+                state_note(h, "'%.63s' bytes %lu..%lu: working data was damaged; restored from its checkpoint copy",
+                           e->name, (unsigned long)at, (unsigned long)(at + len[k]));
+            } else if (bad_work || ((flags & CKPT_SHADOW) && bad_copy)) {
+                uint64_t file = (bad_work ? h->sb->off_data : h->sb->off_shadow[slot[k]]) + off[k];
+                return hk_fail(EBADMSG, "%s: %s of '%.63s' (bytes %lu..%lu of the object, %lu..%lu of the file, "
+                               "epoch %lu) is corrupt (checksum mismatch)%s", h->path,
+                               bad_work ? "working data" : "checkpoint copy", e->name, (unsigned long)at,
+                               (unsigned long)(at + len[k]), (unsigned long)file, (unsigned long)(file + len[k]),
+                               (unsigned long)E, bad_work && bad_copy ? ", and so is its checkpoint copy" : "");
+            }
+            (*checked)++;
+        }
+    }
+    return 0;
+}
+
 /* ckpt_scan -- check every unit of epoch E (after state_check): CKPT_SHADOW its checkpoint
  * copy, CKPT_WORKING its working data (a clean heap's equals its copy); CKPT_REPAIR puts an
  * intact copy back over damaged working data.  Names the object and the bytes. */
 int ckpt_scan(hk_heap *h, uint64_t E, int flags, uint64_t *checked)
 {
     for (uint64_t i = 0, hwm = heap_hwm(h); i < hwm; i++) {
-        struct hk_entry *e = &h->cat[i];
-        if (!state_alive_at(e, E))
-            continue;
-        for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
-            struct hk_tag *t = heap_tag(h, e, u);
-            uint32_t slot = tag_slot_at(t->latest, E), len;
-            uint64_t off;
-            heap_unit_place(h, e, u, &off, &len);
-            const uint8_t *copy = h->raw + h->sb->off_shadow[slot] + off;
-            int bad_copy = (flags & (CKPT_SHADOW | CKPT_REPAIR)) && crc_compute(0, copy, len) != t->crc[slot];
-            int bad_work = (flags & CKPT_WORKING) && crc_compute(0, h->data + off, len) != t->crc[slot];
-            uint64_t at = ckpt_unit_at(e, u);
-            if (bad_work && (flags & CKPT_REPAIR) && !bad_copy) {
-                memcpy(h->data + off, copy, len);
-                pmem_flush(h, h->data + off, len);
-                state_note(h, "'%.63s' bytes %lu..%lu: working data was damaged; restored from its checkpoint copy",
-                           e->name, (unsigned long)at, (unsigned long)(at + len));
-            } else if (bad_work || ((flags & CKPT_SHADOW) && bad_copy)) {
-                uint64_t file = (bad_work ? h->sb->off_data : h->sb->off_shadow[slot]) + off;
-                return hk_fail(EBADMSG, "%s: %s of '%.63s' (bytes %lu..%lu of the object, %lu..%lu of the file, "
-                               "epoch %lu) is corrupt (checksum mismatch)%s", h->path,
-                               bad_work ? "working data" : "checkpoint copy", e->name, (unsigned long)at,
-                               (unsigned long)(at + len), (unsigned long)file, (unsigned long)(file + len),
-                               (unsigned long)E, bad_work && bad_copy ? ", and so is its checkpoint copy" : "");
-            }
-            (*checked)++;
-        }
+        int rc = state_alive_at(&h->cat[i], E) ? ckpt_scan_entry(h, &h->cat[i], E, flags, checked) : 0;
+        if (rc)
+            return rc;
     }
     return flags & CKPT_REPAIR ? pmem_drain(h) : 0;
 }

@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,3 +99,46 @@ def _property_for(tracker: str):
 
 for _t in ALL_TRACKERS:
     globals()[f"test_heap_equals_model_at_last_checkpoint_{_t}"] = _property_for(_t)
+
+
+# -- every dtype numpy can describe round-trips exactly --------------------------------------------
+from hypothesis.extra import numpy as hnp   # noqa: E402
+
+DTYPES = hnp.nested_dtypes(hnp.scalar_dtypes(), max_leaves=6, max_itemsize=512).filter(lambda d: d.itemsize > 0)
+
+
+def _raw(obj) -> bytes:
+    return obj.take(np.arange(len(obj))).tobytes() if isinstance(obj, hpcckpt.Pool) else obj.tobytes()
+
+
+@settings(max_examples=int(os.environ.get("HPCCKPT_PROPERTY_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(DTYPES, st.binary(min_size=4096, max_size=4096))
+def test_any_dtype_survives_close_reopen_and_crash_restore_for_arrays_and_pools(dtype, noise):
+    d = tempfile.mkdtemp(prefix="hpcckpt-dtype-", dir="/dev/shm")
+    path = os.path.join(d, "h.heap")
+    try:
+        heap = hpcckpt.Heap.create(path, "2MiB")
+        if len(repr(hpcckpt.heap._descr(dtype)).encode()) > 303:   # README "Decisions": refused, clearly
+            with pytest.raises(hpcckpt.HeapError, match="at most 303 fit"):
+                heap.array("a", 3, dtype)
+            heap.close()
+            return
+        arr, pool = heap.array("a", (3, 2), dtype), heap.pool("p", dtype, 5)
+        fill = lambda n, k: (noise * (n * dtype.itemsize // len(noise) + 1))[k:k + n * dtype.itemsize]  # noqa: E731
+        arr.view(np.uint8).reshape(-1)[:] = np.frombuffer(fill(6, 0), np.uint8)
+        pool.put(np.arange(5), np.frombuffer(fill(5, 7), dtype))
+        heap.checkpoint(step=1)
+        want = {"a": _raw(arr), "p": _raw(pool)}
+        heap.close()
+        for how in ("close", "crash"):
+            heap = hpcckpt.Heap.open(path)
+            assert heap["a"].dtype == dtype and heap["a"].shape == (3, 2)
+            assert heap["p"].dtype == dtype and len(heap["p"]) == 5 and heap["p"][0].dtype == (dtype.subdtype or (dtype,))[0]
+            assert {"a": _raw(heap["a"]), "p": _raw(heap["p"])} == want, how
+            heap["a"].view(np.uint8).reshape(-1)[:] ^= 0xFF                  # lost by the crash below
+            heap._native.abandon() if how == "close" else heap.close()
+            if how == "crash":
+                break
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
