@@ -343,6 +343,8 @@ static int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_l
 /* ckpt_commit -- every rank prepared: the epoch is committed; frees become reusable. */
 int ckpt_commit(hk_heap *h)
 {
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
     if (h->prepared != h->committed + 1)
         return hk_fail(EINVAL, "%s: no prepared epoch to commit", h->path);
     h->committed = h->prepared;
@@ -357,6 +359,8 @@ int ckpt_commit(hk_heap *h)
 /* ckpt_withdraw -- some rank failed: drop the prepared epoch, keep its dirty set for the retry. */
 int ckpt_withdraw(hk_heap *h)
 {
+    if (h->closed)
+        return hk_fail(EBADF, "%s: heap is closed", h->path);
     if (h->prepared != h->committed + 1)
         return hk_fail(EINVAL, "%s: no prepared epoch to withdraw", h->path);
     int rc = state_kill_record(h, h->prepared);

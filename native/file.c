@@ -273,6 +273,8 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
 fail:
     if (h->ops && h->track)
         h->ops->detach(h);
+    if (h->ops && h->ops->release)
+        h->ops->release(h);
     alias_release(h);
     alloc_free_dram(h);
     close(h->fd);
@@ -333,6 +335,8 @@ void heap_release(hk_heap *h)
     if (!h)
         return;
     heap_abandon(h);
+    if (h->ops && h->ops->release)
+        h->ops->release(h);
     alias_release(h);
     alloc_free_dram(h);
     free(h);

@@ -89,13 +89,15 @@ struct hk_heap {
 };
 
 /* tracker interface: attach after the views exist, arm to protect all,
- * collect appends dirty (view, page) pairs and re-protects, detach at close. */
+ * collect appends dirty (view, page) pairs and re-protects, detach at close (writes
+ * go on working), release (may be NULL) when the heap's memory is given back. */
 struct track_ops {
     const char *name;
     int (*attach)(hk_heap *h);
     int (*arm)(hk_heap *h);
     int (*collect)(hk_heap *h, int (*emit)(hk_heap *, uint32_t view, uint64_t page));
     void (*detach)(hk_heap *h);
+    void (*release)(hk_heap *h);
 };
 
 extern const struct track_ops track_uffd_ops, track_mprotect_ops;

@@ -3,7 +3,9 @@
  * that page.  Only SEGV_ACCERR inside a registered heap is ours; everything
  * else goes to the handler that was installed before (faulthandler, MPI).
  * When the kernel refuses to split more VMAs (vm.max_map_count) or the record
- * is full, the whole view is unprotected and counted dirty: degraded, never lost. */
+ * is full, the whole view is unprotected and counted dirty: degraded, never lost.
+ * A heap stays registered from attach to release: a thread that faulted just before
+ * close made the views writable finds it detached and simply retries its write. */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdlib.h>
@@ -11,7 +13,7 @@
 #include <sys/mman.h>
 #include "internal.h"
 
-#define MP_MAX_HEAPS 16
+#define MP_MAX_HEAPS 256
 #define MP_RECORD    (1u << 20)
 
 struct mp_state {
@@ -19,11 +21,13 @@ struct mp_state {
     uint64_t *rec[2];               /* view << 32 | page, +1 so 0 means "not yet written" */
     _Atomic uint8_t *degraded;      /* per view */
     _Atomic uint64_t faults, ndegraded;
+    _Atomic int detached;           /* closed: the views are writable, nothing is recorded */
 };
 
 static struct { _Atomic(hk_heap *) heap; } mp_heaps[MP_MAX_HEAPS];
 static struct sigaction mp_prev;
 static int mp_installed;
+static _Atomic int mp_active;       /* handlers running: release waits for them */
 
 static void mp_handler(int sig, siginfo_t *si, void *ctx);
 
@@ -66,9 +70,10 @@ static void mp_degrade(hk_heap *h, struct mp_state *s, uint32_t view)
         atomic_fetch_add(&s->ndegraded, 1);
 }
 
-/* mp_handler -- unprotect the page of a write fault on a heap view, then record it
- * (in that order: a record made after the collector swapped lands in the next epoch). */
-static void mp_handler(int sig, siginfo_t *si, void *ctx)
+/* mp_fault -- a write fault on a heap view: unprotect its page, then record it (in that
+ * order: a record made after the collector swapped lands in the next epoch).  Returns
+ * 0 when the fault is not ours. */
+static int mp_fault(const siginfo_t *si)
 {
     uint8_t *a = si->si_addr;
     for (int i = 0; si->si_code == SEGV_ACCERR && i < MP_MAX_HEAPS; i++) {
@@ -76,13 +81,15 @@ static void mp_handler(int sig, siginfo_t *si, void *ctx)
         if (!h || a < h->views || a >= h->views + (size_t)h->nviews * h->data_len)
             continue;
         struct mp_state *s = h->track;
+        if (atomic_load(&s->detached))
+            return 1;   /* closed meanwhile: the page is writable now, the write retries */
         uint64_t rel = (uint64_t)(a - h->views);
         uint32_t view = (uint32_t)(rel / h->data_len);
         uint64_t page = (rel % h->data_len) / HK_PAGE;
         atomic_fetch_add(&s->faults, 1);
         if (mprotect(h->views + rel - rel % HK_PAGE, HK_PAGE, PROT_READ | PROT_WRITE) != 0) {
             mp_degrade(h, s, view);   /* vm.max_map_count: the whole view becomes dirty */
-            return;
+            return 1;
         }
         uint64_t hd = atomic_fetch_add(&s->head, 1);
         uint32_t buf = (uint32_t)(hd >> 32), idx = (uint32_t)hd;
@@ -90,9 +97,19 @@ static void mp_handler(int sig, siginfo_t *si, void *ctx)
             mp_degrade(h, s, view);
         else
             __atomic_store_n(&s->rec[buf][idx], ((uint64_t)view << 32 | page) + 1, __ATOMIC_RELEASE);
-        return;
+        return 1;
     }
-    mp_chain(sig, si, ctx);
+    return 0;
+}
+
+/* mp_handler -- ours, or the previous handler's. */
+static void mp_handler(int sig, siginfo_t *si, void *ctx)
+{
+    atomic_fetch_add(&mp_active, 1);
+    int ours = mp_fault(si);
+    atomic_fetch_sub(&mp_active, 1);
+    if (!ours)
+        mp_chain(sig, si, ctx);
 }
 
 /* mp_attach -- register the heap's views with the process-wide handler. */
@@ -172,20 +189,31 @@ static int mp_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
     return rc;
 }
 
-/* mp_detach -- leave the registry and make the views writable for good. */
+/* mp_detach -- make the views writable for good (the heap stays registered: see the top). */
 static void mp_detach(hk_heap *h)
+{
+    struct mp_state *s = h->track;
+    mp_protect_all(h, PROT_READ | PROT_WRITE);
+    atomic_store(&s->detached, 1);
+}
+
+/* mp_release -- leave the registry, wait for handlers still running, free the record. */
+static void mp_release(hk_heap *h)
 {
     struct mp_state *s = h->track;
     for (int i = 0; i < MP_MAX_HEAPS; i++) {
         hk_heap *me = h;
         atomic_compare_exchange_strong(&mp_heaps[i].heap, &me, NULL);
     }
-    mp_protect_all(h, PROT_READ | PROT_WRITE);
-    free(s->rec[0]);
-    free(s->rec[1]);
-    free((void *)s->degraded);
-    free(s);
+    while (atomic_load(&mp_active))
+        ;
+    if (s) {
+        free(s->rec[0]);
+        free(s->rec[1]);
+        free((void *)s->degraded);
+        free(s);
+    }
     h->track = NULL;
 }
 
-const struct track_ops track_mprotect_ops = {"mprotect", mp_attach, mp_arm, mp_collect, mp_detach};
+const struct track_ops track_mprotect_ops = {"mprotect", mp_attach, mp_arm, mp_collect, mp_detach, mp_release};

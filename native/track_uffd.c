@@ -157,4 +157,4 @@ static void uffd_detach(hk_heap *h)
     h->track = NULL;
 }
 
-const struct track_ops track_uffd_ops = {"uffd", uffd_attach, uffd_arm, uffd_collect, uffd_detach};
+const struct track_ops track_uffd_ops = {"uffd", uffd_attach, uffd_arm, uffd_collect, uffd_detach, NULL};

@@ -1,5 +1,6 @@
 """The heap inside a real process: a forked child never untracks, unlocks, closes or corrupts
-its parent's heap (it gets a detached copy-on-write view)."""
+its parent's heap (it gets a detached copy-on-write view); threads that write, checkpoint
+and close at once never crash it."""
 from __future__ import annotations
 
 import pytest
@@ -48,3 +49,65 @@ def test_forked_child_never_unlocks_marks_clean_or_writes_the_parents_heap(heap_
     proc = run_python(FORK, env={"HEAP": heap_path, "TRACKER": tracker})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["child cannot checkpoint", "ok"], proc.stdout
+
+
+CLOSE_WHILE_WRITING = """
+import os, sys, threading, numpy as np, hpcckpt
+path, tracker = os.environ["HEAP"], os.environ["TRACKER"]
+src = np.ones(1 << 18)
+for it in range(int(os.environ["ITERATIONS"])):
+    heap = hpcckpt.Heap.create(path, "8MiB", tracker=tracker)
+    big = heap.array("big", 1 << 18)
+    go = threading.Event()
+    def writer():
+        go.set()
+        for _ in range(8):
+            np.multiply(src, 2.0, out=big)   # numpy drops the GIL: a real concurrent writer
+    t = threading.Thread(target=writer)
+    t.start(); go.wait()
+    heap.close()
+    t.join()
+    assert (big == 2.0).all()                # the late writes landed in the detached copy
+    del big, heap
+    os.unlink(path)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("tracker", ["mprotect", "uffd"])
+def test_close_while_another_thread_writes_never_crashes(heap_path, tracker):
+    proc = run_python(CLOSE_WHILE_WRITING, env={"HEAP": heap_path, "TRACKER": tracker, "ITERATIONS": "500"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+CLOSE_WHILE_CHECKPOINTING = """
+import os, sys, threading, hpcckpt
+sys.setswitchinterval(1e-6)                  # switch threads as often as possible
+path, tracker = os.environ["HEAP"], os.environ["TRACKER"]
+for it in range(int(os.environ["ITERATIONS"])):
+    heap = hpcckpt.Heap.create(path, "4MiB", tracker=tracker)
+    a = heap.array("a", 100)
+    def checkpoints():
+        try:
+            for k in range(50):
+                a[k] = k
+                heap.checkpoint(step=k)
+                heap.array(f"t{k}", 10)
+        except hpcckpt.HeapError as e:
+            assert "closed" in str(e), e
+    t = threading.Thread(target=checkpoints)
+    t.start()
+    heap.close()                              # waits for a checkpoint in flight
+    t.join()
+    again = hpcckpt.Heap.open(path, tracker=tracker)
+    assert not again.restored
+    again.close()
+    os.unlink(path)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("tracker", ["mprotect", "uffd"])
+def test_close_racing_checkpoint_threads_waits_and_never_crashes(heap_path, tracker):
+    proc = run_python(CLOSE_WHILE_CHECKPOINTING, env={"HEAP": heap_path, "TRACKER": tracker, "ITERATIONS": "500"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -16,7 +16,9 @@ import ast
 import json
 import math
 import operator
+import functools
 import os
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -106,6 +108,16 @@ def _dtype_parse(text: str) -> np.dtype:
     return _from_descr(ast.literal_eval(text))
 
 
+def locked(method):
+    """Run a Heap method under the heap's lock: close, checkpoint, allocation and frees never
+    interleave across threads (a close waits for a checkpoint in flight)."""
+    @functools.wraps(method)
+    def under_lock(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return under_lock
+
+
 class Pool:
     """Many same-dtype objects, each tracked on its own: ``pool[i]`` is object i.
 
@@ -187,6 +199,7 @@ class Heap:
     """
 
     def __init__(self, native: Any, path: str, tracker: str):
+        self._lock = threading.RLock()
         self._native, self.path, self.tracker = native, path, tracker
         self._names: dict[str, int] = {}
         self._layouts: dict[str, dict] = {}
@@ -272,6 +285,7 @@ class Heap:
                           f"{info['note']}", RepairWarning, stacklevel=3)
             self._repairs = info["repairs"]
 
+    @locked
     def _recover(self, epoch: int) -> None:
         _call(self._native.recover, epoch)
         self.restored = True
@@ -317,6 +331,7 @@ class Heap:
         self._view(index, 0, (len(blob),), np.dtype("u1"))[:] = np.frombuffer(blob, np.uint8)
         self._layout_index = index
 
+    @locked
     def close(self) -> None:
         """Make everything durable and mark the heap cleanly closed."""
         _call(self._native.close)
@@ -409,6 +424,7 @@ class Heap:
         return {"name": name, "index": index, "kind": kind, "dtype": dtype, "shape": list(shape),
                 "obj_size": obj_size, "count": count, "layout": self._layouts.get(name)}
 
+    @locked
     def _alloc(self, name: str, dt: np.dtype, shape: tuple, size: int, count: int, kind: int,
                layout: dict | None = None) -> int:
         if name in self._names:
@@ -443,6 +459,7 @@ class Heap:
             return Pool(self, index, name, dt, tuple(shape), count)
         return self._view(index, 0, tuple(shape), dt)
 
+    @locked
     def __delitem__(self, name: str) -> None:
         index = self._names.get(name)
         if index is None:
@@ -465,6 +482,7 @@ class Heap:
         return list(self._names)
 
     # -- checkpoints ---------------------------------------------------------
+    @locked
     def checkpoint(self, **meta: Any) -> int:
         """Commit an epoch holding every object as it is now; returns its number.
 
@@ -488,6 +506,7 @@ class Heap:
         """Slow checkpoint writes down as NVM with this write bandwidth and flush latency would."""
         self._native.set_nvm(float(write_gbps), float(flush_latency_ns))
 
+    @locked
     def verify(self) -> int:
         """Check the checksum of every committed copy; returns how many were checked."""
         return _call(self._native.verify)

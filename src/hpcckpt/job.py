@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import CorruptHeapError, HeapError, RepairWarning
 from .export import Exporter, ExportHandle
-from .heap import Heap, _check_name
+from .heap import Heap, _check_name, locked
 from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
 from .mpi import agree, coordinated_checkpoint, default_root, error_class, error_text, private_dir
 from .restore import fill_from_export
@@ -38,6 +38,7 @@ class JobHeap(Heap):
         super()._save_layouts()
         self._layout_dirty = True
 
+    @locked
     def checkpoint(self, **meta: Any) -> int:
         """Collective: commit one global epoch holding every object as it is now.
 
@@ -53,6 +54,7 @@ class JobHeap(Heap):
             self._stats["export"] = self.exporter.figures()
         return epoch
 
+    @locked
     def export(self, wait: bool = True) -> ExportHandle:
         """Collective: export the last committed epoch to HDF5 under ``export_dir/<job>/``.
 
@@ -63,6 +65,7 @@ class JobHeap(Heap):
             raise HeapError("this heap has no export directory; open it with hpcckpt.open(..., export_dir=DIR)")
         return self.exporter.start(self, wait)
 
+    @locked
     def close(self) -> None:
         """Finish an export in flight (collective then), make the heap durable and mark it clean."""
         if self.exporter is not None and os.getpid() == self._pid:
