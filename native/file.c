@@ -160,6 +160,14 @@ static int file_set_tracker(hk_heap *h, int tracker)
     return 0;
 }
 
+/* heap_reassert_handler -- keep the mprotect tracker's SIGSEGV handler in front of handlers
+ * installed after it (undo: after such a handler was removed again). */
+int heap_reassert_handler(int undo)
+{
+    int rc = track_mprotect_reassert(undo);
+    return rc ? hk_fail(-rc, "re-installing the SIGSEGV handler failed: %s", strerror(-rc)) : 0;
+}
+
 /* heap_uffd_supported -- can tracker='uffd' work on this kernel? */
 int heap_uffd_supported(void) { return track_uffd_supported(); }
 

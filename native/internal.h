@@ -102,6 +102,7 @@ struct track_ops {
 
 extern const struct track_ops track_uffd_ops, track_mprotect_ops;
 int track_uffd_supported(void);
+int track_mprotect_reassert(int undo);
 
 /* tag_slot_at -- the slot holding a unit's newest copy of epoch E or older. */
 static inline uint32_t tag_slot_at(uint32_t latest, uint64_t E)

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include "internal.h"
 
 #define MP_MAX_HEAPS 256
@@ -25,28 +26,54 @@ struct mp_state {
 };
 
 static struct { _Atomic(hk_heap *) heap; } mp_heaps[MP_MAX_HEAPS];
-static struct sigaction mp_prev;
-static int mp_installed;
+static struct sigaction mp_prev, mp_older[8];   /* the handler we chain to; those it replaced */
+static int mp_installed, mp_depth;
 static _Atomic int mp_active;       /* handlers running: release waits for them */
+static __thread struct { int set; void *at; } mp_handed;   /* this thread's last fault went to the previous handler */
 
 static void mp_handler(int sig, siginfo_t *si, void *ctx);
 
-/* mp_install -- put our handler in front once, remembering the one we replace.  A handler
- * installed later (faulthandler enabled after the heap opened) runs first and, as
- * faulthandler does, hands the fault back; we never re-install over it (that would loop). */
-static int mp_install(void)
+/* mp_ours -- our handler, as sigaction wants it. */
+static struct sigaction mp_ours(void)
 {
-    if (mp_installed)
-        return 0;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = mp_handler;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
     sigemptyset(&sa.sa_mask);
+    return sa;
+}
+
+/* mp_install -- put our handler in front once, remembering the one we replace. */
+static int mp_install(void)
+{
+    if (mp_installed)
+        return 0;
+    struct sigaction sa = mp_ours();
     if (sigaction(SIGSEGV, &sa, &mp_prev) != 0)
         return -errno;
     mp_installed = 1;
     return 0;
+}
+
+/* track_mprotect_reassert -- put our handler back in front of one installed since (say
+ * faulthandler.enable() after the heap opened), chaining to it; `undo` after that one was
+ * removed again (faulthandler.disable()): chain to what it had replaced. */
+int track_mprotect_reassert(int undo)
+{
+    struct sigaction cur, sa = mp_ours();
+    if (!mp_installed)
+        return 0;
+    if (sigaction(SIGSEGV, NULL, &cur) != 0)
+        return -errno;
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == mp_handler) {
+        if (undo && mp_depth > 0)
+            mp_prev = mp_older[--mp_depth];
+        return 0;
+    }
+    if (!undo && mp_depth < 8)
+        mp_older[mp_depth++] = mp_prev;
+    return sigaction(SIGSEGV, &sa, &mp_prev) != 0 ? -errno : 0;
 }
 
 /* mp_chain -- hand a fault that is not ours to the previous handler. */
@@ -102,14 +129,33 @@ static int mp_fault(const siginfo_t *si)
     return 0;
 }
 
-/* mp_handler -- ours, or the previous handler's. */
+/* mp_handler -- ours, or the previous handler's.  A SIGSEGV raise()d by this process is a
+ * fault re-raised by a handler: one in front of us that gave up its place (faulthandler
+ * installed after the heap opened) -- the write runs again and reaches us -- or the one we
+ * handed a fault to -- then, as when a handed fault comes back, the default action kills
+ * the process at the faulting instruction. */
 static void mp_handler(int sig, siginfo_t *si, void *ctx)
 {
+    int handed = mp_handed.set;   /* consumed by this signal, whatever it is */
+    void *handed_at = mp_handed.at;
+    mp_handed.set = 0;
+    if (si->si_code <= 0 && si->si_pid == getpid()) {
+        if (handed)
+            signal(sig, SIG_DFL);
+        return;
+    }
     atomic_fetch_add(&mp_active, 1);
     int ours = mp_fault(si);
     atomic_fetch_sub(&mp_active, 1);
-    if (!ours)
-        mp_chain(sig, si, ctx);
+    if (ours)
+        return;
+    if (handed && handed_at == si->si_addr) {
+        signal(sig, SIG_DFL);   /* the previous handler returned and the same fault came back */
+        return;
+    }
+    mp_handed.set = 1;
+    mp_handed.at = si->si_addr;
+    mp_chain(sig, si, ctx);
 }
 
 /* mp_attach -- register the heap's views with the process-wide handler. */
@@ -164,6 +210,7 @@ static int mp_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
     do
         next = ((hd >> 32) ^ 1) << 32;
     while (!atomic_compare_exchange_weak(&s->head, &hd, next));
+    track_mprotect_reassert(0);   /* a handler installed since is chained behind ours */
     uint8_t degraded[HK_NVIEWS_MAX];
     for (uint32_t g = 0; g < h->nviews; g++)
         degraded[g] = atomic_exchange(&s->degraded[g], 0);

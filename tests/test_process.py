@@ -3,6 +3,11 @@ its parent's heap (it gets a detached copy-on-write view); threads that write, c
 and close at once never crash it."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 from conftest import ALL_TRACKERS, run_python
 
@@ -111,3 +116,30 @@ print("ok")
 def test_close_racing_checkpoint_threads_waits_and_never_crashes(heap_path, tracker):
     proc = run_python(CLOSE_WHILE_CHECKPOINTING, env={"HEAP": heap_path, "TRACKER": tracker, "ITERATIONS": "500"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+HANDLERS = """
+import ctypes, faulthandler, os, sys, hpcckpt
+heap = hpcckpt.Heap.create(os.environ["HEAP"], "4MiB", tracker="mprotect")
+a = heap.array("a", 1000)
+getattr(faulthandler, os.environ["CALL"])()   # installs or removes a SIGSEGV handler after the heap's
+a[5] = 1.0                                     # a tracked write
+heap.checkpoint()
+a[700] = 2.0
+assert heap.checkpoint() and heap.stats["bytes_copied"] == 8000 - 4096, heap.stats   # the second page
+heap.close()
+print("tracked writes ok", flush=True)
+ctypes.memset(0, 1, 1)                         # a genuine NULL write: line 12
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("call,flags", [("enable", []), ("disable", ["-X", "faulthandler"])])
+def test_signal_handlers_installed_after_the_heap_keep_tracking_and_genuine_faults_still_crash(
+        heap_path, call, flags):
+    proc = subprocess.run([sys.executable, *flags, "-c", HANDLERS], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, HEAP=heap_path, CALL=call))
+    assert proc.stdout.splitlines() == ["tracked writes ok"], proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGSEGV, proc.returncode
+    if call == "enable":                          # faulthandler saw the real fault, at its line
+        assert 'File "<string>", line 12' in proc.stderr, proc.stderr

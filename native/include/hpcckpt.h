@@ -87,6 +87,9 @@ void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj);
 int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst, size_t dst_len);
 int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const void *src, size_t src_len);
 int heap_uffd_supported(void);
+/* heap_reassert_handler -- the mprotect tracker's SIGSEGV handler back in front (after another was
+ * installed); undo: after that one was removed again.  Called around faulthandler.enable/disable. */
+int heap_reassert_handler(int undo);
 
 int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch);
 int ckpt_commit(hk_heap *h);

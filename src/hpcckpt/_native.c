@@ -322,6 +322,15 @@ static PyObject *nh_set_nvm(NativeHeap *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *mod_reassert_handler(PyObject *m, PyObject *args)
+{
+    int undo;
+    if (!PyArg_ParseTuple(args, "p", &undo))
+        return NULL;
+    CALL(heap_reassert_handler(undo));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef nh_methods[] = {
     {"close", (PyCFunction)nh_close, METH_NOARGS, "Make durable, mark clean, detach the views."},
     {"abandon", (PyCFunction)nh_abandon, METH_NOARGS, "Detach without writing anything (as a crash would)."},
@@ -442,6 +451,7 @@ static PyObject *mod_crc32c_chunks(PyObject *m, PyObject *args)
 
 static PyMethodDef mod_methods[] = {
     {"crc32c", mod_crc32c, METH_VARARGS, "crc32c(buffer, crc=0) -> CRC32C"},
+    {"reassert_handler", mod_reassert_handler, METH_VARARGS, "reassert_handler(undo): SIGSEGV handler back in front"},
     {"crc32c_combine", mod_crc32c_combine, METH_VARARGS, "crc32c_combine(crc_a, crc_b, len_b) -> CRC32C of A||B"},
     {"crc32c_chunks", mod_crc32c_chunks, METH_VARARGS, "crc32c_chunks(buffer, chunk) -> bytes of uint32 CRCs"},
     {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size, preallocate)"},

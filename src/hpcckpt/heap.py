@@ -108,6 +108,28 @@ def _dtype_parse(text: str) -> np.dtype:
     return _from_descr(ast.literal_eval(text))
 
 
+def _guard_faulthandler() -> None:
+    """faulthandler.enable()/disable() replace the SIGSEGV handler that the mprotect tracker
+    needs: put it back in front after each (README "Decisions"); checkpoints do it too."""
+    import faulthandler
+    if getattr(faulthandler.enable, "_hpcckpt", False):
+        return
+    enable, disable = faulthandler.enable, faulthandler.disable
+
+    @functools.wraps(enable)
+    def enable_then_reassert(*args, **kwargs):
+        enable(*args, **kwargs)
+        _native.reassert_handler(False)
+
+    @functools.wraps(disable)
+    def disable_then_reassert(*args, **kwargs):
+        result = disable(*args, **kwargs)
+        _native.reassert_handler(True)
+        return result
+    enable_then_reassert._hpcckpt = disable_then_reassert._hpcckpt = True
+    faulthandler.enable, faulthandler.disable = enable_then_reassert, disable_then_reassert
+
+
 def locked(method):
     """Run a Heap method under the heap's lock: close, checkpoint, allocation and frees never
     interleave across threads (a close waits for a checkpoint in flight)."""
@@ -210,6 +232,8 @@ class Heap:
         self._layout_index: int | None = None
         self._pid = os.getpid()   # a forked child holds a detached copy (see README "Decisions")
         self._repairs = 0
+        if tracker == "mprotect" or (tracker == "page" and not _native.UFFD_SUPPORTED):
+            _guard_faulthandler()
         info = native.info()
         self._report_repairs(info)
         self._load_names()
