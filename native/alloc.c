@@ -439,6 +439,7 @@ void alloc_free_dram(hk_heap *h)
     free(h->pending.v);
     free(h->fresh.v);
     free(h->touched.v);
+    free(h->exposed.v);
     free(h->dmask);
     free(h->dpages.v);
     free(h->work.v);

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include "internal.h"
 
@@ -114,6 +115,49 @@ static int64_t ckpt_owner(hk_heap *h, uint64_t page, uint32_t slot, uint64_t *u)
     return entry_alive(&h->cat[idx]) ? (int64_t)idx : -1;
 }
 
+/* ckpt_open_pages -- make an exposed object's pages writable in the views it is seen through. */
+static int ckpt_open_pages(hk_heap *h, uint32_t idx)
+{
+    struct hk_entry *e = &h->cat[idx];
+    for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
+        uint64_t off;
+        uint32_t len;
+        heap_unit_place(h, e, u, &off, &len);
+        uint32_t view = e->cls == HK_PAGE_CLASS || !h->aliased ? 0
+                        : alias_view_of(h, e->cls, (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls]);
+        uint8_t *page = h->views + (size_t)view * h->data_len + off - off % HK_PAGE;
+        if (mprotect(page, HK_PAGE, PROT_READ | PROT_WRITE) != 0)
+            return hk_fail(errno, "%s: cannot make '%.63s' writable for system calls: %s", h->path, e->name,
+                           strerror(errno));
+    }
+    return 0;
+}
+
+/* ckpt_expose -- let system calls (read, recv, MPI's CMA) write into an object: the mprotect
+ * trackers keep its pages writable and count all of it written at every checkpoint.  The
+ * uffd tracker and those without protection see such writes already: nothing to do. */
+int ckpt_expose(hk_heap *h, uint64_t index)
+{
+    if (h->closed || h->readonly || index >= heap_hwm(h) || !entry_alive(&h->cat[index]))
+        return hk_fail(h->readonly ? EROFS : ENOENT, "%s: no writable live object at catalog index %lu",
+                       h->path, (unsigned long)index);
+    if (h->ops != &track_mprotect_ops)
+        return 0;
+    for (size_t i = 0; i < h->exposed.n; i++)
+        if (h->exposed.v[i] == index)
+            return ckpt_open_pages(h, (uint32_t)index);
+    int rc = vec_push32(&h->exposed, (uint32_t)index);
+    return rc ? rc : ckpt_open_pages(h, (uint32_t)index);
+}
+
+/* ckpt_unexpose -- forget an exposed object (it is freed, or the heap restored). */
+void ckpt_unexpose(hk_heap *h, uint32_t index)
+{
+    for (size_t i = 0; i < h->exposed.n; i++)
+        if (h->exposed.v[i] == index)
+            h->exposed.v[i--] = h->exposed.v[--h->exposed.n];
+}
+
 /* page_cmp -- qsort order of page numbers. */
 static int page_cmp(const void *a, const void *b)
 {
@@ -131,6 +175,9 @@ static int ckpt_collect(hk_heap *h, int by_hash)
     by_hash |= h->tracker == HK_TRACK_HASH && !h->all_dirty;
     if (h->ops)
         rc = h->ops->collect(h, ckpt_emit);
+    for (size_t i = 0; !rc && i < h->exposed.n; i++)   /* re-protected by collect: open them again */
+        if (!(rc = ckpt_mark_entry(h, h->exposed.v[i], 0)))
+            rc = ckpt_open_pages(h, h->exposed.v[i]);
     for (uint64_t i = 0; !rc && everything && i < heap_hwm(h); i++)
         rc = ckpt_mark_entry(h, (uint32_t)i, by_hash);
     for (size_t i = 0; !rc && i < h->fresh.n; i++)
@@ -432,7 +479,7 @@ int ckpt_recover(hk_heap *h, uint64_t E)
         pmem_flush(h, e, sizeof *e);
     }
     h->prepared = h->committed = E;
-    h->touched.n = 0;
+    h->touched.n = h->exposed.n = 0;
     h->all_dirty = 0;
     h->good_epoch = (int64_t)E;
     const struct hk_record *r = state_record(h, E);

@@ -239,6 +239,7 @@ int heap_free(hk_heap *h, uint64_t index)
         return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
     struct hk_entry *e = &h->cat[index];
     uint32_t born = HK_EPOCH_BORN(e->epochs);
+    ckpt_unexpose(h, (uint32_t)index);
     if (born > h->committed) {   /* never part of a committed epoch: gone at once */
         heap_release_entry(h, (uint32_t)index);
         return 0;

@@ -70,6 +70,7 @@ struct hk_heap {
     struct u32vec pending;          /* freed in the open epoch: released at commit */
     struct u32vec fresh;            /* born in the open epoch: dirty at next prepare */
     struct u32vec touched;          /* catalog entries changed since the last prepare */
+    struct u32vec exposed;          /* objects system calls may write (ckpt_expose): always dirty */
     uint64_t entries_live;
 
     /* checkpoint state */
@@ -182,6 +183,7 @@ int alloc_entry_is_zero(const struct hk_entry *e);
 
 /* ckpt.c */
 int ckpt_seal(hk_heap *h);
+void ckpt_unexpose(hk_heap *h, uint32_t index);
 int ckpt_scan(hk_heap *h, uint64_t epoch, int flags, uint64_t *checked);
 enum { CKPT_SHADOW = 1, CKPT_WORKING = 2, CKPT_REPAIR = 4 };
 

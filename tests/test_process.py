@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ALL_TRACKERS, run_python
+from conftest import ALL_TRACKERS, KERNEL_TRACKERS, run_python
+from mpijobs import launch
 
 FORK = """
 import multiprocessing as mp, os, sys, hpcckpt
@@ -143,3 +144,70 @@ def test_signal_handlers_installed_after_the_heap_keep_tracking_and_genuine_faul
     assert proc.returncode == -signal.SIGSEGV, proc.returncode
     if call == "enable":                          # faulthandler saw the real fault, at its line
         assert 'File "<string>", line 12' in proc.stderr, proc.stderr
+
+
+KERNEL_WRITES = """
+import os, socket, numpy as np, hpcckpt
+path, tracker = os.environ["HEAP"], os.environ["TRACKER"]
+heap = hpcckpt.Heap.create(path, "16MiB", tracker=tracker)
+a, b, c = heap.array("a", 4096, "u1"), heap.array("b", 16384, "u1"), heap.array("c", 1 << 20, "u1")
+heap.checkpoint()
+if not heap.kernel_writable:
+    for name in "abc":
+        heap.expose(name)
+src = path + ".src"
+with open(src, "wb") as f:
+    f.write(bytes(range(256)) * 4096)
+fd = os.open(src, os.O_RDONLY)
+assert os.readv(fd, [b]) == 16384
+os.close(fd)
+with open(src, "rb") as f:
+    assert f.readinto(c) == 1 << 20
+s1, s2 = socket.socketpair()
+s1.sendall(b"\\x07" * 4096)
+assert s2.recv_into(a) == 4096
+heap.checkpoint()
+heap._native.abandon()                          # a crash: only what the checkpoint saw survives
+heap = hpcckpt.Heap.open(path, tracker=tracker)
+assert (heap["a"] == 7).all() and heap["b"].tobytes() == bytes(range(256)) * 64
+assert heap["c"].tobytes() == bytes(range(256)) * 4096
+heap.close()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("tracker", ALL_TRACKERS)
+def test_readv_readinto_and_recv_into_heap_arrays_are_checkpointed(heap_path, tracker):
+    proc = run_python(KERNEL_WRITES, env={"HEAP": heap_path, "TRACKER": tracker})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+MPI_RECV = """
+import os, sys, numpy as np, hpcckpt
+from mpi4py import MPI
+comm, tracker = MPI.COMM_WORLD, sys.argv[2]
+heap = hpcckpt.open("recv", comm, root=sys.argv[1], capacity="32MiB", tracker=tracker)
+big, small = heap.array("big", 1 << 19), heap.array("small", 16)   # 4 MiB: MPICH's CMA path; 128 B
+heap.checkpoint(step=0)
+if not heap.kernel_writable:
+    heap.expose("big"), heap.expose("small")
+if comm.rank == 0:
+    comm.Send(np.arange(1 << 19, dtype="f8"), dest=1)
+    comm.Send(np.full(16, 3.0), dest=1)
+else:
+    comm.Recv(big, source=0)
+    comm.Recv(small, source=0)
+heap.checkpoint(step=1)
+heap._native.abandon()
+heap = hpcckpt.open("recv", comm, root=sys.argv[1], capacity="32MiB", tracker=tracker)
+if comm.rank == 1:
+    assert (heap["big"] == np.arange(1 << 19)).all() and (heap["small"] == 3.0).all()
+heap.close()
+print("ok", comm.rank, flush=True)
+"""
+
+
+@pytest.mark.parametrize("tracker", KERNEL_TRACKERS)
+def test_mpi_receives_into_heap_arrays_small_and_4mib_are_checkpointed(heap_dir, tracker):
+    proc = launch(["mpiexec", "-n", "2", sys.executable, "-c", MPI_RECV, heap_dir, tracker], timeout=120)
+    assert proc.returncode == 0 and sorted(proc.stdout.split()) == ["0", "1", "ok", "ok"], proc.stderr[-2000:]

@@ -93,6 +93,9 @@ int heap_reassert_handler(int undo);
 
 int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch);
 int ckpt_commit(hk_heap *h);
+/* ckpt_expose -- system calls may write into this object (mprotect trackers: its pages stay
+ * writable and it is copied whole at every checkpoint; other trackers: nothing to do). */
+int ckpt_expose(hk_heap *h, uint64_t index);
 int ckpt_withdraw(hk_heap *h);
 int ckpt_recover(hk_heap *h, uint64_t epoch);
 /* ckpt_read_epoch -- units [u0, u1) of an entry as committed at `epoch`, packed as in the object,

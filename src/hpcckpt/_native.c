@@ -142,6 +142,17 @@ static PyObject *nh_free(NativeHeap *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *nh_expose(NativeHeap *self, PyObject *arg)
+{
+    unsigned long long idx = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !live(self))
+        return NULL;
+    int rc = ckpt_expose(self->h, idx);
+    if (rc < 0)
+        return raise_rc(rc);
+    Py_RETURN_NONE;
+}
+
 static PyObject *nh_lookup(NativeHeap *self, PyObject *arg)
 {
     unsigned long long idx = PyLong_AsUnsignedLongLong(arg);
@@ -337,6 +348,7 @@ static PyMethodDef nh_methods[] = {
     {"info", (PyCFunction)nh_info, METH_NOARGS, "Geometry and state as a dict."},
     {"alloc", (PyCFunction)nh_alloc, METH_VARARGS, "alloc(name, dtype, shape, obj_size, count, kind) -> index"},
     {"free", (PyCFunction)nh_free, METH_O, "free(index)"},
+    {"expose", (PyCFunction)nh_expose, METH_O, "expose(index): system calls may write into the object"},
     {"lookup", (PyCFunction)nh_lookup, METH_O, "lookup(index) -> (name, dtype, shape, obj_size, count, kind)"},
     {"next_live", (PyCFunction)nh_next_live, METH_O, "next_live(from) -> index or -1"},
     {"offset", (PyCFunction)nh_offset, METH_VARARGS, "offset(index, obj) -> byte offset in the buffer"},

@@ -535,10 +535,32 @@ class Heap:
         """Check the checksum of every committed copy; returns how many were checked."""
         return _call(self._native.verify)
 
+    @locked
+    def expose(self, name: str) -> None:
+        """Let system calls write into object `name`: ``os.readv``, ``readinto``, ``recv_into``,
+        MPI receives (MPICH's CMA path).  Needed only when :attr:`kernel_writable` is False
+        (the mprotect-based trackers, where such a write fails with EFAULT): the object's pages
+        then stay writable and it is copied whole at every checkpoint.  A no-op otherwise.
+
+        >>> import hpcckpt, tempfile, os
+        >>> heap = hpcckpt.Heap.create(os.path.join(tempfile.mkdtemp(), "k.heap"), "4MiB", tracker="mprotect")
+        >>> halo = heap.array("halo", 512)
+        >>> heap.expose("halo")
+        >>> with open(os.devnull, "rb") as f:
+        ...     f.readinto(halo)
+        0
+        >>> heap.close()
+        """
+        index = self._names.get(name)
+        if index is None:
+            raise KeyError(f"{self.path}: no object named {name!r}")
+        _call(self._native.expose, index)
+
     @property
     def kernel_writable(self) -> bool:
         """Can system calls (read, recv, MPI's CMA) write into this heap's arrays?  Not under the
-        mprotect-based trackers: a protected page makes the kernel fail with EFAULT, not fault."""
+        mprotect-based trackers: a protected page makes the kernel fail with EFAULT, not fault;
+        :meth:`expose` the objects they write into."""
         return self.tracker in ("uffd", "hash", "full") or (self.tracker == "page" and _native.UFFD_SUPPORTED)
 
     def _info(self) -> dict:
