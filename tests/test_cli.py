@@ -74,3 +74,69 @@ def test_single_process_stats_have_the_same_keys_as_under_mpi_and_int_counters(h
         s = heap.stats
         assert isinstance(s["total"]["bytes_copied"], int) and s["total"]["bytes_copied"] == 800
         assert set(s["max"]) == set(s["total"])
+
+
+# -- a user's first hour: bad input gets one line and the documented exit code ---------------------
+import pytest   # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st   # noqa: E402
+
+
+@pytest.mark.parametrize("args", [["--count", "0"], ["--fraction", "2"], ["--fraction", "0"], ["--size", "0"],
+                                  ["--trackers", "bogus"], ["--nvm-gbps", "-1"], ["--count", "x"]])
+def test_bench_refuses_bad_arguments_in_one_line_with_exit_2(args):
+    out = cli("bench", *args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("hpcckpt bench: error:"), out.stderr
+
+
+def test_bench_puts_its_heaps_under_hpcckpt_root(heap_dir):
+    root = os.path.join(heap_dir, "root")
+    out = subprocess.run([sys.executable, "-m", "hpcckpt", "bench", "--count", "2000", "--trackers", "hash", "--json"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, HPCCKPT_ROOT=root))
+    assert out.returncode == 0, out.stderr
+    assert os.path.isdir(root) and os.listdir(root) == []   # used, and cleaned up
+
+
+def test_info_objects_shows_sizes_and_no_stray_parentheses(heap_dir):
+    with hpcckpt.Heap.create(os.path.join(heap_dir, "rank0.heap"), "4MiB") as heap:
+        heap.pool("cells", "f4", 100)
+        heap.array("u", (10, 10))
+    out = cli("info", "--objects", heap_dir).stdout
+    assert "cells: pool of 100 x float32, 400 bytes" in out and "u: array float64 (10, 10), 800 bytes" in out
+
+
+def test_info_of_a_job_leads_with_its_restart_epoch_and_levels(heap_dir):
+    for rank, epochs in ((0, 3), (1, 2)):                      # rank 1 died before preparing epoch 3
+        heap = hpcckpt.Heap.create(os.path.join(heap_dir, f"rank{rank}.heap"), "1MiB", job="j", rank=rank,
+                                   world_size=2)
+        for e in range(epochs):
+            heap.checkpoint(step=e)
+        heap._native.abandon()
+    out = cli("info", heap_dir)
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("job 'j', 2 ranks: restarts at epoch 2 from the local heaps"), out.stdout
+    assert "rank 0 at 3, rank 1 at 2" in first
+
+
+def test_rm_removes_a_jobs_heaps_and_refuses_while_one_is_open(heap_dir):
+    job = os.path.join(heap_dir, "j")
+    os.mkdir(job)
+    heap = hpcckpt.Heap.create(os.path.join(job, "rank0.heap"), "1MiB", job="j")
+    out = cli("rm", job)
+    assert out.returncode == 1 and "open in a running process" in out.stderr and os.path.exists(job)
+    heap.close()
+    out = cli("rm", job)
+    assert out.returncode == 0 and not os.path.exists(job), out.stderr
+    out = cli("rm", job)
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "no heap" in out.stderr
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["info", "verify", "export", "restore", "bench", "rm", "run", "nosuch"]),
+       st.lists(st.sampled_from(["--json", "--objects", "-n", "0", "-1", "x", "--to", "/nonexistent", "--",
+                                 "--count", "--fraction", "2", "", "/", "--capacity", "1ZiB"]), max_size=5))
+def test_fuzzed_command_lines_never_print_a_traceback(command, args):
+    out = subprocess.run([sys.executable, "-m", "hpcckpt", command, *args], capture_output=True, text=True,
+                         timeout=120, cwd="/tmp", stdin=subprocess.DEVNULL)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.returncode in (0, 1, 2), (out.returncode, out.stderr)

@@ -48,12 +48,24 @@ def test_relaunches_until_an_attempt_succeeds(tmp_path: Path) -> None:
 
 
 def test_gives_up_after_max_restarts_with_the_last_exit_code(tmp_path: Path) -> None:
-    job = script(tmp_path, "import sys; sys.exit(5)\n")
+    job = script(tmp_path, """
+        import os, sys
+        open(os.environ["HPCCKPT_RUN_STATUS"], "a").write("opened\\n")   # as hpcckpt.open does
+        sys.exit(5)
+    """)
     done = relaunch("-n", "1", "--max-restarts", "2", "--", sys.executable, str(job))
     assert done.returncode == 5
     lines = attempt_lines(done.stderr)
     assert len(lines) == 3
     assert lines[-1] == "hpcckpt run: attempt 3/3 exited with 5; giving up"
+
+
+def test_two_attempts_that_die_before_opening_their_heaps_are_not_relaunched_again(tmp_path: Path) -> None:
+    job = script(tmp_path, "import sys; sys.exit(5)\n")   # say, an ImportError before hpcckpt.open
+    done = relaunch("-n", "1", "--max-restarts", "5", "--", sys.executable, str(job))
+    assert done.returncode == 5
+    lines = attempt_lines(done.stderr)
+    assert len(lines) == 2 and "attempts 1 and 2 died before opening their heaps" in lines[-1], lines
 
 
 def test_relaunches_after_rank_killed(tmp_path: Path) -> None:

@@ -40,34 +40,64 @@ def describe(path: str, objects: bool) -> dict:
                "epoch": i["prepared"] or None, "meta": heap.meta if i["prepared"] else {},
                "state": "closed cleanly" if i["was_clean"] else
                         f"not closed cleanly: the next open restores epoch {i['prepared'] or 'none (empty)'}",
-               "dax": i["dax"]}
+               "dax": i["dax"], "restorable": i["good_epoch"] if i["good_epoch"] >= 0 else None}
         if objects:
             out["objects_list"] = []
             for name in heap:
-                obj = heap[name]
-                kind = f"pool of {len(obj)} x {obj.dtype} {obj.shape}" if isinstance(obj, Pool) \
-                    else f"array {obj.dtype} {obj.shape}"
-                out["objects_list"].append(f"{name}: {kind}")
+                obj, d = heap[name], heap.describe(name)
+                kind = f"pool of {len(obj)} x {obj.dtype}{f' {obj.shape}' if obj.shape else ''}" \
+                    if isinstance(obj, Pool) else f"array {obj.dtype} {obj.shape}"
+                out["objects_list"].append(f"{name}: {kind}, {d['obj_size'] * d['count']} bytes")
         return out
+
+
+def job_view(rows: list[dict], export_dir: str | None) -> dict:
+    """The job's restart decision, as hpcckpt.open would take it: which epoch, from which level."""
+    job, size = rows[0]["job"], rows[0]["world_size"]
+    epochs = {r["rank"]: r["restorable"] for r in rows}
+    missing = [r for r in range(size) if r not in epochs]
+    damaged = [r for r, e in epochs.items() if e is None]
+    newest = None
+    if export_dir:
+        where = find_export(os.path.join(export_dir, job))
+        newest = info_export(*where)[0]["epoch"] if where else None
+    local = None if missing or damaged else min(epochs.values())
+    if local is not None and (newest is None or local >= newest):
+        decision = f"restarts at epoch {local} from the local heaps" if local else "starts afresh (nothing committed)"
+    elif newest is not None:
+        decision = f"restarts at epoch {newest} from the export"
+    else:
+        why = f"rank(s) {missing} have no heap" if missing else f"rank(s) {damaged} are damaged"
+        decision = f"cannot restart from local heaps: {why}; give --export-dir if it has exports"
+    levels = ", ".join(f"rank {r} at {e}" for r, e in sorted(epochs.items()))
+    exports = f"; newest export: epoch {newest}" if export_dir else ""
+    return {"job": job, "world_size": size, "local_epochs": epochs, "export_epoch": newest, "decision": decision,
+            "summary": f"job {job!r}, {size} ranks: {decision} (local heaps: {levels}{exports})"}
 
 
 def info(argv: list[str]) -> int:
     """Print what each heap holds: owner, epoch, meta, state, objects."""
     ap = argparse.ArgumentParser(prog="hpcckpt info", description="show heaps (read-only)")
     ap.add_argument("targets", nargs="+", help="heap file, directory of rank*.heap, or job name")
-    ap.add_argument("--objects", action="store_true", help="list the objects")
+    ap.add_argument("--objects", action="store_true", help="list the objects with their sizes")
+    ap.add_argument("--export-dir", metavar="DIR", help="the job's export directory, to show that level too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    rows, exports = [], []
+    rows, exports, jobs = [], [], []
     for t in args.targets:
         where = find_export(t)
         if where:
             exports += info_export(*where)
         else:
-            rows += [describe(p, args.objects) for p in heap_files(t)]
+            found = [describe(p, args.objects) for p in heap_files(t)]
+            rows += found
+            if len(found) > 1 or found[0]["world_size"] > 1:
+                jobs.append(job_view(found, args.export_dir))
     if args.json:
-        print(json.dumps(rows + exports, indent=1))
+        print(json.dumps(jobs + rows + exports, indent=1))
         return 0
+    for j in jobs:
+        print(j["summary"])
     for e in exports:
         print(f"{e['path']}: export of job {e['job']!r}, epoch {e['epoch']} {json.dumps(e['meta'])}, "
               f"{e['world_size']} ranks{', LATEST' if e['latest'] else ''}, {len(e['objects'])} objects")
@@ -135,7 +165,16 @@ def bench(argv: list[str]) -> int:
     ap.add_argument("--trackers", default=",".join(available_trackers()))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    rows = measure_trackers(args.count, args.size, args.fraction, args.trackers.split(","), args.nvm_gbps)
+    trackers = args.trackers.split(",")
+    if args.count < 1 or not 1 <= args.size <= 1 << 20:
+        ap.error(f"need --count >= 1 and 1 <= --size <= {1 << 20} (got {args.count}, {args.size})")
+    if not 0 < args.fraction <= 1 or args.nvm_gbps < 0:
+        ap.error(f"need 0 < --fraction <= 1 and --nvm-gbps >= 0 (got {args.fraction}, {args.nvm_gbps})")
+    unknown = [t for t in trackers if t not in available_trackers()]
+    if unknown:
+        ap.error(f"--trackers {','.join(unknown)}: not a tracker this kernel runs; choose from "
+                 f"{','.join(available_trackers())}")
+    rows = measure_trackers(args.count, args.size, args.fraction, trackers, args.nvm_gbps)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -145,4 +184,26 @@ def bench(argv: list[str]) -> int:
     for r in rows:
         print(f"{r['tracker']:>9} {r['t_checkpoint'] * 1e3:9.2f} {r['bytes_copied'] / 1e6:10.3f} "
               f"{r['bytes_page_baseline'] / 1e6:16.3f}")
+    return 0
+
+
+def rm(argv: list[str]) -> int:
+    """Remove a job's heaps (its directory under the root), refusing while a process has one open."""
+    import fcntl
+    ap = argparse.ArgumentParser(prog="hpcckpt rm", description="remove a job's heaps")
+    ap.add_argument("job", help="job name (under $HPCCKPT_ROOT or the default root) or its directory")
+    args = ap.parse_args(argv)
+    files = heap_files(args.job)
+    directory = os.path.dirname(files[0])
+    for path in files:   # the heap's own lock: a running rank holds it exclusively
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise HeapError(f"{path}: open in a running process; stop the job first") from None
+    for path in files:
+        os.unlink(path)
+    if not os.listdir(directory):
+        os.rmdir(directory)
+    print(f"removed {len(files)} heap(s) of {directory}")
     return 0

@@ -30,7 +30,10 @@ def measure_trackers(count: int, size: int, fraction: float, trackers: list[str]
     ndirty = max(1, round(count * fraction))
     capacity = max(64 << 20, count * max(size, 64) * 2)
     for tracker in trackers or available_trackers():
-        d = tempfile.mkdtemp(prefix="hpcckpt-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        root = os.environ.get("HPCCKPT_ROOT") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        if root:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        d = tempfile.mkdtemp(prefix="hpcckpt-bench-", dir=root)   # where the heaps live: its speed is measured
         try:
             heap = Heap.create(os.path.join(d, "b.heap"), capacity, tracker=tracker, max_objects=1024)
             pool = heap.pool("objs", f"V{size}", count)

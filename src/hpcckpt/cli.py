@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "export the last committed epoch of a job's heaps to HDF5 (offline)",
     "restore": "lay out heaps for M ranks from an export, ahead of a job",
     "bench": "measure checkpoint cost per tracker",
+    "rm": "remove a job's heaps (refused while the job runs)",
 }
 
 

@@ -13,8 +13,10 @@ read, on any number of ranks), else a fresh start if nothing was ever committed.
 """
 from __future__ import annotations
 
+import builtins
 import json
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -189,7 +191,46 @@ def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None) -> JobHeap
     heap.comm, heap.job, heap.exporter = comm, name, exporter
     if exporter is not None:
         exporter.warm_up()   # the helper starts (and imports h5py) while the job computes
+    if comm.Get_rank() == 0:
+        _say_where(heap, name)
+        kind = fs_type(os.path.dirname(heap.path))
+        if kind not in ("tmpfs", "ramfs") and not heap.info["dax"]:
+            warnings.warn(f"hpcckpt: the heaps of job {name!r} are on {kind} ({os.path.dirname(heap.path)}), not "
+                          "tmpfs or DAX persistent memory: checkpoints and restores run at that file system's "
+                          "speed (README \"Where the heap lives\"); set HPCCKPT_ROOT to a node-local tmpfs",
+                          RuntimeWarning, stacklevel=3)
     return heap
+
+
+def fs_type(path: str) -> str:
+    """The file system type of the mount that holds `path`, from /proc/self/mountinfo."""
+    best, kind, path = "", "unknown", os.path.realpath(path)
+    try:
+        with builtins.open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                point = left.split()[4].replace("\\040", " ")
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, kind = point, right.split()[0]
+    except (OSError, IndexError):
+        pass
+    return kind
+
+
+def _say_where(heap: JobHeap, name: str) -> None:
+    """Rank 0, once per open: where the job resumes; under ``hpcckpt run`` also a line in the
+    relauncher's status file (an attempt that never gets here died before opening its heaps)."""
+    where = (f"resumes job {name!r} at epoch {heap.epoch}" + (f" (step {heap.meta['step']})" if "step" in heap.meta
+             else "") + f" from the {heap.restored_from} level") if heap.restored_from else f"starts job {name!r} afresh"
+    status, attempt = os.environ.get("HPCCKPT_RUN_STATUS"), os.environ.get("HPCCKPT_ATTEMPT")
+    if attempt:
+        print(f"hpcckpt: attempt {attempt} {where}", file=sys.stderr, flush=True)
+    if status:
+        try:
+            with builtins.open(status, "a") as f:
+                f.write(where + "\n")
+        except OSError:
+            pass
 
 
 def _list_exports(comm, exporter: Exporter | None) -> list[int]:

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -104,6 +105,7 @@ class Relauncher:
         self.command, self.attempts = command, attempts
         self.child: subprocess.Popen | None = None
         self.stopped_by: signal.Signals | None = None
+        self.status = ""   # hpcckpt.open on rank 0 adds a line once the job's heaps are open
 
     def on_signal(self, signum: int, _frame: object) -> None:
         sig = signal.Signals(signum)
@@ -114,7 +116,9 @@ class Relauncher:
             self.child.send_signal(signal.SIGKILL if escalate else sig)
 
     def attempt(self, number: int) -> int:
-        env = {**os.environ, "HPCCKPT_ATTEMPT": str(number)}
+        env = {**os.environ, "HPCCKPT_ATTEMPT": str(number), "HPCCKPT_RUN_STATUS": self.status}
+        with open(self.status, "w"):
+            pass
         before = set(glob.glob(MPICH_SEGMENTS))
         self.child = subprocess.Popen(self.command, env=env, start_new_session=True)
         try:
@@ -135,10 +139,19 @@ class Relauncher:
             pass
         self.child = None
 
+    def opened(self) -> bool:
+        """Did the last attempt get as far as opening its heaps?"""
+        try:
+            return os.path.getsize(self.status) > 0
+        except OSError:
+            return False
+
     def run(self) -> int:
         old = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS + PASS_SIGNALS}
+        fd, self.status = tempfile.mkstemp(prefix="hpcckpt-run-", suffix=".status")
+        os.close(fd)
         try:
-            code = 0
+            code, unopened = 0, 0
             for number in range(1, self.attempts + 1):
                 if self.stopped_by:
                     break
@@ -146,6 +159,11 @@ class Relauncher:
                 head = f"hpcckpt run: attempt {number}/{self.attempts}"
                 if code == 0:
                     log(f"{head} succeeded")
+                    break
+                unopened = 0 if self.opened() else unopened + 1
+                if unopened == 2:   # the same failure before any heap: a restart cannot fix it
+                    log(f"{head} exited with {describe(code)}; attempts {number - 1} and {number} died before "
+                        "opening their heaps (hpcckpt.open), so relaunching cannot help; giving up")
                     break
                 if self.stopped_by:
                     log(f"{head} exited with {describe(code)}; not relaunching after {self.stopped_by.name}")
@@ -155,6 +173,7 @@ class Relauncher:
                     log(f"{head} exited with {describe(code)}; relaunching")
             return 128 - code if code < 0 else code
         finally:
+            os.unlink(self.status)
             for s, handler in old.items():
                 signal.signal(s, handler)
 
