@@ -218,6 +218,15 @@ class Heap:
     :func:`hpcckpt.open`.  ``heap.checkpoint(step=n)`` commits an epoch.
     Arrays that outlive :meth:`close` keep working on a private copy; writes
     to them no longer reach the heap.
+
+    Attributes:
+
+    - ``path``: the heap file.
+    - ``tracker``: the tracker in use (``"uffd"``, ``"mprotect"``, ``"page"``, ``"hash"``,
+      ``"full"``, or ``"read-only"``), after ``"auto"`` was resolved.
+    - ``restored``: True when this open restored a committed epoch (after a crash, a
+      rollback, or from an export) rather than finding the heap as it was closed.
+    - ``restored_from``: ``"local"``, ``"export"`` or None (nothing restored, or a fresh job).
     """
 
     def __init__(self, native: Any, path: str, tracker: str):
@@ -579,7 +588,22 @@ class Heap:
 
     @property
     def stats(self) -> dict:
-        """Figures of the last checkpoint: tracker, objects/bytes dirty and copied, phase times."""
+        """Figures of the last checkpoint of this heap, a dict:
+
+        - counters (ints): ``epoch``, ``objects_dirty``, ``units_dirty`` (objects of the small
+          classes, pages of large objects), ``bytes_dirty``, ``bytes_copied``, ``bytes_meta``
+          (tags, catalog entries, the epoch record), ``bytes_page_baseline`` (what a
+          page-grained tracker would have copied), ``pages_dirty``, ``views_degraded``,
+          ``faults``;
+        - times in seconds (floats): ``t_scan``, ``t_copy``, ``t_flush``, ``t_commit``,
+          ``t_nvm_delay`` (the NVM model's added delay);
+        - ``tracker``; ``total`` and ``max``: the same counters and times summed and maximised
+          over the ranks (under MPI; a single process has them too, equal to its own);
+        - with an export directory, ``export``: ``started``, ``skipped``, ``t_stall``, ``t_wait``,
+          ``t_vote``, ``t_start``.
+
+        Empty before the first checkpoint of this process.
+        """
         return dict(self._stats)
 
     @property
