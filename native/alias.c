@@ -32,7 +32,7 @@ int alias_reserve(hk_heap *h, size_t file_len)
     h->va = va;
     h->raw = va;
     h->views = h->va + file_len;
-    int rc = pmem_map_file(h, h->raw, file_len);
+    int rc = persist_map_file(h, h->raw, file_len);
     if (rc)
         alias_release(h);
     return rc;

@@ -70,7 +70,7 @@ static void alloc_zero(hk_heap *h, uint64_t off, uint64_t len)
                   (off_t)len) == 0)
         return;
     memset(h->data + off, 0, len);
-    pmem_flush(h, h->data + off, len);
+    persist_flush(h, h->data + off, len);
 }
 
 /* alloc_nonzero -- does [p, p+len) hold a byte that is not zero? */
@@ -111,7 +111,7 @@ int alloc_check_zero(hk_heap *h, uint64_t off, uint64_t len)
         }
         if (alloc_nonzero(h->data + lo, hi - lo)) {
             memset(h->data + lo, 0, hi - lo);
-            pmem_flush(h, h->data + lo, hi - lo);
+            persist_flush(h, h->data + lo, hi - lo);
             found = 1;
         }
         at = hi;
@@ -207,7 +207,7 @@ void alloc_space_free(hk_heap *h, struct hk_entry *e)
 int alloc_wipe(hk_heap *h, struct hk_entry *e)
 {
     __atomic_store_n(&e->epochs, 0, __ATOMIC_RELEASE);
-    pmem_flush(h, e, 8);
+    persist_flush(h, e, 8);
     uint64_t np = h->sb->npages, units = heap_units(e);
     uint64_t tp = (units * sizeof(struct hk_tag) + HK_PAGE - 1) / HK_PAGE;
     int ok = e->cls <= HK_PAGE_CLASS && e->first_page < np && e->npages <= np - e->first_page &&
@@ -220,7 +220,7 @@ int alloc_wipe(hk_heap *h, struct hk_entry *e)
     if (ok && units > 1)
         alloc_zero(h, e->tag_page * HK_PAGE, tp * HK_PAGE);
     memset(e, 0, sizeof *e);
-    pmem_flush(h, e, sizeof *e);
+    persist_flush(h, e, sizeof *e);
     return ok ? 0 : -1;
 }
 

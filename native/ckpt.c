@@ -250,7 +250,7 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
             }
             dst[k] = h->raw + h->sb->off_shadow[slot[k]] + x->off;
             memcpy(dst[k], h->data + x->off, x->len);
-            pmem_flush(h, dst[k], x->len);
+            persist_flush(h, dst[k], x->len);
         }
         struct unit *x = &h->work.v[i];
         if (m == 3 && x[0].len == x[1].len && x[1].len == x[2].len)
@@ -262,7 +262,7 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
             h->next_digest ^= state_unit_hash(x[k].entry, x[k].u, slot[k], crc[k]);
             t[k]->crc[slot[k]] = crc[k];
             __atomic_store_n(&t[k]->latest, (uint32_t)n | slot[k] << 31, __ATOMIC_RELEASE);
-            pmem_flush(h, t[k], sizeof *t[k]);
+            persist_flush(h, t[k], sizeof *t[k]);
             ckpt_count(h, &x[k], &last_page, &last_entry, &last_obj);
         }
     }
@@ -334,7 +334,7 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
     struct hk_stats *s = &h->stats;
     memset(s, 0, sizeof *s);
     s->epoch = n;
-    double t0 = pmem_now();
+    double t0 = persist_now();
     int rc = ckpt_collect(h, 0);
     if (rc) {
         h->all_dirty = 1;   /* the tracker may have forgotten writes: copy everything next time */
@@ -348,7 +348,7 @@ static int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_l
 {
     struct hk_stats *s = &h->stats;
     int rc;
-    double t1 = pmem_now();
+    double t1 = persist_now();
     h->next_digest = h->digest;
     h->next_units = h->units;
     ckpt_leaving(h, n);
@@ -356,20 +356,20 @@ static int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_l
     if (h->work.n == 0)
         ckpt_crash(h, HK_CRASH_MID_COPY, n);
     ckpt_copy(h, n);
-    double t2 = pmem_now();
+    double t2 = persist_now();
     if (h->nvm_gbps > 0 || h->nvm_lat_ns > 0) {
         double model = (h->nvm_gbps > 0 ? s->bytes_copied / (h->nvm_gbps * 1e9) : 0) +
                        h->work.n * h->nvm_lat_ns * 1e-9;
         s->t_nvm_delay = model > t2 - t1 ? model - (t2 - t1) : 0;
-        pmem_delay(s->t_nvm_delay);
+        persist_delay(s->t_nvm_delay);
     }
     ckpt_crash(h, HK_CRASH_AFTER_COPY, n);
-    double t3 = pmem_now();
+    double t3 = persist_now();
     for (size_t i = 0; i < h->touched.n; i++)
-        pmem_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
+        persist_flush(h, &h->cat[h->touched.v[i]], sizeof(struct hk_entry));
     s->bytes_meta += h->touched.n * sizeof(struct hk_entry);
-    rc = pmem_drain(h);
-    double t4 = pmem_now();
+    rc = persist_drain(h);
+    double t4 = persist_now();
     if (rc || (rc = ckpt_write_record(h, n, meta, meta_len))) {
         h->all_dirty = 1;   /* copies may be lost: copy everything next time */
         return rc;
@@ -382,7 +382,7 @@ static int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_l
     s->t_scan = t1 - t0;
     s->t_copy = t2 - t1;
     s->t_flush = t4 - t3;
-    s->t_commit = pmem_now() - t4;
+    s->t_commit = persist_now() - t4;
     *epoch = n;
     return 0;
 }
@@ -439,7 +439,7 @@ static int ckpt_restore_entry(hk_heap *h, uint32_t idx, uint64_t E)
         memcpy(h->data + off, src, len);
         if (HK_TAG_EPOCH(l) > E) {
             __atomic_store_n(&t->latest, (uint32_t)E | slot << 31, __ATOMIC_RELEASE);
-            pmem_flush(h, t, sizeof *t);
+            persist_flush(h, t, sizeof *t);
         }
     }
     return 0;
@@ -476,7 +476,7 @@ int ckpt_recover(hk_heap *h, uint64_t E)
             if ((rc = ckpt_restore_entry(h, (uint32_t)i, E)))
                 return rc;
         }
-        pmem_flush(h, e, sizeof *e);
+        persist_flush(h, e, sizeof *e);
     }
     h->prepared = h->committed = E;
     h->touched.n = h->exposed.n = 0;
@@ -485,7 +485,7 @@ int ckpt_recover(hk_heap *h, uint64_t E)
     const struct hk_record *r = state_record(h, E);
     h->digest = r ? r->digest : 0;
     h->units = r ? r->units : 0;
-    if ((rc = alloc_rebuild(h)) || (rc = pmem_drain(h)))
+    if ((rc = alloc_rebuild(h)) || (rc = persist_drain(h)))
         return rc;
     return h->ops ? h->ops->arm(h) : 0;
 }
@@ -557,7 +557,7 @@ static int ckpt_scan_entry(hk_heap *h, struct hk_entry *e, uint64_t E, int flags
             uint64_t at = ckpt_unit_at(e, u0 + k);
             if (bad_work && (flags & CKPT_REPAIR) && !bad_copy) {
                 memcpy(h->data + off[k], copy[k], len[k]);
-                pmem_flush(h, h->data + off[k], len[k]);
+                persist_flush(h, h->data + off[k], len[k]);
                 state_note(h, "'%.63s' bytes %lu..%lu: working data was damaged; restored from its checkpoint copy",
                            e->name, (unsigned long)at, (unsigned long)(at + len[k]));
             } else if (bad_work || ((flags & CKPT_SHADOW) && bad_copy)) {
@@ -584,7 +584,7 @@ int ckpt_scan(hk_heap *h, uint64_t E, int flags, uint64_t *checked)
         if (rc)
             return rc;
     }
-    return flags & CKPT_REPAIR ? pmem_drain(h) : 0;
+    return flags & CKPT_REPAIR ? persist_drain(h) : 0;
 }
 
 /* ckpt_verify -- check the committed epoch: catalog and tags against its record, every
@@ -607,7 +607,7 @@ int ckpt_seal(hk_heap *h)
         return hk_fail(EALREADY, "%s: epoch %lu is prepared but neither committed nor withdrawn", h->path,
                        (unsigned long)h->prepared);
     memset(&h->stats, 0, sizeof h->stats);
-    double t0 = pmem_now();
+    double t0 = persist_now();
     int rc = ckpt_collect(h, 1);
     if (rc || (h->work.n == 0 && h->touched.n == 0 && h->pending.n == 0))
         return rc;

@@ -262,7 +262,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
             goto fail;
     }
     if ((h->sb->flags & HK_FLAG_PREALLOCATED) && !h->readonly)
-        pmem_populate(h, h->raw + h->sb->off_catalog, h->sb->off_data + h->sb->capacity - h->sb->off_catalog);
+        persist_populate(h, h->raw + h->sb->off_catalog, h->sb->off_data + h->sb->capacity - h->sb->off_catalog);
     if (h->ops && ((rc = h->ops->attach(h)) || (rc = h->ops->arm(h))))
         goto fail;
     h->all_dirty = 0;   /* working data is the last epoch (checked above) or gets restored */
@@ -320,7 +320,7 @@ int heap_close(hk_heap *h)
     int rc = sealable ? ckpt_seal(h) : 0;        /* fails: not clean, the next open restores the last epoch */
     if (!rc && msync(h->raw, (size_t)(h->views - h->raw), MS_SYNC) != 0)   /* on DAX: cache flush */
         rc = hk_fail(errno, "%s: msync failed: %s", h->path, strerror(errno));
-    if (!rc && !(rc = pmem_drain(h)) && sealable) {
+    if (!rc && !(rc = persist_drain(h)) && sealable) {
         h->hdr.clean = 1;
         h->hdr.open_pid = 0;
         rc = state_write_header(h);

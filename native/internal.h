@@ -141,13 +141,13 @@ int state_alive_at(const struct hk_entry *e, uint64_t epoch);
 uint64_t state_entry_term(hk_heap *h, uint32_t idx, uint64_t epoch, uint64_t *newer);
 int state_check(hk_heap *h, uint64_t epoch);
 
-/* pmem.c */
-int pmem_map_file(hk_heap *h, uint8_t *at, size_t len);
-void pmem_flush(hk_heap *h, const void *addr, size_t len);
-int pmem_drain(hk_heap *h);
-void pmem_populate(hk_heap *h, void *addr, size_t len);
-double pmem_now(void);
-void pmem_delay(double seconds);
+/* persist.c */
+int persist_map_file(hk_heap *h, uint8_t *at, size_t len);
+void persist_flush(hk_heap *h, const void *addr, size_t len);
+int persist_drain(hk_heap *h);
+void persist_populate(hk_heap *h, void *addr, size_t len);
+double persist_now(void);
+void persist_delay(double seconds);
 
 /* alias.c */
 int alias_reserve(hk_heap *h, size_t file_len);

@@ -43,8 +43,8 @@ static int state_header_valid(const struct hk_header *x)
 static int state_put(hk_heap *h, void *dst, const void *src, size_t len)
 {
     memcpy(dst, src, len);
-    pmem_flush(h, dst, len);
-    return pmem_drain(h);
+    persist_flush(h, dst, len);
+    return persist_drain(h);
 }
 
 /* state_load -- read the header and both record slots from their newest intact copies,
