@@ -223,7 +223,10 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
 {
     struct hk_stats *s = &h->stats;
     uint64_t last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
+    atomic_store(&h->prog_total, h->work.n);
     for (size_t i = 0; i < h->work.n; i += 3) {
+        if (i % 3072 == 0)
+            atomic_store(&h->prog_done, i);
         size_t m = h->work.n - i < 3 ? h->work.n - i : 3;
         for (size_t k = i + 9; k < i + 12 && k < h->work.n; k++) {   /* units are scattered: fetch ahead */
             const struct unit *y = &h->work.v[k];
@@ -459,9 +462,11 @@ int ckpt_recover(hk_heap *h, uint64_t E)
         return rc;
     if (h->prepared > E && (rc = state_kill_record(h, h->prepared)))   /* a crash from here on is harmless */
         return rc;
+    atomic_store(&h->prog_total, heap_hwm(h));
     for (uint64_t i = 0; i < heap_hwm(h); i++) {
         struct hk_entry *e = &h->cat[i];
         uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
+        atomic_store(&h->prog_done, i);
         if (i == heap_hwm(h) / 2)
             ckpt_crash(h, HK_CRASH_MID_RESTORE, 0);
         if (e->kind == HK_KIND_FREE)
@@ -579,7 +584,10 @@ static int ckpt_scan_entry(hk_heap *h, struct hk_entry *e, uint64_t E, int flags
  * intact copy back over damaged working data.  Names the object and the bytes. */
 int ckpt_scan(hk_heap *h, uint64_t E, int flags, uint64_t *checked)
 {
+    atomic_store(&h->prog_done, 0);
+    atomic_store(&h->prog_total, heap_hwm(h));
     for (uint64_t i = 0, hwm = heap_hwm(h); i < hwm; i++) {
+        atomic_store(&h->prog_done, i);
         int rc = state_alive_at(&h->cat[i], E) ? ckpt_scan_entry(h, &h->cat[i], E, flags, checked) : 0;
         if (rc)
             return rc;

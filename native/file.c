@@ -350,6 +350,13 @@ void heap_release(hk_heap *h)
     free(h);
 }
 
+/* heap_progress -- how far the long call running now is. */
+void heap_progress(hk_heap *h, uint64_t *done, uint64_t *total)
+{
+    *done = atomic_load(&h->prog_done);
+    *total = atomic_load(&h->prog_total);
+}
+
 /* heap_info -- geometry, owner and state for the caller. */
 int heap_info(hk_heap *h, struct hk_info *o)
 {

@@ -84,6 +84,7 @@ struct hk_heap {
     struct u32vec dpages;           /* pages whose dmask is not zero */
     struct unitvec work;
     struct hk_stats stats;
+    _Atomic uint64_t prog_done, prog_total;   /* of the long call running now (heap_progress) */
     int crash_point;
     uint64_t crash_epoch;
     double nvm_gbps, nvm_lat_ns;

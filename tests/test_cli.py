@@ -140,3 +140,37 @@ def test_fuzzed_command_lines_never_print_a_traceback(command, args):
                          timeout=120, cwd="/tmp", stdin=subprocess.DEVNULL)
     assert "Traceback" not in out.stderr, out.stderr
     assert out.returncode in (0, 1, 2), (out.returncode, out.stderr)
+
+
+PROGRESS = """
+import hpcckpt, sys
+heap = hpcckpt.Heap.create(sys.argv[1], "64MiB")
+heap.array("u", 1 << 22)[:] = 1.0
+heap.set_nvm_model(write_gbps=0.1)           # 32 MiB at 0.1 GB/s: a checkpoint of about 0.3 s
+heap.checkpoint()
+heap.close()
+"""
+
+
+def test_a_long_checkpoint_shows_progress_on_a_terminal_and_nothing_otherwise(heap_path):
+    import pty
+    env = dict(os.environ, HPCCKPT_PROGRESS_AFTER="0")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", PROGRESS, heap_path], stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(master)
+    assert b"checkpoint rank0.heap [" in out and b"100%" in out, out
+    os.unlink(heap_path)
+    piped = subprocess.run([sys.executable, "-c", PROGRESS, heap_path], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr

@@ -77,6 +77,9 @@ int heap_close(hk_heap *h);                 /* durable, marked clean, views deta
 int heap_abandon(hk_heap *h);               /* like a crash: nothing more written */
 void heap_release(hk_heap *h);              /* unmap everything; after close/abandon */
 int heap_info(hk_heap *h, struct hk_info *out);
+/* heap_progress -- how far the long call running now in another thread is (prepare, recover,
+ * verify): done of total steps; safe to call at any time. */
+void heap_progress(hk_heap *h, uint64_t *done, uint64_t *total);
 int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index);
 int heap_free(hk_heap *h, uint64_t index);
 int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char *dtype);

@@ -15,30 +15,11 @@ import time
 from .errors import HeapError
 from .export import build_manifest, finish, rank_request, run_rank_request
 from .h5io import BlockReader
+from ._progress import Progress
 from .heap import Heap, _dtype_parse
 from .manifest import ExportError, Manifest, complete_exports, load_manifest, read_latest
 
 _MASTER = re.compile(r"^e(\d+)\.(h5|json)$")
-
-
-class Progress:
-    """A one-line progress bar on stderr, only on a terminal and only past two seconds."""
-
-    def __init__(self, total: int, label: str, quiet: bool = False):
-        self.total, self.label, self.done, self.t0 = max(1, total), label, 0, time.monotonic()
-        self.on = sys.stderr.isatty() and not quiet
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        if self.on and time.monotonic() - self.t0 > 2.0:
-            width = 30
-            filled = width * self.done // self.total
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.on and time.monotonic() - self.t0 > 2.0:
-            sys.stderr.write("\n")
 
 
 def find_export(target: str) -> tuple[str, int | None] | None:

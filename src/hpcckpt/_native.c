@@ -25,11 +25,22 @@ static PyObject *raise_rc(int rc)
     return NULL;
 }
 
-/* CALL -- run a core call, raising on failure.  The GIL stays held: the core is not
- * thread-safe, and another thread allocating or closing mid-checkpoint would corrupt it. */
+/* CALL -- run a core call, raising on failure, with the GIL held: the core is not thread-safe. */
 #define CALL(expr)                      \
     do {                                \
         int rc_ = (expr);               \
+        if (rc_ < 0)                    \
+            return raise_rc(rc_);       \
+    } while (0)
+
+/* CALL_FREE -- CALL with the GIL released, for the long calls (prepare, recover, verify): the
+ * Python layer's heap lock keeps close, allocation and bulk writes out meanwhile. */
+#define CALL_FREE(expr)                 \
+    do {                                \
+        int rc_;                        \
+        Py_BEGIN_ALLOW_THREADS          \
+        rc_ = (expr);                   \
+        Py_END_ALLOW_THREADS            \
         if (rc_ < 0)                    \
             return raise_rc(rc_);       \
     } while (0)
@@ -221,7 +232,7 @@ static PyObject *nh_prepare(NativeHeap *self, PyObject *arg)
     if (!live(self) || PyBytes_AsStringAndSize(arg, &meta, &len) < 0)
         return NULL;
     uint64_t epoch;
-    CALL(ckpt_prepare(self->h, meta, (uint32_t)len, &epoch));
+    CALL_FREE(ckpt_prepare(self->h, meta, (uint32_t)len, &epoch));
     return PyLong_FromUnsignedLongLong(epoch);
 }
 
@@ -246,7 +257,7 @@ static PyObject *nh_recover(NativeHeap *self, PyObject *arg)
     unsigned long long e = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred() || !live(self))
         return NULL;
-    CALL(ckpt_recover(self->h, e));
+    CALL_FREE(ckpt_recover(self->h, e));
     Py_RETURN_NONE;
 }
 
@@ -310,8 +321,16 @@ static PyObject *nh_verify(NativeHeap *self, PyObject *unused)
     uint64_t n;
     if (!live(self))
         return NULL;
-    CALL(ckpt_verify(self->h, &n));
+    CALL_FREE(ckpt_verify(self->h, &n));
     return PyLong_FromUnsignedLongLong(n);
+}
+
+static PyObject *nh_progress(NativeHeap *self, PyObject *unused)
+{
+    uint64_t done = 0, total = 0;
+    if (self->h)
+        heap_progress(self->h, &done, &total);
+    return Py_BuildValue("KK", (unsigned long long)done, (unsigned long long)total);
 }
 
 static PyObject *nh_set_crash(NativeHeap *self, PyObject *args)
@@ -362,6 +381,7 @@ static PyMethodDef nh_methods[] = {
     {"rebase", (PyCFunction)nh_rebase, METH_O, "rebase(epoch): a fresh heap's next checkpoint is epoch+1"},
     {"meta", (PyCFunction)nh_meta, METH_NOARGS, "metadata of the newest epoch (bytes)"},
     {"stats", (PyCFunction)nh_stats, METH_NOARGS, "figures of the last prepare"},
+    {"progress", (PyCFunction)nh_progress, METH_NOARGS, "(done, total) of the long call running now"},
     {"verify", (PyCFunction)nh_verify, METH_NOARGS, "check every committed copy -> units checked"},
     {"set_crash", (PyCFunction)nh_set_crash, METH_VARARGS, "set_crash(point, epoch): test hook"},
     {"set_nvm", (PyCFunction)nh_set_nvm, METH_VARARGS, "set_nvm(write_gbps, flush_latency_ns)"},

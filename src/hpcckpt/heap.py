@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import _native
+from ._progress import watch
 from ._units import parse_size
 from .errors import CorruptHeapError, HeapError, HeapFullError, RepairWarning, translate
 
@@ -204,7 +205,8 @@ class Pool:
         idx = self._indices(indices)
         base, sub = self.dtype.subdtype or (self.dtype, ())   # numpy spreads a sub-array dtype into axes
         data = np.ascontiguousarray(np.broadcast_to(np.asarray(values, base), (idx.size, *self.shape, *sub)))
-        _call(self._heap._native.write, self._index, idx, data)
+        with self._heap._lock:   # its marks must not change under a checkpoint's collection
+            _call(self._heap._native.write, self._index, idx, data)
 
     def __repr__(self) -> str:
         return f"<hpcckpt.Pool {self.name!r}: {self._count} x {self.dtype} {self.shape}>"
@@ -320,7 +322,8 @@ class Heap:
 
     @locked
     def _recover(self, epoch: int) -> None:
-        _call(self._native.recover, epoch)
+        watch(f"restore {os.path.basename(self.path)} epoch {epoch}", lambda: _call(self._native.recover, epoch),
+              self._native.progress)
         self.restored = True
         self.restored_from = "local"
         self._load_names()
@@ -523,12 +526,17 @@ class Heap:
         Under MPI (:func:`hpcckpt.open`) this is collective.
         """
         blob = json.dumps(meta, sort_keys=True).encode()
-        epoch = _call(self._native.prepare, blob)
+        epoch = self._prepare(blob)
         _call(self._native.commit)
         local = self._local_stats()
         numbers = {k: v for k, v in local.items() if isinstance(v, (int, float)) and k != "epoch"}
         self._stats = {**local, "total": dict(numbers), "max": dict(numbers)}   # the same keys as under MPI
         return epoch
+
+    def _prepare(self, blob: bytes) -> int:
+        """Copy what changed into the next epoch's copies (progress shown on a terminal past 2 s)."""
+        return watch(f"checkpoint {os.path.basename(self.path)}", lambda: _call(self._native.prepare, blob),
+                     self._native.progress)
 
     def _local_stats(self) -> dict:
         s = self._native.stats()
@@ -541,8 +549,11 @@ class Heap:
 
     @locked
     def verify(self) -> int:
-        """Check the checksum of every committed copy; returns how many were checked."""
-        return _call(self._native.verify)
+        """Check the committed epoch: the catalog and tags against its record, every checkpoint
+        copy, and (a cleanly closed heap) the working data; returns how many units were checked.
+        Raises CorruptHeapError naming the object and the bytes."""
+        return watch(f"verify {os.path.basename(self.path)}", lambda: _call(self._native.verify),
+                     self._native.progress)
 
     @locked
     def expose(self, name: str) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import CheckpointError, HeapError, OwnerMismatchError
+from ._progress import watch
 from .heap import Heap, block_shape, crash_hook, _call
 
 _NUMERIC = ("objects_dirty", "units_dirty", "bytes_dirty", "bytes_copied", "bytes_meta", "bytes_page_baseline",
@@ -166,7 +167,8 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
     try:
         for p in participants:
             p.before_prepare(heap, heap._info()["committed"] + 1)
-        epoch = _call(native.prepare, blob)
+        epoch = watch(f"checkpoint {os.path.basename(heap.path)}", lambda: _call(native.prepare, blob),
+                      native.progress)
         prepared = True
         local = heap._local_stats()
     except Exception as e:   # anything (KeyboardInterrupt included below) casts a "failed" vote
