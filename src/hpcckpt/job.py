@@ -24,7 +24,8 @@ from .errors import CorruptHeapError, HeapError, RepairWarning
 from .export import Exporter, ExportHandle
 from .heap import Heap, _check_name, locked
 from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
-from .mpi import agree, coordinated_checkpoint, default_root, error_class, error_text, private_dir
+from .mpi import (agree, coordinated_checkpoint, default_root, error_class, error_text, first_error, private_dir,
+                  reduce_max)
 from .restore import fill_from_export
 
 
@@ -110,11 +111,16 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     exports = _list_exports(comm, exporter)
     opts = dict(capacity=capacity, tracker=tracker, max_objects=max_objects, preallocate=preallocate)
 
-    states = comm.allgather(_probe(path, name, rank, size))
-    if not any(s[2] for s in states) and all(s[0] is False or s[1] is None or s[4] for s in states):
-        states = [(False, None, 0, True, False)] * size   # nothing was ever committed: start afresh
-    common = min(s[2] for s in states)
-    local_ok = all(s[0] and not s[1] for s in states)
+    mine = _probe(path, name, rank, size)
+    present, err, good, clean, unfinished = mine
+    blocking = bool(present and err and not unfinished)
+    v = reduce_max(comm, [not present, err is not None, -good, good, not clean, blocking])
+    view = {"absent": bool(v[0]), "broken": bool(v[1]), "common": int(-v[2]), "newest": int(v[3]),
+            "unclean": bool(v[4])}   # the whole job in one fixed-size reduction; names only on failure
+    if view["newest"] == 0 and not v[5]:   # nothing was ever committed anywhere: start afresh
+        view = {"absent": True, "broken": False, "common": 0, "newest": 0, "unclean": False}
+    common = view["common"]
+    local_ok = not view["absent"] and not view["broken"]
     heap = None
     if local_ok and (not exports or common >= exports[0]):
         try:
@@ -125,10 +131,11 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     try:
         use_export = bool(exports)
         if heap is not None:
-            if _restore_local(heap, comm, states, exports):
+            if _restore_local(heap, comm, view, exports):
                 heap.restored_from = "local" if heap._info()["committed"] else None   # clean reopen included
                 return _ready(heap, comm, name, exporter)
-        elif not exports and any(s[1] for s in states) or (not exports and any(s[2] for s in states)):
+        elif not exports and (view["broken"] or view["newest"]):
+            states = comm.allgather(mine)
             missing = [r for r, s in enumerate(states) if not s[0]]
             broken = [(r, s[1]) for r, s in enumerate(states) if s[1]]
             why = (f"rank {broken[0][0]} cannot open its heap: {broken[0][1]}" if broken else
@@ -254,10 +261,10 @@ def _list_exports(comm, exporter: Exporter | None) -> list[int]:
     return found
 
 
-def _restore_local(heap: JobHeap, comm, states, exports: list[int]) -> bool:
+def _restore_local(heap: JobHeap, comm, view: dict, exports: list[int]) -> bool:
     """Bring every rank to the common epoch; False if some rank failed and an export can help."""
-    epoch = min(s[2] for s in states)
-    if all(s[3] for s in states) and all(s[2] == epoch for s in states):
+    epoch = view["common"]
+    if not view["unclean"] and view["common"] == view["newest"]:
         return True   # every rank closed cleanly at the same epoch: keep the working state
     err = None
     try:
@@ -265,10 +272,10 @@ def _restore_local(heap: JobHeap, comm, states, exports: list[int]) -> bool:
     except (OSError, HeapError) as e:
         err = error_text(e)
     if exports:
-        failed = [e for e in comm.allgather(err) if e]
+        failed = first_error(comm, err)
         if failed:
             if comm.Get_rank() == 0:
-                warnings.warn(f"hpcckpt: local restore failed ({failed[0]}); restoring from the export",
+                warnings.warn(f"hpcckpt: local restore failed ({failed}); restoring from the export",
                               RuntimeWarning, stacklevel=3)
             return False
         return True
@@ -294,15 +301,15 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
             heap._native.rebase(epoch - 1)
         except (OSError, HeapError, ValueError) as e:
             err = str(e) if isinstance(e, ExportError) else error_text(e)
-        errors = [e for e in comm.allgather(err) if e]
-        if errors:
+        first = first_error(comm, err)
+        if first:
             if reader is not None:
                 reader.close()
             if heap is not None:
                 heap._native.abandon()
-            reasons.append(f"epoch {epoch}: {errors[0]}")
+            reasons.append(f"epoch {epoch}: {first}")
             if rank == 0:
-                warnings.warn(f"hpcckpt: export of epoch {epoch} is unusable: {errors[0]}", RuntimeWarning,
+                warnings.warn(f"hpcckpt: export of epoch {epoch} is unusable: {first}", RuntimeWarning,
                               stacklevel=3)
             continue
         heap.comm = comm

@@ -42,11 +42,34 @@ def agree(comm, ok_or_error: str | None, cls: type[Exception] = HeapError) -> No
     When every failed rank raised the same hpcckpt error class (or FileNotFoundError,
     PermissionError, ValueError), every rank raises that class, so ``except`` works under MPI.
     """
+    if not any_rank(comm, ok_or_error is not None):   # one fixed-size reduction; texts only on failure
+        return
     errors = comm.allgather(ok_or_error)
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         ranks = ", ".join(str(r) for r, _ in failed)
         raise error_class([e for _, e in failed], cls)(f"on rank(s) {ranks}: {failed[0][1]}")
+
+
+def any_rank(comm, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: one Allreduce of one value."""
+    return bool(reduce_max(comm, [float(flag)])[0])
+
+
+def first_error(comm, err: str | None) -> str | None:
+    """The first rank's error text if any rank has one (texts travel only then), else None."""
+    if not any_rank(comm, err is not None):
+        return None
+    return next(e for e in comm.allgather(err) if e)
+
+
+def reduce_max(comm, values: list[float]) -> np.ndarray:
+    """Element-wise maximum over the ranks (a minimum travels negated): O(log N) time, the same
+    bytes per rank at any rank count."""
+    from mpi4py import MPI   # here, not at import: a single-process user never initialises MPI
+    out = np.empty(len(values))
+    comm.Allreduce(np.asarray(values, dtype=float), out, op=MPI.MAX)
+    return out
 
 
 def error_class(texts: list[str], default: type[Exception] = HeapError) -> type[Exception]:
@@ -155,10 +178,11 @@ def _tiles(name: str, gshape: list[int], boxes: list[tuple[int, list[int], list[
 
 def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Participant] = (),
                            layout_changed: bool = False) -> int:
-    """Prepare locally, agree in one allgather, then commit everywhere or withdraw everywhere.
+    """Prepare locally, agree in two fixed-size reductions, then commit or withdraw everywhere.
 
-    The vote travels as a small array of doubles (failed, epoch, layout changed, one flag per
-    participant, stats) so agreeing costs one buffer collective; error messages are exchanged
+    The vote is one MAX Allreduce of a few doubles (failed, highest and lowest epoch, layout
+    changed, each participant's highest and lowest vote, the stats' maxima) and one SUM of the
+    stats: O(log N) time and the same bytes per rank at any N.  Error messages are gathered
     only when some rank failed.  When any rank declared new distributed objects, the blocks
     are checked to tile their global shapes before the epoch commits.
     """
@@ -177,45 +201,49 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
         err = error_text(e)
         interrupted = e
     flags = [p.vote() for p in participants]
-    row = np.array([err is not None, epoch, layout_changed, *flags, *(float(local.get(k, 0)) for k in _NUMERIC)])
-    table = np.empty((comm.Get_size(), row.size))
-    comm.Allgather(row, table)
+    numbers = [float(local.get(k, 0)) for k in _NUMERIC]
+    # the vote: one MAX reduction (minima travel negated) and one SUM of the stats, fixed size
+    high = reduce_max(comm, [err is not None, epoch, -epoch, layout_changed, *flags, *(-f for f in flags), *numbers])
+    from mpi4py import MPI
+    sums = np.empty(len(numbers))
+    comm.Allreduce(np.asarray(numbers), sums, op=MPI.SUM)
     hook = crash_hook(comm.Get_rank())
     if hook and hook[0] == "after-allreduce" and hook[1] in (0, epoch):
         os.kill(os.getpid(), signal.SIGKILL)
-    failed = np.flatnonzero(table[:, 0])
-    epochs = set(table[table[:, 0] == 0, 1].astype(int).tolist())
+    k = len(participants)
+    any_failed, top, bottom, layout_any = bool(high[0]), int(high[1]), int(-high[2]), bool(high[3])
     tiling = None
-    if not failed.size and len(epochs) == 1 and table[:, 2].any():
+    if not any_failed and top == bottom and layout_any:
         tiling = check_tiling(comm, heap)
-    if failed.size or len(epochs) > 1 or tiling:
+    if any_failed or top != bottom or tiling:
         withdraw_err = None
         if prepared:
             try:
                 _call(native.withdraw)
             except (OSError, HeapError) as e:
                 withdraw_err = f"withdrawing it failed too: {error_text(e)}"
-        messages = comm.allgather(err or withdraw_err) if failed.size else []   # every rank, or none
-        if failed.size:
-            message = next(m for m in messages if m)
+        said = comm.allgather(err) if any_failed else []   # every rank, or none
+        failed = [r for r, e in enumerate(said) if e]
+        if any_failed:
+            message = next(e for e in said if e)
         elif tiling:
             message = tiling
         else:
-            message = f"ranks prepared different epochs {sorted(epochs)}; the heaps are out of step"
+            message = f"ranks prepared different epochs (from {bottom} to {top}); the heaps are out of step"
         if withdraw_err:
             message += f" (on rank {comm.Get_rank()}: {withdraw_err})"
-        ranks = ", ".join(map(str, failed.tolist())) or "all"
+        ranks = ", ".join(map(str, failed)) or "all"
         if interrupted is not None:
             raise interrupted
         raise CheckpointError(f"checkpoint {epoch or '?'} failed on rank(s) {ranks}: {message}; "
                               "the epoch was withdrawn on every rank, the previous one stays committed")
     _call(native.commit)
-    stats = table[:, 3 + len(participants):]
-    local["total"] = {k: (v if k in _TIMES else int(v)) for k, v in zip(_NUMERIC, stats.sum(axis=0).tolist())}
-    local["max"] = {k: (v if k in _TIMES else int(v)) for k, v in zip(_NUMERIC, stats.max(axis=0).tolist())}
+    local["total"] = {n: (v if n in _TIMES else int(v)) for n, v in zip(_NUMERIC, sums.tolist())}
+    local["max"] = {n: (v if n in _TIMES else int(v)) for n, v in zip(_NUMERIC, high[4 + 2 * k:].tolist())}
     heap._stats = local
-    for i, p in enumerate(participants):
-        p.after_commit(heap, table[:, 3 + i])
+    for i, p in enumerate(participants):   # a participant sees every rank's vote only when one is 2 (failed)
+        low, most = -high[4 + k + i], high[4 + i]
+        p.after_commit(heap, np.array(comm.allgather(flags[i])) if most == 2 else np.array([low]))
     return epoch
 
 
