@@ -47,6 +47,14 @@ static int state_put(hk_heap *h, void *dst, const void *src, size_t len)
     return persist_drain(h);
 }
 
+/* state_put_twin -- write the second copy: flushed, made durable by the next drain (a crash
+ * before that leaves it stale or torn, and the durable first copy repairs it at open). */
+static void state_put_twin(hk_heap *h, void *dst, const void *src, size_t len)
+{
+    memcpy(dst, src, len);
+    persist_flush(h, dst, len);
+}
+
 /* state_load -- read the header and both record slots from their newest intact copies,
  * repair a damaged or stale copy from its twin (on a writable heap), set `prepared`. */
 int state_load(hk_heap *h)
@@ -113,7 +121,7 @@ int state_write_record(hk_heap *h, struct hk_record *r)
     unsigned s = r->epoch & 1;
     int rc = state_put(h, state_rec(h, s, 0), r, sizeof *r);
     if (!rc)
-        rc = state_put(h, state_rec(h, s, 1), r, sizeof *r);
+        state_put_twin(h, state_rec(h, s, 1), r, sizeof *r);
     if (rc)   /* reported as failed: it must not be restorable either */
         state_kill_record(h, r->epoch);
     else
@@ -139,7 +147,9 @@ int state_write_header(hk_heap *h)
     h->hdr.seq++;
     h->hdr.crc = crc_compute(0, &h->hdr, offsetof(struct hk_header, crc));
     int rc = state_put(h, state_hdr(h, 0), &h->hdr, sizeof h->hdr);
-    return rc ? rc : state_put(h, state_hdr(h, 1), &h->hdr, sizeof h->hdr);
+    if (!rc)
+        state_put_twin(h, state_hdr(h, 1), &h->hdr, sizeof h->hdr);
+    return rc;
 }
 
 /* state_init -- the state pages of a new heap (written by heap_create with pwrite). */
