@@ -26,6 +26,19 @@ def no_leftover_mpich_segments():
         os.unlink(path)
 
 
+def debian_tool(command: str, packages: str) -> str:
+    """The path of `command`, installing Debian `packages` the way CI installs them if it is
+    missing; skips the test only where nothing can be installed (not root, no apt-get)."""
+    path = shutil.which(command)
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {packages}",
+                       shell=True, check=True, capture_output=True, timeout=900)
+        path = shutil.which(command)
+    if path is None:
+        pytest.skip(f"{command} is not installed and cannot be installed here (apt-get install {packages})")
+    return path
+
+
 @pytest.fixture
 def heap_dir():
     """A private directory on tmpfs for heaps; removed with everything in it."""

@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import KERNEL_TRACKERS
+from conftest import KERNEL_TRACKERS, debian_tool
 from mpijobs import demo, launch, reference
 
 pytestmark = pytest.mark.timeout(600)
@@ -44,15 +44,8 @@ def run_job(n: int, code: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def h5dump() -> str:
-    """h5dump from Debian's hdf5-tools, installed here the way CI installs packages."""
-    path = shutil.which("h5dump")
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run("apt-get update -qq && apt-get install -y -qq hdf5-tools", shell=True,
-                       capture_output=True, timeout=600)
-        path = shutil.which("h5dump")
-    if path is None:
-        pytest.skip("h5dump is not installed and cannot be installed here (apt-get install hdf5-tools)")
-    return path
+    """h5dump from Debian's hdf5-tools."""
+    return debian_tool("h5dump", "hdf5-tools")
 
 
 @pytest.fixture
