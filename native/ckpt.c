@@ -666,7 +666,7 @@ int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_
     if (e->crc != heap_entry_crc(e))
         return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
                        (unsigned long)index);
-    uint64_t bytes, units = heap_units(e), ppo = e->obj_size ? (e->obj_size + HK_PAGE - 1) / HK_PAGE : 1;
+    uint64_t bytes, units = heap_units(e);
     if (__builtin_mul_overflow(e->count, e->obj_size, &bytes) || bytes > h->sb->capacity || u0 > u1 || u1 > units)
         return hk_fail(EINVAL, "%s: '%.63s' has %lu units, cannot read units %lu..%lu", h->path, e->name,
                        (unsigned long)units, (unsigned long)u0, (unsigned long)u1);
@@ -679,7 +679,7 @@ int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t E, uint64_t u0, uint64_
         if (l == 0)
             return hk_fail(EBADMSG, "%s: object '%.63s' (unit %lu) has no checkpoint copy", h->path, e->name,
                            (unsigned long)u);
-        uint64_t off, at = e->cls == HK_PAGE_CLASS ? (u / ppo) * e->obj_size + (u % ppo) * HK_PAGE : u * e->obj_size;
+        uint64_t off, at = ckpt_unit_at(e, u);
         uint32_t len;
         heap_unit_place(h, e, u, &off, &len);
         if (u == u0)

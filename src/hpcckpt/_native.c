@@ -142,27 +142,19 @@ static PyObject *nh_alloc(NativeHeap *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(idx);
 }
 
-static PyObject *nh_free(NativeHeap *self, PyObject *arg)
+/* by_index -- a core call on one catalog index (free, expose): None, or the error raised. */
+static PyObject *by_index(NativeHeap *self, PyObject *arg, int (*fn)(hk_heap *, uint64_t))
 {
     unsigned long long idx = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred() || !live(self))
         return NULL;
-    int rc = heap_free(self->h, idx);
-    if (rc < 0)
-        return raise_rc(rc);
+    CALL(fn(self->h, idx));
     Py_RETURN_NONE;
 }
 
-static PyObject *nh_expose(NativeHeap *self, PyObject *arg)
-{
-    unsigned long long idx = PyLong_AsUnsignedLongLong(arg);
-    if (PyErr_Occurred() || !live(self))
-        return NULL;
-    int rc = ckpt_expose(self->h, idx);
-    if (rc < 0)
-        return raise_rc(rc);
-    Py_RETURN_NONE;
-}
+static PyObject *nh_free(NativeHeap *self, PyObject *arg) { return by_index(self, arg, heap_free); }
+
+static PyObject *nh_expose(NativeHeap *self, PyObject *arg) { return by_index(self, arg, ckpt_expose); }
 
 static PyObject *nh_lookup(NativeHeap *self, PyObject *arg)
 {
