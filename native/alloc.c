@@ -48,6 +48,7 @@ static int64_t alloc_pages(hk_heap *h, uint64_t n, uint8_t cls, uint32_t owner)
             }
             h->page_cursor = (p + 1) % np;
             h->pages_used += n;
+            h->layout_gen++;
             alloc_span_add(h, cls, first, n);
             return (int64_t)first;
         }
@@ -60,6 +61,7 @@ static void alloc_pages_free(hk_heap *h, uint64_t first, uint64_t n)
 {
     memset(h->pcls + first, HK_PAGE_FREE, n);
     h->pages_used -= n;
+    h->layout_gen++;
 }
 
 /* alloc_zero -- zero a data range: punch whole pages out of the file, memset the rest. */
@@ -350,6 +352,9 @@ int alloc_rebuild(hk_heap *h)
     uint64_t np = h->sb->npages;
     memset(h->pcls, HK_PAGE_FREE, np);
     h->pages_used = 0;
+    h->layout_gen++;
+    if (h->putonly)   /* the program's promises were about the objects before this rebuild */
+        memset(h->putonly, 0, h->sb->max_entries);
     h->slot_rows = 0;
     h->entries_live = 0;
     for (unsigned c = 0; c < HK_NCLASSES; c++) {
@@ -440,6 +445,7 @@ void alloc_free_dram(hk_heap *h)
     free(h->fresh.v);
     free(h->touched.v);
     free(h->exposed.v);
+    free(h->putonly);
     free(h->dmask);
     free(h->dpages.v);
     free(h->work.v);

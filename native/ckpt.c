@@ -38,16 +38,6 @@ static int ckpt_mark(hk_heap *h, uint64_t page, uint32_t slot)
     return 0;
 }
 
-/* ckpt_mark_unit -- mark unit u of entry idx dirty. */
-static int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u)
-{
-    const struct hk_entry *e = &h->cat[idx];
-    uint64_t off;
-    uint32_t len;
-    heap_unit_place(h, e, u, &off, &len);
-    return ckpt_mark(h, off / HK_PAGE, (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls]);
-}
-
 /* ckpt_emit -- tracker callback: (view, page) written -> mark the units it names. */
 static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
 {
@@ -76,11 +66,34 @@ static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
     return cls == pc ? ckpt_mark(h, page, slot) : 0;
 }
 
+/* ckpt_mark_unit -- mark unit u of entry idx dirty (the page tracker: its whole page,
+ * whatever the write path, so that it stays the page-grained baseline). */
+static int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u)
+{
+    const struct hk_entry *e = &h->cat[idx];
+    uint64_t off;
+    uint32_t len;
+    heap_unit_place(h, e, u, &off, &len);
+    if (h->tracker == HK_TRACK_PAGE)
+        return ckpt_emit(h, 0, off / HK_PAGE);
+    return ckpt_mark(h, off / HK_PAGE, (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls]);
+}
+
+/* ckpt_warm -- map both checkpoint copies of a new object in now: its first checkpoints
+ * then copy without page faults (the file holds those pages from its second copy on). */
+static void ckpt_warm(hk_heap *h, uint32_t idx)
+{
+    const struct hk_entry *e = &h->cat[idx];
+    uint64_t off = e->first_page * HK_PAGE, len = (e->npages ? e->npages : 1) * HK_PAGE;
+    for (int s = 0; s < 2 && !h->dax; s++)
+        persist_populate(h, h->raw + h->sb->off_shadow[s] + off, len);
+}
+
 /* ckpt_mark_entry -- mark every unit of a live entry (hash: only the changed ones). */
 static int ckpt_mark_entry(hk_heap *h, uint32_t idx, int by_hash)
 {
     struct hk_entry *e = &h->cat[idx];
-    if (!entry_alive(e))
+    if (!entry_alive(e) || (by_hash && h->putonly && h->putonly[idx]))   /* put marks what it writes */
         return 0;
     for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
         if (by_hash) {
@@ -180,8 +193,10 @@ static int ckpt_collect(hk_heap *h, int by_hash)
             rc = ckpt_open_pages(h, h->exposed.v[i]);
     for (uint64_t i = 0; !rc && everything && i < heap_hwm(h); i++)
         rc = ckpt_mark_entry(h, (uint32_t)i, by_hash);
-    for (size_t i = 0; !rc && i < h->fresh.n; i++)
+    for (size_t i = 0; !rc && i < h->fresh.n; i++) {
+        ckpt_warm(h, h->fresh.v[i]);
         rc = ckpt_mark_entry(h, h->fresh.v[i], 0);
+    }
     if (rc)
         return rc;
     qsort(h->dpages.v, h->dpages.n, sizeof *h->dpages.v, page_cmp);
@@ -217,58 +232,45 @@ static void ckpt_count(hk_heap *h, const struct unit *x, uint64_t *last_page, ui
     *last_obj = obj;
 }
 
-/* ckpt_copy -- copy every queued unit into its free shadow slot and tag it,
- * three at a time so that their checksums run on interleaved chains. */
+/* ckpt_copy -- copy every queued unit into its free shadow slot, checksumming it on the
+ * way (one read of the source), and tag it. */
 static void ckpt_copy(hk_heap *h, uint64_t n)
 {
     struct hk_stats *s = &h->stats;
     uint64_t last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
     atomic_store(&h->prog_total, h->work.n);
-    for (size_t i = 0; i < h->work.n; i += 3) {
-        if (i % 3072 == 0)
+    for (size_t i = 0; i < h->work.n; i++) {
+        if (i % 4096 == 0)
             atomic_store(&h->prog_done, i);
-        size_t m = h->work.n - i < 3 ? h->work.n - i : 3;
-        for (size_t k = i + 9; k < i + 12 && k < h->work.n; k++) {   /* units are scattered: fetch ahead */
-            const struct unit *y = &h->work.v[k];
+        if (i + 8 < h->work.n) {   /* units are scattered: fetch ahead */
+            const struct unit *y = &h->work.v[i + 8];
             __builtin_prefetch(h->data + y->off, 0, 0);
             __builtin_prefetch(heap_tag(h, &h->cat[y->entry], y->u), 1, 0);
             __builtin_prefetch(h->raw + h->sb->off_shadow[0] + y->off, 1, 0);
             __builtin_prefetch(h->raw + h->sb->off_shadow[1] + y->off, 1, 0);
         }
-        if (i <= h->work.n / 2 && h->work.n / 2 < i + m)   /* for an empty set: see ckpt_prepare */
+        if (i == h->work.n / 2)   /* for an empty set: see ckpt_finish */
             ckpt_crash(h, HK_CRASH_MID_COPY, n);
-        struct hk_tag *t[3];
-        uint8_t *dst[3];
-        uint32_t slot[3], crc[3];
-        for (size_t k = 0; k < m; k++) {
-            struct unit *x = &h->work.v[i + k];
-            t[k] = heap_tag(h, &h->cat[x->entry], x->u);
-            uint32_t l = t[k]->latest;
-            slot[k] = l == 0 ? 0 : !tag_slot_at(l, h->committed);
-            if (HK_EPOCH_BORN(h->cat[x->entry].epochs) <= h->committed) {   /* its committed copy leaves the digest */
-                uint32_t old = tag_slot_at(l, h->committed);
-                h->next_digest ^= state_unit_hash(x->entry, x->u, old, t[k]->crc[old]);
-            } else {
-                h->next_units++;
-            }
-            dst[k] = h->raw + h->sb->off_shadow[slot[k]] + x->off;
-            memcpy(dst[k], h->data + x->off, x->len);
-            persist_flush(h, dst[k], x->len);
-        }
         struct unit *x = &h->work.v[i];
-        if (m == 3 && x[0].len == x[1].len && x[1].len == x[2].len)
-            crc_compute3(dst[0], dst[1], dst[2], x[0].len, crc);
-        else
-            for (size_t k = 0; k < m; k++)
-                crc[k] = crc_compute(0, dst[k], x[k].len);
-        for (size_t k = 0; k < m; k++) {
-            h->next_digest ^= state_unit_hash(x[k].entry, x[k].u, slot[k], crc[k]);
-            t[k]->crc[slot[k]] = crc[k];
-            __atomic_store_n(&t[k]->latest, (uint32_t)n | slot[k] << 31, __ATOMIC_RELEASE);
-            persist_flush(h, t[k], sizeof *t[k]);
-            ckpt_count(h, &x[k], &last_page, &last_entry, &last_obj);
+        struct hk_tag *t = heap_tag(h, &h->cat[x->entry], x->u);
+        uint32_t l = t->latest, slot = l == 0 ? 0 : !tag_slot_at(l, h->committed);
+        if (HK_EPOCH_BORN(h->cat[x->entry].epochs) <= h->committed) {   /* its committed copy leaves the digest */
+            uint32_t old = tag_slot_at(l, h->committed);
+            h->next_digest ^= state_unit_hash(x->entry, x->u, old, t->crc[old]);
+        } else {
+            h->next_units++;
         }
+        uint8_t *dst = h->raw + h->sb->off_shadow[slot] + x->off;
+        uint32_t crc = crc_copy(dst, h->data + x->off, x->len);
+        persist_flush(h, dst, x->len);
+        h->next_digest ^= state_unit_hash(x->entry, x->u, slot, crc);
+        t->crc[slot] = crc;
+        __atomic_store_n(&t->latest, (uint32_t)n | slot << 31, __ATOMIC_RELEASE);
+        persist_flush(h, t, sizeof *t);
+        ckpt_count(h, x, &last_page, &last_entry, &last_obj);
     }
+    crc_fence();   /* a tag may become visible before its streamed copy: harmless, the epoch is
+                    * not prepared until persist_drain, and restores never read its slot before */
     s->units_dirty = h->work.n;
     s->bytes_dirty = s->bytes_copied;
     s->bytes_page_baseline = s->pages_dirty * HK_PAGE;
@@ -525,14 +527,11 @@ static uint64_t ckpt_unit_at(const struct hk_entry *e, uint64_t u)
     return e->cls == HK_PAGE_CLASS ? (u / ppo) * e->obj_size + (u % ppo) * HK_PAGE : u * e->obj_size;
 }
 
-/* ckpt_crcs -- CRC32C of n (<= 3) buffers of the lengths given, three at a time when equal. */
+/* ckpt_crcs -- CRC32C of n buffers of the lengths given. */
 static void ckpt_crcs(const uint8_t *const *p, const uint32_t *len, size_t n, uint32_t *out)
 {
-    if (n == 3 && len[0] == len[1] && len[1] == len[2])
-        crc_compute3(p[0], p[1], p[2], len[0], out);
-    else
-        for (size_t k = 0; k < n; k++)
-            out[k] = crc_compute(0, p[k], len[k]);
+    for (size_t k = 0; k < n; k++)
+        out[k] = crc_compute(0, p[k], len[k]);
 }
 
 /* ckpt_scan_entry -- ckpt_scan of one live entry, three units at a time. */

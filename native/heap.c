@@ -122,6 +122,8 @@ void heap_release_entry(hk_heap *h, uint32_t idx)
     int alive = !HK_EPOCH_DEAD(e->epochs);   /* a freed entry left the live count at its free */
     alloc_space_free(h, e);
     alloc_wipe(h, e);
+    if (h->putonly)
+        h->putonly[idx] = 0;
     vec_push32(&h->free_entries, idx);
     vec_push32(&h->touched, idx);
     h->entries_live -= alive;
@@ -318,6 +320,28 @@ int64_t heap_next_live(hk_heap *h, uint64_t from)
         if (h->cat[i].kind != HK_KIND_FREE && !HK_EPOCH_DEAD(h->cat[i].epochs))
             return (int64_t)i;
     return -1;
+}
+
+/* heap_put_only -- the program promises that a live object is written only through
+ * ckpt_write: no tracker watches its pages (its checkpoints cost what was written).
+ * A promise of this process, kept in DRAM: a reopened heap tracks the object again. */
+int heap_put_only(hk_heap *h, uint64_t index)
+{
+    if (h->closed || h->readonly || index >= heap_hwm(h) || h->cat[index].kind == HK_KIND_FREE ||
+        HK_EPOCH_DEAD(h->cat[index].epochs))
+        return hk_fail(ENOENT, "%s: no live object at catalog index %lu", h->path, (unsigned long)index);
+    if (!h->putonly && !(h->putonly = calloc(h->sb->max_entries, 1)))
+        return hk_fail(ENOMEM, "out of memory");
+    h->putonly[index] = 1;
+    h->layout_gen++;
+    return 0;
+}
+
+/* heap_page_put_only -- does page p belong to one object written only through ckpt_write? */
+int heap_page_put_only(const hk_heap *h, uint64_t page)
+{
+    uint32_t own = h->powner[page];
+    return h->putonly && !(own & HK_ROW_FLAG) && h->putonly[own];
 }
 
 /* heap_addr -- where object `obj` of entry `index` is seen by the program. */

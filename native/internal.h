@@ -66,6 +66,8 @@ struct hk_heap {
     struct u32vec partial[HK_PAGE_CLASS];   /* shared pages with a free slot */
     uint64_t page_cursor, pages_used;
     uint64_t span_lo[HK_NCLASSES], span_hi[HK_NCLASSES];  /* pages ever given to each class */
+    uint64_t layout_gen;            /* bumped whenever pages change hands or put-only flags change */
+    uint8_t *putonly;               /* per catalog entry: written only through ckpt_write (or NULL) */
     struct u32vec free_entries;
     struct u32vec pending;          /* freed in the open epoch: released at commit */
     struct u32vec fresh;            /* born in the open epoch: dirty at next prepare */
@@ -125,7 +127,8 @@ int hk_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)))
 
 /* crc.c */
 uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);
-void crc_compute3(const void *a, const void *b, const void *c, size_t len, uint32_t out[3]);
+uint32_t crc_copy(void *dst, const void *src, size_t len);
+void crc_fence(void);
 uint32_t crc_xpow(uint64_t len);
 uint32_t crc_append(uint32_t crc_a, uint32_t crc_b, uint32_t xpow_b);
 
@@ -168,6 +171,7 @@ int heap_entry_sane(const hk_heap *h, const struct hk_entry *e);
 int heap_object_span(hk_heap *h, uint64_t index, uint64_t obj, uint64_t *off, uint64_t *first_unit,
                      uint64_t *units);
 void heap_release_entry(hk_heap *h, uint32_t idx);
+int heap_page_put_only(const hk_heap *h, uint64_t page);
 int vec_push32(struct u32vec *v, uint32_t x);
 int vec_push_unit(struct unitvec *v, const struct unit *u);
 

@@ -33,8 +33,15 @@ struct uffd_scan_arg {
 #define UFFD_PAGE_IS_WRITTEN   (1 << 1)
 #define UFFD_VEC_LEN           4096
 
+#define UFFD_GAP_PAGES 64   /* scan through shorter gaps between watched pages: fewer ioctls */
+
+struct uffd_run { uint64_t lo, hi; };
+struct uffd_runs { struct uffd_run *v; size_t n, cap; };
+
 struct uffd_state {
     int uffd, pagemap;
+    uint64_t runs_gen;                      /* h->layout_gen the runs were built for, +1 */
+    struct uffd_runs runs[HK_NCLASSES];     /* watched pages of class c's views; [HK_PAGE_CLASS]: view 0 */
     struct uffd_page_region vec[UFFD_VEC_LEN];
 };
 
@@ -97,16 +104,56 @@ static int uffd_attach(hk_heap *h)
     return 0;
 }
 
-/* uffd_scan -- PAGEMAP_SCAN one view's span: emit written pages (emit may be
- * NULL) and write-protect them.  Never-touched pages count as written, so the
- * first scan of a span arms it; pages outside the spans are never touched. */
-static int uffd_scan(hk_heap *h, uint32_t view, int (*emit)(hk_heap *, uint32_t, uint64_t))
+/* uffd_run_add -- extend the last run to page p, or start a new one past a long gap. */
+static int uffd_run_add(struct uffd_runs *r, uint64_t p)
+{
+    if (r->n && p <= r->v[r->n - 1].hi + UFFD_GAP_PAGES) {
+        r->v[r->n - 1].hi = p + 1;
+        return 0;
+    }
+    if (r->n == r->cap) {
+        size_t cap = r->cap ? 2 * r->cap : 16;
+        struct uffd_run *v = realloc(r->v, cap * sizeof *v);
+        if (!v)
+            return hk_fail(ENOMEM, "out of memory for the tracker's page runs");
+        r->v = v;
+        r->cap = cap;
+    }
+    r->v[r->n++] = (struct uffd_run){p, p + 1};
+    return 0;
+}
+
+/* uffd_runs_build -- the runs of pages a tracker must watch: pages in use, except those of
+ * objects written only through ckpt_write (heap_put_only).  Rebuilt when the layout changed. */
+static int uffd_runs_build(hk_heap *h, struct uffd_state *s)
+{
+    if (s->runs_gen == h->layout_gen + 1)
+        return 0;
+    for (unsigned c = 0; c < HK_NCLASSES; c++)
+        s->runs[c].n = 0;
+    uint64_t lo, hi;
+    alias_view_span(h, 0, &lo, &hi);
+    for (uint64_t p = lo; p < hi; p++) {
+        unsigned pc = h->pcls[p];
+        if (pc == HK_PAGE_FREE || pc == HK_PAGE_TAGS || heap_page_put_only(h, p))
+            continue;
+        int rc = uffd_run_add(&s->runs[HK_PAGE_CLASS], p);
+        if (!rc && pc < HK_PAGE_CLASS && h->aliased)
+            rc = uffd_run_add(&s->runs[pc], p);
+        if (rc)
+            return rc;
+    }
+    s->runs_gen = h->layout_gen + 1;
+    return 0;
+}
+
+/* uffd_scan -- PAGEMAP_SCAN pages [lo, hi) of one view: emit written pages (emit may be
+ * NULL) and write-protect them.  Never-touched pages count as written, so the first scan
+ * of a page arms it; pages outside the runs are never touched. */
+static int uffd_scan(hk_heap *h, uint32_t view, uint64_t lo, uint64_t hi,
+                     int (*emit)(hk_heap *, uint32_t, uint64_t))
 {
     struct uffd_state *s = h->track;
-    uint64_t lo, hi;
-    alias_view_span(h, view, &lo, &hi);
-    if (lo >= hi)
-        return 0;
     uint64_t base = (uintptr_t)h->views + (uint64_t)view * h->data_len;
     uint64_t start = base + lo * HK_PAGE, end = base + hi * HK_PAGE;
     while (start < end) {
@@ -130,15 +177,21 @@ static int uffd_scan(hk_heap *h, uint32_t view, int (*emit)(hk_heap *, uint32_t,
     return 0;
 }
 
-/* uffd_collect -- emit every written (view, page) and re-protect it. */
+/* uffd_collect -- emit every written (view, page) of the watched runs and re-protect it. */
 static int uffd_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
 {
-    for (uint32_t g = 0; g < h->nviews; g++) {
-        int rc = uffd_scan(h, g, emit);
-        if (rc)
-            return rc;
+    struct uffd_state *s = h->track;
+    int rc = uffd_runs_build(h, s);
+    for (uint32_t g = 0; !rc && g < h->nviews; g++) {
+        unsigned cls = HK_PAGE_CLASS;
+        uint32_t slot;
+        if (g > 0)
+            alias_unit_of(h, g, &cls, &slot);
+        const struct uffd_runs *r = &s->runs[cls];
+        for (size_t i = 0; !rc && i < r->n; i++)
+            rc = uffd_scan(h, g, r->v[i].lo, r->v[i].hi, emit);
     }
-    return 0;
+    return rc;
 }
 
 /* uffd_arm -- protect the spans in use, forgetting what was written before. */
@@ -153,6 +206,8 @@ static void uffd_detach(hk_heap *h)
     struct uffd_state *s = h->track;
     close(s->pagemap);
     close(s->uffd);
+    for (unsigned c = 0; c < HK_NCLASSES; c++)
+        free(s->runs[c].v);
     free(s);
     h->track = NULL;
 }

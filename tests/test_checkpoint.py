@@ -81,6 +81,56 @@ def test_page_tracker_copies_whole_pages(heap_path):
         assert heap.stats["bytes_copied"] == 100 * 4096
 
 
+def test_page_tracker_copies_whole_pages_through_put_too(heap_path):
+    with hpcckpt.Heap.create(heap_path, "64MiB", tracker="page") as heap:
+        parts = heap.pool("parts", "V256", 10_000)
+        heap.checkpoint()
+        parts.put(np.arange(0, 10_000, 100), np.full(100, b"\1" * 256, "V256"))
+        heap.checkpoint()
+        assert heap.stats["bytes_copied"] == 100 * 4096
+        assert heap.stats["objects_dirty"] == 100 * 16
+
+
+@pytest.mark.parametrize("tracker", ALL_TRACKERS)
+def test_a_put_only_pool_copies_what_was_put_and_restores_it(heap_path, tracker):
+    heap = hpcckpt.Heap.create(heap_path, "64MiB", tracker=tracker)
+    table = heap.pool("table", REC, 100_000, writes="put")
+    other = heap.array("other", 4096)
+    heap.checkpoint()
+    rows = np.arange(0, 100_000, 997)
+    table.put(rows, np.array([(r, -r, r) for r in rows], REC))
+    other[5] = 3.0
+    heap.checkpoint()
+    if tracker not in ("page", "full"):                    # exactly what was put, and the page written
+        assert heap.stats["bytes_copied"] == len(rows) * REC.itemsize + 4096
+    table.put([1], np.array([(9, 9, 9)], REC))             # after the last checkpoint: lost in the crash
+    crash(heap)
+    with hpcckpt.Heap.open(heap_path, tracker=tracker) as again:
+        back = again["table"]
+        assert back.writes == "any"                       # a promise of the process that made it
+        assert back.take(rows)["id"].tolist() == rows.tolist() and back.take([1])["id"][0] == 0
+        assert float(again["other"][5]) == 3.0
+
+
+def test_a_put_only_pool_gives_read_only_objects_and_only_pools_can_be_put_only(heap_path):
+    with hpcckpt.Heap.create(heap_path, "16MiB") as heap:
+        table = heap.pool("table", REC, 1000, writes="put")
+        with pytest.raises(ValueError, match="read-only"):
+            table[3]["x"] = 1.0
+        heap.array("a", 10)
+        with pytest.raises(TypeError, match="only pools"):
+            heap.put_only("a")
+        with pytest.raises(ValueError, match="writes must be"):
+            heap.pool("t2", REC, 10, writes="sometimes")
+        del heap["table"]
+        again = heap.pool("table", REC, 1000)              # the same catalog slot, watched again
+        again[3]["x"] = 2.0
+        heap.checkpoint()
+        again[4]["x"] = 2.0
+        heap.checkpoint()
+        assert again.writes == "any" and heap.stats["objects_dirty"] == 1
+
+
 def test_full_tracker_copies_everything(heap_path):
     with hpcckpt.Heap.create(heap_path, "16MiB", tracker="full") as heap:
         heap.pool("parts", "V256", 1000)

@@ -32,6 +32,29 @@ def test_default_split_is_numpy_array_split_along_the_first_axis():
     assert default_blocks((2,), 3) == [([0], [1]), ([1], [1]), ([2], [0])]
 
 
+def reference_crc32c(data: bytes, crc: int = 0) -> int:
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=0, max_size=3000), skip=st.integers(0, 63), start=st.integers(0, 2**32 - 1))
+def test_crc32c_equals_the_bitwise_definition_at_every_length_and_alignment(data, skip, start):
+    buf = memoryview(bytes(skip) + data)[skip:]              # every alignment of the folding loads
+    assert _native.crc32c(buf, start) == reference_crc32c(data, start)
+
+
+def test_crc32c_check_value_and_long_buffers():
+    assert _native.crc32c(b"123456789") == 0xE3069283
+    big = np.random.default_rng(5).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    assert _native.crc32c(big) == _native.crc32c(big[777:], _native.crc32c(big[:777]))
+    assert _native.crc32c(big[:70_001]) == reference_crc32c(big[:70_001])
+
+
 @given(a=st.binary(max_size=300), b=st.binary(max_size=5000))
 def test_crc32c_of_two_pieces_combines_into_the_crc_of_the_whole(a, b):
     assert _native.crc32c_combine(_native.crc32c(a), _native.crc32c(b), len(b)) == _native.crc32c(a + b)

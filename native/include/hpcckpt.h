@@ -82,6 +82,7 @@ int heap_info(hk_heap *h, struct hk_info *out);
 void heap_progress(hk_heap *h, uint64_t *done, uint64_t *total);
 int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index);
 int heap_free(hk_heap *h, uint64_t index);
+int heap_put_only(hk_heap *h, uint64_t index);    /* written only through ckpt_write: not watched */
 int heap_lookup(hk_heap *h, uint64_t index, struct hk_desc *d, char *name, char *dtype);
 int64_t heap_next_live(hk_heap *h, uint64_t from);
 void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj);

@@ -156,6 +156,8 @@ static PyObject *nh_free(NativeHeap *self, PyObject *arg) { return by_index(self
 
 static PyObject *nh_expose(NativeHeap *self, PyObject *arg) { return by_index(self, arg, ckpt_expose); }
 
+static PyObject *nh_put_only(NativeHeap *self, PyObject *arg) { return by_index(self, arg, heap_put_only); }
+
 static PyObject *nh_lookup(NativeHeap *self, PyObject *arg)
 {
     unsigned long long idx = PyLong_AsUnsignedLongLong(arg);
@@ -360,6 +362,7 @@ static PyMethodDef nh_methods[] = {
     {"alloc", (PyCFunction)nh_alloc, METH_VARARGS, "alloc(name, dtype, shape, obj_size, count, kind) -> index"},
     {"free", (PyCFunction)nh_free, METH_O, "free(index)"},
     {"expose", (PyCFunction)nh_expose, METH_O, "expose(index): system calls may write into the object"},
+    {"put_only", (PyCFunction)nh_put_only, METH_O, "put_only(index): written only through write(): not watched"},
     {"lookup", (PyCFunction)nh_lookup, METH_O, "lookup(index) -> (name, dtype, shape, obj_size, count, kind)"},
     {"next_live", (PyCFunction)nh_next_live, METH_O, "next_live(from) -> index or -1"},
     {"offset", (PyCFunction)nh_offset, METH_VARARGS, "offset(index, obj) -> byte offset in the buffer"},

@@ -166,7 +166,16 @@ class Pool:
             i += self._count
         if not 0 <= i < self._count:
             raise IndexError(f"pool {self.name!r} has {self._count} objects; index {i} is out of range")
-        return self._heap._view(self._index, i, self.shape, self.dtype)
+        view = self._heap._view(self._index, i, self.shape, self.dtype)
+        if self.name in self._heap._put_only:   # its writes must come through put: nothing else sees them
+            view.flags.writeable = False
+        return view
+
+    @property
+    def writes(self) -> str:
+        """``"put"`` if the pool is written only through :meth:`put` (see :meth:`Heap.put_only`),
+        else ``"any"``."""
+        return "put" if self.name in self._heap._put_only else "any"
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(self._count))
@@ -236,6 +245,7 @@ class Heap:
         self._native, self.path, self.tracker = native, path, tracker
         self._names: dict[str, int] = {}
         self._layouts: dict[str, dict] = {}
+        self._put_only: set[str] = set()   # pools this process writes only through put
         self._stats: dict = {}
         self.restored = False
         self.restored_from: str | None = None
@@ -326,6 +336,7 @@ class Heap:
               self._native.progress)
         self.restored = True
         self.restored_from = "local"
+        self._put_only.clear()   # the core forgot the promises with the objects they were about
         self._load_names()
 
     def _load_names(self) -> None:
@@ -415,12 +426,24 @@ class Heap:
         return self._view(index, 0, shape, dt)
 
     def pool(self, name: str, dtype: Any, count: int, shape: tuple[int, ...] = (), *,
-             global_count: int | None = None, offset: int | None = None, replicated: bool = False) -> Pool:
+             global_count: int | None = None, offset: int | None = None, replicated: bool = False,
+             writes: str = "any") -> Pool:
         """`count` objects of `dtype` (each of `shape`), each in its own tracked slot.
 
         With `global_count` and `offset` the pool holds rows offset..offset+count of a table of
-        `global_count` rows spread over the ranks (see :meth:`array`).
+        `global_count` rows spread over the ranks (see :meth:`array`).  ``writes="put"`` promises
+        that the pool is written only through :meth:`Pool.put` (see :meth:`put_only`).
+
+        >>> import tempfile, os
+        >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "w.heap"), "4MiB")
+        >>> t = h.pool("table", [("key", "u8"), ("value", "f8")], 1000, writes="put")
+        >>> t.put([3, 9], [(3, 0.5), (9, 1.5)])
+        >>> float(t[9]["value"]), t[9].flags.writeable
+        (1.5, False)
+        >>> h.close()
         """
+        if writes not in ("any", "put"):
+            raise ValueError(f"writes must be 'any' or 'put', got {writes!r}")
         _check_name(name)
         dt, shape = np.dtype(dtype), tuple(shape)
         if count < 1:
@@ -428,9 +451,13 @@ class Heap:
         layout = _make_layout(name, (int(count),), None if global_count is None else (int(global_count),),
                               None if offset is None else (int(offset),), None, replicated)
         if layout and name in self._names:
-            return self._redeclare(name, dt, shape, int(count), _KIND_POOL, layout)
-        index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, int(count), _KIND_POOL, layout)
-        return Pool(self, index, name, dt, shape, int(count))
+            pool = self._redeclare(name, dt, shape, int(count), _KIND_POOL, layout)
+        else:
+            index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, int(count), _KIND_POOL, layout)
+            pool = Pool(self, index, name, dt, shape, int(count))
+        if writes == "put":
+            self.put_only(name)
+        return pool
 
     def _redeclare(self, name: str, dt: np.dtype, shape: tuple, count: int, kind: int, layout: dict):
         """A distributed object declared again: the same layout returns it, another re-blocks or fails."""
@@ -502,6 +529,7 @@ class Heap:
             raise KeyError(f"{self.path}: no object named {name!r}")
         _call(self._native.free, index)
         del self._names[name]
+        self._put_only.discard(name)
         if self._layouts.pop(name, None) is not None:
             self._save_layouts()
 
@@ -575,6 +603,28 @@ class Heap:
         if index is None:
             raise KeyError(f"{self.path}: no object named {name!r}")
         _call(self._native.expose, index)
+
+    @locked
+    def put_only(self, name: str) -> None:
+        """Promise that pool `name` is written only through :meth:`Pool.put` from now on: no
+        tracker watches its pages, so a checkpoint costs what was put, however large the pool
+        (the uffd tracker otherwise scans every page of it).  ``pool[i]`` then gives read-only
+        views.  A promise of this process: after a reopen, declare it again (README "Decisions").
+
+        >>> import tempfile, os
+        >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "q.heap"), "4MiB")
+        >>> p = h.pool("p", "f8", 100)
+        >>> h.put_only("p"); p.writes
+        'put'
+        >>> h.close()
+        """
+        index = self._names.get(name)
+        if index is None:
+            raise KeyError(f"{self.path}: no object named {name!r}")
+        if _call(self._native.lookup, index)[5] != _KIND_POOL:
+            raise TypeError(f"{self.path}: {name!r} is an array; only pools are written through put")
+        _call(self._native.put_only, index)
+        self._put_only.add(name)
 
     @property
     def kernel_writable(self) -> bool:
