@@ -156,6 +156,7 @@ class Pool:
     def __init__(self, heap: Heap, index: int, name: str, dtype: np.dtype, shape: tuple, count: int):
         self._heap, self._index, self.name, self.dtype, self.shape = heap, index, name, dtype, shape
         self._count = count
+        self._gen = -1   # heap._gen the slot arrays were made for
 
     def __len__(self) -> int:
         return self._count
@@ -166,10 +167,13 @@ class Pool:
             i += self._count
         if not 0 <= i < self._count:
             raise IndexError(f"pool {self.name!r} has {self._count} objects; index {i} is out of range")
-        view = self._heap._view(self._index, i, self.shape, self.dtype)
-        if self.name in self._heap._put_only:   # its writes must come through put: nothing else sees them
-            view.flags.writeable = False
-        return view
+        if self._gen != self._heap._gen:
+            self._slots = self._heap._pool_slots(self)
+            self._gen = self._heap._gen
+        if self._slots is None:
+            return self._heap._view(self._index, i, self.shape, self.dtype, self.writes == "put")
+        k, arrays = self._slots
+        return arrays[i % k][i // k, ...]
 
     @property
     def writes(self) -> str:
@@ -208,13 +212,28 @@ class Pool:
         _call(self._heap._native.read, self._index, idx, out)
         return out
 
-    def put(self, indices: Any, values: Any) -> None:
+    def put(self, indices: Any, values: Any, *, field: str | None = None) -> None:
         """Write `values` into the objects at `indices` (fast, one call); they count as written
-        for the next checkpoint without a write fault per object."""
+        for the next checkpoint without a write fault per object.  With `field`, only that
+        field of each record changes: the vector path for updating many objects.
+
+        >>> import hpcckpt, tempfile, os
+        >>> heap = hpcckpt.Heap.create(os.path.join(tempfile.mkdtemp(), "f.heap"), "4MiB")
+        >>> p = heap.pool("p", [("key", "u8"), ("value", "f8")], 100)
+        >>> p.put([4, 8], [(4, 0.0), (8, 0.0)])
+        >>> p.put([4, 8], [1.5, 2.5], field="value")
+        >>> p.take([4, 8]).tolist()
+        [(4, 1.5), (8, 2.5)]
+        >>> heap.close()
+        """
         idx = self._indices(indices)
-        base, sub = self.dtype.subdtype or (self.dtype, ())   # numpy spreads a sub-array dtype into axes
-        data = np.ascontiguousarray(np.broadcast_to(np.asarray(values, base), (idx.size, *self.shape, *sub)))
         with self._heap._lock:   # its marks must not change under a checkpoint's collection
+            if field is not None:
+                records = self.take(idx)
+                records[field] = values
+                values = records
+            base, sub = self.dtype.subdtype or (self.dtype, ())   # numpy spreads a sub-array dtype into axes
+            data = np.ascontiguousarray(np.broadcast_to(np.asarray(values, base), (idx.size, *self.shape, *sub)))
             _call(self._heap._native.write, self._index, idx, data)
 
     def __repr__(self) -> str:
@@ -246,6 +265,7 @@ class Heap:
         self._names: dict[str, int] = {}
         self._layouts: dict[str, dict] = {}
         self._put_only: set[str] = set()   # pools this process writes only through put
+        self._gen = 0   # bumped when pools' cached slot arrays may be stale (close, del, restore, put_only)
         self._stats: dict = {}
         self.restored = False
         self.restored_from: str | None = None
@@ -256,6 +276,7 @@ class Heap:
         if tracker == "mprotect" or (tracker == "page" and not _native.UFFD_SUPPORTED):
             _guard_faulthandler()
         info = native.info()
+        self._capacity = info["capacity"]   # one view's length: pool slot arrays stay inside one
         self._report_repairs(info)
         self._load_names()
         hook = crash_hook(info["rank"])
@@ -337,6 +358,7 @@ class Heap:
         self.restored = True
         self.restored_from = "local"
         self._put_only.clear()   # the core forgot the promises with the objects they were about
+        self._gen += 1
         self._load_names()
 
     def _load_names(self) -> None:
@@ -381,6 +403,7 @@ class Heap:
     @locked
     def close(self) -> None:
         """Make everything durable and mark the heap cleanly closed."""
+        self._gen += 1
         _call(self._native.close)
 
     def __enter__(self) -> Heap:
@@ -390,6 +413,7 @@ class Heap:
         if exc_type is None:
             self.close()
         else:   # an exception is not a clean end: the next open restores the last checkpoint
+            self._gen += 1
             self._native.abandon()
 
     # -- objects -------------------------------------------------------------
@@ -509,8 +533,38 @@ class Heap:
                 raise
         return index
 
-    def _view(self, index: int, obj: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
-        return np.ndarray(shape, dtype, buffer=self._native, offset=_call(self._native.offset, index, obj))
+    def _view(self, index: int, obj: int, shape: tuple, dtype: np.dtype, read_only: bool = False) -> np.ndarray:
+        view = np.ndarray(shape, dtype, buffer=self._native, offset=_call(self._native.offset, index, obj))
+        if read_only:   # a put-only pool's writes must come through put
+            view.flags.writeable = False
+        return view
+
+    def _pool_slots(self, pool: Pool) -> tuple[int, list[np.ndarray]] | None:
+        """Strided arrays over a pool's objects, one per slot of a page (object i is row i // k
+        of array i % k), read from where the core placed objects 0..k and checked at the last;
+        None when the placement is not that regular."""
+        off = functools.partial(_call, self._native.offset, pool._index)
+        n, base, page = pool._count, off(0), 4096
+        k, stride = n, page
+        for j in range(1, min(n, 65)):   # the first object on the next page, in the same view
+            delta = off(j) - base
+            if 0 < delta < self._capacity and delta % page == 0:
+                k, stride = j, delta
+                break
+        firsts = [base] + [off(s) for s in range(1, k)]
+        if off(n - 1) != firsts[(n - 1) % k] + (n - 1) // k * stride:
+            return None
+        base, sub = pool.dtype.subdtype or (pool.dtype, ())   # numpy spreads a sub-array dtype into axes
+        shape = (*pool.shape, *sub)
+        inner = np.empty(shape, base).strides
+        arrays = []
+        for s, first in enumerate(firsts):
+            rows = (n - s + k - 1) // k
+            a = np.ndarray((rows, *shape), base, buffer=self._native, offset=first, strides=(stride, *inner))
+            if pool.writes == "put":
+                a.flags.writeable = False
+            arrays.append(a)
+        return k, arrays
 
     def __getitem__(self, name: str) -> np.ndarray | Pool:
         index = self._names.get(name)
@@ -530,6 +584,7 @@ class Heap:
         _call(self._native.free, index)
         del self._names[name]
         self._put_only.discard(name)
+        self._gen += 1
         if self._layouts.pop(name, None) is not None:
             self._save_layouts()
 
@@ -625,6 +680,7 @@ class Heap:
             raise TypeError(f"{self.path}: {name!r} is an array; only pools are written through put")
         _call(self._native.put_only, index)
         self._put_only.add(name)
+        self._gen += 1
 
     @property
     def kernel_writable(self) -> bool:
@@ -661,11 +717,13 @@ class Heap:
         - ``tracker``; ``total`` and ``max``: the same counters and times summed and maximised
           over the ranks (under MPI; a single process has them too, equal to its own);
         - with an export directory, ``export``: ``started``, ``skipped``, ``t_stall``, ``t_wait``,
-          ``t_vote``, ``t_start``.
+          ``t_vote``, ``t_start``;
+        - ``page_table_bytes``: this process's page tables now (``VmPTE``), which grow with the
+          views the trackers map (read when asked, not at each checkpoint).
 
         Empty before the first checkpoint of this process.
         """
-        return dict(self._stats)
+        return {**self._stats, "page_table_bytes": _page_table_bytes()} if self._stats else {}
 
     @property
     def info(self) -> dict:
@@ -674,6 +732,18 @@ class Heap:
 
     def __repr__(self) -> str:
         return f"<hpcckpt.Heap {self.path!r}: {len(self)} objects, tracker={self.tracker}, epoch={self.epoch}>"
+
+
+def _page_table_bytes() -> int:
+    """VmPTE of this process in bytes (0 where /proc does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmPTE:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def block_shape(desc: dict) -> list[int]:
