@@ -242,12 +242,10 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     for (size_t i = 0; i < h->work.n; i++) {
         if (i % 4096 == 0)
             atomic_store(&h->prog_done, i);
-        if (i + 8 < h->work.n) {   /* units are scattered: fetch ahead */
-            const struct unit *y = &h->work.v[i + 8];
+        if (i + 16 < h->work.n) {   /* units are scattered: fetch ahead (copies stream out, unread) */
+            const struct unit *y = &h->work.v[i + 16];
             __builtin_prefetch(h->data + y->off, 0, 0);
             __builtin_prefetch(heap_tag(h, &h->cat[y->entry], y->u), 1, 0);
-            __builtin_prefetch(h->raw + h->sb->off_shadow[0] + y->off, 1, 0);
-            __builtin_prefetch(h->raw + h->sb->off_shadow[1] + y->off, 1, 0);
         }
         if (i == h->work.n / 2)   /* for an empty set: see ckpt_finish */
             ckpt_crash(h, HK_CRASH_MID_COPY, n);
