@@ -79,16 +79,6 @@ static int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u)
     return ckpt_mark(h, off / HK_PAGE, (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls]);
 }
 
-/* ckpt_warm -- map both checkpoint copies of a new object in now: its first checkpoints
- * then copy without page faults (the file holds those pages from its second copy on). */
-static void ckpt_warm(hk_heap *h, uint32_t idx)
-{
-    const struct hk_entry *e = &h->cat[idx];
-    uint64_t off = e->first_page * HK_PAGE, len = (e->npages ? e->npages : 1) * HK_PAGE;
-    for (int s = 0; s < 2 && !h->dax; s++)
-        persist_populate(h, h->raw + h->sb->off_shadow[s] + off, len);
-}
-
 /* ckpt_mark_entry -- mark every unit of a live entry (hash: only the changed ones). */
 static int ckpt_mark_entry(hk_heap *h, uint32_t idx, int by_hash)
 {
@@ -193,10 +183,8 @@ static int ckpt_collect(hk_heap *h, int by_hash)
             rc = ckpt_open_pages(h, h->exposed.v[i]);
     for (uint64_t i = 0; !rc && everything && i < heap_hwm(h); i++)
         rc = ckpt_mark_entry(h, (uint32_t)i, by_hash);
-    for (size_t i = 0; !rc && i < h->fresh.n; i++) {
-        ckpt_warm(h, h->fresh.v[i]);
+    for (size_t i = 0; !rc && i < h->fresh.n; i++)
         rc = ckpt_mark_entry(h, h->fresh.v[i], 0);
-    }
     if (rc)
         return rc;
     qsort(h->dpages.v, h->dpages.n, sizeof *h->dpages.v, page_cmp);
@@ -242,10 +230,15 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     for (size_t i = 0; i < h->work.n; i++) {
         if (i % 4096 == 0)
             atomic_store(&h->prog_done, i);
-        if (i + 16 < h->work.n) {   /* units are scattered: fetch ahead (copies stream out, unread) */
+        if (i + 16 < h->work.n) {   /* units are scattered: fetch their data and tags ahead */
             const struct unit *y = &h->work.v[i + 16];
             __builtin_prefetch(h->data + y->off, 0, 0);
             __builtin_prefetch(heap_tag(h, &h->cat[y->entry], y->u), 1, 0);
+        }
+        if (i + 8 < h->work.n && h->work.v[i + 8].len % 64) {   /* and the slot of what cannot stream */
+            const struct unit *y = &h->work.v[i + 8];
+            uint32_t ly = heap_tag(h, &h->cat[y->entry], y->u)->latest;
+            __builtin_prefetch(h->raw + h->sb->off_shadow[ly == 0 ? 0 : !tag_slot_at(ly, h->committed)] + y->off, 1, 0);
         }
         if (i == h->work.n / 2)   /* for an empty set: see ckpt_finish */
             ckpt_crash(h, HK_CRASH_MID_COPY, n);

@@ -98,7 +98,7 @@ static uint32_t crc_clmul(uint8_t *dst, const uint8_t *src, size_t len, uint32_t
 {
     const __m128i k16 = _mm_set_epi64x((long long)crc_k[1], (long long)crc_k[0]);
     const __m128i k64 = _mm_set_epi64x((long long)crc_k[3], (long long)crc_k[2]);
-    int stream = dst && !((uintptr_t)dst & 15);
+    int stream = dst && !((uintptr_t)dst & 63);   /* whole lines only: a partial streamed line is slow */
     __m128i x[4];
     for (int j = 0; j < 4; j++)
         x[j] = _mm_loadu_si128((const __m128i *)(src + 16 * j));
@@ -190,16 +190,19 @@ void crc_fence(void)
 }
 
 #if defined(__x86_64__)
-/* crc_hw_copy -- copy and checksum 16 bytes at a time with the crc32 instruction, streaming
- * into a 16-aligned dst (small units: a 64-byte object is one whole line, never read). */
+/* crc_hw_copy -- copy and checksum 16 bytes at a time with the crc32 instruction; whole
+ * 64-byte lines of a line-aligned dst are streamed (a 64-byte object is one line, never read). */
 __attribute__((target("sse4.2")))
 static uint32_t crc_hw_copy(uint8_t *dst, const uint8_t *src, size_t len, uint32_t reg)
 {
     uint64_t c = reg;
-    size_t i = 0;
+    size_t i = 0, lines = (uintptr_t)dst & 63 ? 0 : len / 64 * 64;
     for (; i + 16 <= len; i += 16) {
         __m128i y = _mm_loadu_si128((const __m128i *)(src + i));
-        _mm_stream_si128((__m128i *)(dst + i), y);
+        if (i < lines)
+            _mm_stream_si128((__m128i *)(dst + i), y);
+        else
+            _mm_storeu_si128((__m128i *)(dst + i), y);
         c = __builtin_ia32_crc32di(c, (uint64_t)_mm_cvtsi128_si64(y));
         c = __builtin_ia32_crc32di(c, (uint64_t)_mm_extract_epi64(y, 1));
     }
@@ -230,9 +233,9 @@ uint32_t crc_compute(uint32_t crc, const void *buf, size_t len)
     return ~crc_update(~crc, buf, len);
 }
 
-/* crc_copy -- copy len bytes to dst and return their CRC32C, reading src once.  Into an
- * aligned dst the stores are streaming, as a large memcpy's are (dst's old lines are not
- * read): they are ordered before later stores only by crc_fence. */
+/* crc_copy -- copy len bytes to dst and return their CRC32C, reading src once.  Whole lines
+ * of a line-aligned dst are written with streaming stores, as a large memcpy's are (dst's
+ * old lines are not read): they are ordered before later stores only by crc_fence. */
 uint32_t crc_copy(void *dst, const void *src, size_t len)
 {
     if (crc_hw < 0)
@@ -242,7 +245,7 @@ uint32_t crc_copy(void *dst, const void *src, size_t len)
         return ~crc_clmul512(dst, src, len, ~0u);
     if (crc_hw >= 2 && len >= 128)
         return ~crc_clmul(dst, src, len, ~0u);
-    if (crc_hw && !((uintptr_t)dst & 15))
+    if (crc_hw && len >= 16)
         return ~crc_hw_copy(dst, src, len, ~0u);
 #endif
     memcpy(dst, src, len);

@@ -147,6 +147,16 @@ static int heap_grow_catalog(hk_heap *h)
     return state_write_header(h);
 }
 
+/* heap_warm -- map both checkpoint copies of a new object in now (MADV_POPULATE_WRITE), so
+ * that no checkpoint takes a page fault on them: the file holds those pages from the
+ * object's second copy on anyway. */
+static void heap_warm(hk_heap *h, const struct hk_entry *e)
+{
+    uint64_t off = e->first_page * HK_PAGE, len = (e->npages ? e->npages : 1) * HK_PAGE;
+    for (int s = 0; s < 2 && !h->dax; s++)
+        persist_populate(h, h->raw + h->sb->off_shadow[s] + off, len);
+}
+
 /* heap_alloc -- create a catalog entry and its space.  The object is zero (free space
  * always is) and counts as dirty at the next checkpoint.  The entry is written only once
  * its space is secured, and becomes valid with the single store of its epochs. */
@@ -224,6 +234,7 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
     }
     __atomic_store_n(&e->epochs, HK_EPOCHS(h->committed + 1, 0), __ATOMIC_RELEASE);
     h->entries_live++;
+    heap_warm(h, e);
     *index = idx;
     return 0;
 }

@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         try:   # declared every time: a restored object with this layout comes back, another is re-blocked
             u = heap.array("u", shape, np.float64, global_shape=(args.nx, args.ny), offset=(block.x0, block.y0),
                            halo=(1, 1))
-            pool = heap.pool("particles", PARTICLE, count, global_count=args.particles, offset=first)
+            pool = heap.pool("particles", PARTICLE, count, global_count=args.particles, offset=first,
+                             writes="put")   # moved with take/put only: no tracker needs to watch it
         except (KeyError, hpcckpt.HeapError) as e:
             raise SystemExit(f"demo: heap {args.name!r} holds a run of another size ({e}); choose another --name")
         start = heap.meta.get("step", 0) if heap.epoch is not None else 0
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         if save_dir and due:
             t = MPI.Wtime()
             save_state(args.save_with, save_dir, rank, u, pool.array, step)
+            saved = np.ones(1, np.int32)   # a global save is complete when every rank knows every rank saved:
+            comm.Allreduce(MPI.IN_PLACE, saved, op=MPI.MIN)   # the one collective any coordinated checkpoint needs
             t_ckpt, n_ckpt = t_ckpt + MPI.Wtime() - t, n_ckpt + 1
         if heap is None:
             continue

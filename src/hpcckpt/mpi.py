@@ -1,5 +1,5 @@
 """MPI coordination: collective agreement, coordinated checkpoints (every rank prepares,
-one allgather decides) and the check that distributed objects tile their global shapes.
+one Allreduce decides) and the check that distributed objects tile their global shapes.
 
 The heap below knows nothing of MPI; :class:`hpcckpt.job.JobHeap` builds on this module.
 
@@ -70,6 +70,31 @@ def reduce_max(comm, values: list[float]) -> np.ndarray:
     out = np.empty(len(values))
     comm.Allreduce(np.asarray(values, dtype=float), out, op=MPI.MAX)
     return out
+
+
+_MAX_SUM = None   # the MPI op of reduce_max_sum, made once
+
+
+def _max_then_sum(inbuf, inout, datatype) -> None:
+    """MPI user op: element 0 says how many of the elements that follow combine by maximum;
+    the rest add up."""
+    a, b = np.frombuffer(inbuf, float), np.frombuffer(inout, float)
+    m = 1 + int(a[0])
+    np.maximum(a[:m], b[:m], out=b[:m])
+    b[m:] += a[m:]
+
+
+def reduce_max_sum(comm, maxima: list[float], sums: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Element-wise maximum of `maxima` and sum of `sums` over the ranks, in one Allreduce (a
+    commutative user op): one round of messages, the same bytes per rank at any N."""
+    global _MAX_SUM
+    from mpi4py import MPI
+    if _MAX_SUM is None:
+        _MAX_SUM = MPI.Op.Create(_max_then_sum, commute=True)
+    send = np.asarray([len(maxima), *maxima, *sums], dtype=float)
+    out = np.empty_like(send)
+    comm.Allreduce(send, out, op=_MAX_SUM)
+    return out[1:1 + len(maxima)], out[1 + len(maxima):]
 
 
 def error_class(texts: list[str], default: type[Exception] = HeapError) -> type[Exception]:
@@ -178,11 +203,11 @@ def _tiles(name: str, gshape: list[int], boxes: list[tuple[int, list[int], list[
 
 def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Participant] = (),
                            layout_changed: bool = False) -> int:
-    """Prepare locally, agree in two fixed-size reductions, then commit or withdraw everywhere.
+    """Prepare locally, agree in one fixed-size reduction, then commit or withdraw everywhere.
 
-    The vote is one MAX Allreduce of a few doubles (failed, highest and lowest epoch, layout
-    changed, each participant's highest and lowest vote, the stats' maxima) and one SUM of the
-    stats: O(log N) time and the same bytes per rank at any N.  Error messages are gathered
+    The vote is one Allreduce of a few doubles: by maximum, failed, highest and lowest epoch,
+    layout changed, each participant's highest and lowest vote and the stats' maxima; by sum,
+    the stats.  O(log N) time and the same bytes per rank at any N.  Error messages are gathered
     only when some rank failed.  When any rank declared new distributed objects, the blocks
     are checked to tile their global shapes before the epoch commits.
     """
@@ -202,11 +227,9 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
         interrupted = e
     flags = [p.vote() for p in participants]
     numbers = [float(local.get(k, 0)) for k in _NUMERIC]
-    # the vote: one MAX reduction (minima travel negated) and one SUM of the stats, fixed size
-    high = reduce_max(comm, [err is not None, epoch, -epoch, layout_changed, *flags, *(-f for f in flags), *numbers])
-    from mpi4py import MPI
-    sums = np.empty(len(numbers))
-    comm.Allreduce(np.asarray(numbers), sums, op=MPI.SUM)
+    # the vote: one reduction, maxima (minima travel negated) then the sums of the stats
+    high, sums = reduce_max_sum(comm, [err is not None, epoch, -epoch, layout_changed, *flags,
+                                       *(-f for f in flags), *numbers], numbers)
     hook = crash_hook(comm.Get_rank())
     if hook and hook[0] == "after-allreduce" and hook[1] in (0, epoch):
         os.kill(os.getpid(), signal.SIGKILL)
