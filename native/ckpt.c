@@ -68,7 +68,7 @@ static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
 
 /* ckpt_mark_unit -- mark unit u of entry idx dirty (the page tracker: its whole page,
  * whatever the write path, so that it stays the page-grained baseline). */
-static int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u)
+int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u)
 {
     const struct hk_entry *e = &h->cat[idx];
     uint64_t off;

@@ -187,6 +187,7 @@ int alloc_check_zero(hk_heap *h, uint64_t off, uint64_t len);
 int alloc_entry_is_zero(const struct hk_entry *e);
 
 /* ckpt.c */
+int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u);
 int ckpt_seal(hk_heap *h);
 void ckpt_unexpose(hk_heap *h, uint32_t index);
 int ckpt_scan(hk_heap *h, uint64_t epoch, int flags, uint64_t *checked);

@@ -16,6 +16,7 @@ Example::
     $ mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --save-with h5py   # plain dumps
     $ hpcckpt run -n 4 -- python -m hpcckpt.demo --kill-rank 2 --kill-at-step 55
     $ mpiexec -n 4 python -m hpcckpt.demo --export-dir /scratch/exports --export-every 5
+    $ HPCCKPT_NODE_OF_RANK=0,0,1,1 mpiexec -n 4 python -m hpcckpt.demo --redundancy partner --root '/dev/shm/ck{node}'
 
 SIGUSR1 (e.g. Slurm's ``--signal``) asks for a checkpoint (at the step boundary after next).
 """
@@ -232,6 +233,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--export-dir", metavar="DIR", help="export committed epochs to HDF5 here; restart from "
                     "them when the local heaps are lost or the rank count changed")
     ap.add_argument("--export-every", type=int, default=0, metavar="K", help="export every K-th checkpoint")
+    ap.add_argument("--redundancy", choices=("none", "partner"), default="none",
+                    help="partner: keep a copy of each rank's checkpoints on a rank of another node")
     ap.add_argument("--kill-rank", type=int, metavar="R")
     ap.add_argument("--kill-at-step", type=int, metavar="S", help="rank R SIGKILLs itself after step S (attempt 1 only)")
     ap.add_argument("--no-checkpoint", action="store_true", help="plain numpy arrays, no hpcckpt: the baseline")
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         import hpcckpt
 
         heap = hpcckpt.open(args.name, comm=comm, root=args.root, capacity=args.capacity, tracker=args.tracker,
-                            export_dir=args.export_dir, export_every=args.export_every)
+                            export_dir=args.export_dir, export_every=args.export_every, redundancy=args.redundancy)
         try:   # declared every time: a restored object with this layout comes back, another is re-blocked
             u = heap.array("u", shape, np.float64, global_shape=(args.nx, args.ny), offset=(block.x0, block.y0),
                            halo=(1, 1))

@@ -26,6 +26,7 @@ from .heap import Heap, _check_name, locked
 from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
 from .mpi import (agree, coordinated_checkpoint, default_root, error_class, error_text, first_error, private_dir,
                   reduce_max)
+from .partner import PartnerLevel, nodes_of_ranks, restorable
 from .restore import fill_from_export
 
 
@@ -35,6 +36,7 @@ class JobHeap(Heap):
     comm: Any = None
     job = ""
     exporter: Exporter | None = None
+    partner: PartnerLevel | None = None
     _layout_dirty = True
 
     def _save_layouts(self) -> None:
@@ -50,7 +52,8 @@ class JobHeap(Heap):
         """
         blob = json.dumps(meta, sort_keys=True).encode()
         parts = [self.exporter] if self.exporter else []
-        epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=self._layout_dirty)
+        epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=self._layout_dirty,
+                                       partner=self.partner)
         self._layout_dirty = False
         self._reblock = None
         if self.exporter is not None:
@@ -74,6 +77,8 @@ class JobHeap(Heap):
         if self.exporter is not None and os.getpid() == self._pid:
             self.exporter.drain()
         super().close()
+        if self.partner is not None and os.getpid() == self._pid:
+            self.partner.close()
 
 
 def check_job_name(name: str) -> None:
@@ -85,21 +90,30 @@ def check_job_name(name: str) -> None:
 
 def open(name: str, comm: Any = None, root: str | None = None, capacity: int | str = "1GiB",
          tracker: str = "auto", max_objects: int | None = None, preallocate: bool = False,
-         export_dir: str | None = None, export_every: int = 0) -> JobHeap:
+         export_dir: str | None = None, export_every: int = 0, redundancy: str = "none") -> JobHeap:
     """Open or create this rank's heap `<root>/<name>/rank<r>.heap`, collectively.
 
     Restores the last epoch every rank can reach: from the local heaps if all are there at
-    a common epoch, else (with `export_dir`) from the newest complete export, on any number
-    of ranks.  ``heap.restored_from`` says ``"local"``, ``"export"`` or None (fresh), and
-    ``heap.epoch`` and ``heap.meta`` say where to resume.  `export_every=K` exports every
-    K-th committed epoch in the background.
+    a common epoch; else, with ``redundancy="partner"``, by rebuilding the heaps a lost node
+    took with it from the copies its partner ranks keep; else (with `export_dir`) from the
+    newest complete export, on any number of ranks.  ``heap.restored_from`` says ``"local"``,
+    ``"partner"``, ``"export"`` or None (fresh), and ``heap.epoch`` and ``heap.meta`` say where
+    to resume.  `export_every=K` exports every K-th committed epoch in the background.  A
+    `root` containing ``{node}`` gets each node's number there (one directory per node).
     """
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
     check_job_name(name)
+    if redundancy not in ("none", "partner"):
+        raise ValueError(f"redundancy must be 'none' or 'partner', got {redundancy!r}")
     rank, size = comm.Get_rank(), comm.Get_size()
-    directory = os.path.join(root or default_root(), name)
+    root = root or default_root()
+    nodes = None
+    if redundancy == "partner" or "{node}" in root:
+        nodes = nodes_of_ranks(comm)
+        root = root.replace("{node}", str(nodes[rank]))
+    directory = os.path.join(root, name)
     path = os.path.join(directory, f"rank{rank}.heap")
     err = None
     try:
@@ -107,11 +121,22 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     except (OSError, HeapError) as e:
         err = error_text(e)
     agree(comm, err)
+    partner = None
+    if redundancy == "partner" and len(set(nodes)) < 2:
+        if rank == 0:
+            warnings.warn(f"hpcckpt: job {name!r} runs on one node: the partner level is off (a copy on the same "
+                          "node would not survive losing it)", RuntimeWarning, stacklevel=2)
+    elif redundancy == "partner":
+        partner = PartnerLevel(comm, nodes, directory, name, capacity)
     exporter = Exporter(comm, name, export_dir, export_every) if export_dir else None
     exports = _list_exports(comm, exporter)
     opts = dict(capacity=capacity, tracker=tracker, max_objects=max_objects, preallocate=preallocate)
 
     mine = _probe(path, name, rank, size)
+    if partner is not None:
+        rebuilt = _partner_level(comm, partner, mine, exports, path, name, opts)
+        if rebuilt is not None:
+            return _ready(rebuilt, comm, name, exporter, partner)
     present, err, good, clean, unfinished = mine
     blocking = bool(present and err and not unfinished)
     v = reduce_max(comm, [not present, err is not None, -good, good, not clean, blocking])
@@ -133,7 +158,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         if heap is not None:
             if _restore_local(heap, comm, view, exports):
                 heap.restored_from = "local" if heap._info()["committed"] else None   # clean reopen included
-                return _ready(heap, comm, name, exporter)
+                return _ready(heap, comm, name, exporter, partner)
         elif not exports and (view["broken"] or view["newest"]):
             states = comm.allgather(mine)
             missing = [r for r, s in enumerate(states) if not s[0]]
@@ -147,7 +172,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
             if heap is not None:
                 heap._native.abandon()
                 heap = None
-            return _ready(_restore_export(comm, name, path, exports, exporter, opts), comm, name, exporter)
+            return _ready(_restore_export(comm, name, path, exports, exporter, opts), comm, name, exporter, partner)
     except BaseException:
         if heap is not None:
             heap._native.abandon()
@@ -170,7 +195,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
             heap._native.abandon()
         raise
     _remove_stale(comm, directory, size)
-    return _ready(heap, comm, name, exporter)
+    return _ready(heap, comm, name, exporter, partner)
 
 
 def _probe(path: str, name: str, rank: int, size: int) -> tuple:
@@ -194,8 +219,67 @@ def _probe(path: str, name: str, rank: int, size: int) -> tuple:
     return True, None, good, info["was_clean"] and good == info["prepared"], False
 
 
-def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None) -> JobHeap:
-    heap.comm, heap.job, heap.exporter = comm, name, exporter
+def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int], path: str, name: str,
+                   opts: dict) -> JobHeap | None:
+    """Rebuild the heaps of ranks that lost them (a node gone, its directory empty) from the
+    copies their partners keep, and bring the others back locally to the same epoch: the
+    newest every surviving rank can restore.  None when no rank lost its heap, or when an
+    export is newer or must be used; an error naming the ranks and levels when nothing can help."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    states = comm.allgather((mine[0], mine[1] is not None, mine[2], mine[3], partner.probes()))
+    newest = max(s[2] for s in states)
+    lost = [r for r, s in enumerate(states) if not s[0] or s[1] or (s[2] == 0 and newest > 0)]
+    if not lost or newest == 0:
+        return None
+    alive = [r for r in range(size) if r not in lost]
+    epoch = min((states[r][2] for r in alive), default=0)
+    holder = partner.partners
+    missing = [r for r in lost if holder[r] in lost or not restorable(states[holder[r]][4].get(r, (False, 0, 0)), epoch)]
+    if missing or not alive or (exports and epoch < exports[0]):
+        if exports:
+            return None
+        raise HeapError(f"{os.path.dirname(path)}: rank(s) {lost} lost their heaps (local level) and the partner "
+                        f"copies of rank(s) {missing or lost} are missing or not at epoch {epoch} (partner level); no "
+                        "export is given (export_dir=): the job cannot restart. Remove the job's directories to "
+                        "start afresh.")
+    err, heap = None, None
+    try:
+        for w in partner.wards:
+            if w in lost:
+                partner.serve(w, epoch)
+        if rank in lost:
+            got = partner.receive()
+            if os.path.exists(path):
+                os.unlink(path)
+            heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
+                                  job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
+            partner.fill(heap, *got, epoch)
+        else:
+            heap = JobHeap._attach(path, opts["tracker"], name, rank, size)
+            info = heap._info()
+            if not (info["was_clean"] and info["committed"] == epoch == info["good_epoch"] == info["prepared"]):
+                heap._recover(epoch)
+    except (OSError, HeapError, ValueError) as e:
+        err = error_text(e)
+    failed = first_error(comm, err)
+    if failed:
+        if heap is not None:
+            heap._native.abandon()
+        if exports:
+            if rank == 0:
+                warnings.warn(f"hpcckpt: rebuilding from partner copies failed ({failed}); restoring from the "
+                              "export", RuntimeWarning, stacklevel=3)
+            return None
+        raise HeapError(f"rank(s) {lost} lost their heaps and rebuilding them from partner copies failed: {failed}; "
+                        "no export is given (export_dir=)")
+    heap.restored, heap.restored_from = True, "partner"
+    return heap
+
+
+def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None, partner: PartnerLevel | None = None) -> JobHeap:
+    heap.comm, heap.job, heap.exporter, heap.partner = comm, name, exporter, partner
+    if partner is not None:
+        partner.settle(heap._info()["committed"])
     if exporter is not None:
         exporter.warm_up()   # the helper starts (and imports h5py) while the job computes
     if comm.Get_rank() == 0:

@@ -202,14 +202,16 @@ def _tiles(name: str, gshape: list[int], boxes: list[tuple[int, list[int], list[
 
 
 def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Participant] = (),
-                           layout_changed: bool = False) -> int:
+                           layout_changed: bool = False, partner=None) -> int:
     """Prepare locally, agree in one fixed-size reduction, then commit or withdraw everywhere.
 
     The vote is one Allreduce of a few doubles: by maximum, failed, highest and lowest epoch,
     layout changed, each participant's highest and lowest vote and the stats' maxima; by sum,
     the stats.  O(log N) time and the same bytes per rank at any N.  Error messages are gathered
     only when some rank failed.  When any rank declared new distributed objects, the blocks
-    are checked to tile their global shapes before the epoch commits.
+    are checked to tile their global shapes before the epoch commits.  With a `partner` level
+    (:class:`hpcckpt.partner.PartnerLevel`), every rank hands its partner its delta and
+    prepares the epoch in the mirrors it keeps before the vote, which then covers both copies.
     """
     native = heap._native
     epoch, err, local, prepared, interrupted = 0, None, {}, False, None
@@ -225,6 +227,12 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
     except BaseException as e:
         err = error_text(e)
         interrupted = e
+    if partner is not None:   # every rank takes part, also one whose prepare failed
+        try:
+            perr = partner.exchange(heap, epoch, prepared, blob)
+        except Exception as e:
+            perr = error_text(e)
+        err = err or perr
     flags = [p.vote() for p in participants]
     numbers = [float(local.get(k, 0)) for k in _NUMERIC]
     # the vote: one reduction, maxima (minima travel negated) then the sums of the stats
@@ -245,6 +253,8 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
                 _call(native.withdraw)
             except (OSError, HeapError) as e:
                 withdraw_err = f"withdrawing it failed too: {error_text(e)}"
+        if partner is not None:
+            partner.finish(False)
         said = comm.allgather(err) if any_failed else []   # every rank, or none
         failed = [r for r, e in enumerate(said) if e]
         if any_failed:
@@ -261,6 +271,9 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
         raise CheckpointError(f"checkpoint {epoch or '?'} failed on rank(s) {ranks}: {message}; "
                               "the epoch was withdrawn on every rank, the previous one stays committed")
     _call(native.commit)
+    if partner is not None:
+        partner.finish(True)
+        local["partner"] = dict(partner.figures)
     local["total"] = {n: (v if n in _TIMES else int(v)) for n, v in zip(_NUMERIC, sums.tolist())}
     local["max"] = {n: (v if n in _TIMES else int(v)) for n, v in zip(_NUMERIC, high[4 + 2 * k:].tolist())}
     heap._stats = local

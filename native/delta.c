@@ -1,0 +1,143 @@
+/* delta.c -- what a checkpoint hands a partner rank: the units it copied in the epoch just
+ * prepared (or every unit of that epoch, to seed a new partner), read back from their
+ * checkpoint slots with the CRCs of those slots; and the partner's side: units written into
+ * the objects of a mirror heap, each checked against its CRC first. */
+#include <string.h>
+#include "internal.h"
+
+/* delta_slot -- the slot holding unit u of entry idx as of epoch E, or -1 if it has none. */
+static int delta_slot(hk_heap *h, struct hk_entry *e, uint64_t u, uint64_t E)
+{
+    uint32_t l = heap_tag(h, e, u)->latest;
+    return l == 0 || HK_TAG_EPOCH(l) == 0 ? -1 : (int)tag_slot_at(l, E);
+}
+
+/* delta_walk -- visit the units of the delta: those copied for the prepared epoch, or (all)
+ * every unit of every object of it.  fn gets (entry, unit, slot, offset, length). */
+static int delta_walk(hk_heap *h, int all, int (*fn)(void *, hk_heap *, uint32_t, uint64_t, int, uint64_t, uint32_t),
+                      void *arg)
+{
+    uint64_t E = h->prepared;
+    if (h->closed || E == 0)
+        return hk_fail(h->closed ? EBADF : ENOENT, "%s: %s", h->path, h->closed ? "heap is closed" : "nothing prepared");
+    if (!all) {
+        for (size_t i = 0; i < h->work.n; i++) {
+            struct unit *x = &h->work.v[i];
+            int rc = fn(arg, h, x->entry, x->u, delta_slot(h, &h->cat[x->entry], x->u, E), x->off, x->len);
+            if (rc)
+                return rc;
+        }
+        return 0;
+    }
+    for (uint64_t i = 0; i < heap_hwm(h); i++) {
+        struct hk_entry *e = &h->cat[i];
+        if (!state_alive_at(e, E))
+            continue;
+        for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
+            uint64_t off;
+            uint32_t len;
+            heap_unit_place(h, e, u, &off, &len);
+            int rc = fn(arg, h, (uint32_t)i, u, delta_slot(h, e, u, E), off, len);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+struct delta_out {
+    uint64_t n, bytes, cap_n, cap_bytes;
+    uint32_t *entries, *crcs;
+    uint64_t *units;
+    uint8_t *data;
+};
+
+/* delta_put -- delta_walk callback: count a unit, or copy it out with its CRC. */
+static int delta_put(void *arg, hk_heap *h, uint32_t entry, uint64_t u, int slot, uint64_t off, uint32_t len)
+{
+    struct delta_out *o = arg;
+    if (slot < 0)
+        return hk_fail(EBADMSG, "%s: object '%.63s' (unit %lu) has no checkpoint copy", h->path, h->cat[entry].name,
+                       (unsigned long)u);
+    if (o->data) {
+        if (o->n >= o->cap_n || o->bytes + len > o->cap_bytes)
+            return hk_fail(EOVERFLOW, "%s: the delta grew while it was read", h->path);
+        o->entries[o->n] = entry;
+        o->units[o->n] = u;
+        o->crcs[o->n] = heap_tag(h, &h->cat[entry], u)->crc[slot];
+        memcpy(o->data + o->bytes, h->raw + h->sb->off_shadow[slot] + off, len);
+    }
+    o->n++;
+    o->bytes += len;
+    return 0;
+}
+
+/* delta_size -- units and bytes of the delta of the prepared epoch (all: of every unit). */
+int delta_size(hk_heap *h, int all, uint64_t *units, uint64_t *bytes)
+{
+    struct delta_out o = {0};
+    int rc = delta_walk(h, all, delta_put, &o);
+    *units = o.n;
+    *bytes = o.bytes;
+    return rc;
+}
+
+/* delta_read -- copy the delta out: per unit its entry, unit number and CRC, and the bytes
+ * packed in that order (arrays sized by delta_size). */
+int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint32_t *crcs, uint64_t n, uint8_t *data,
+               uint64_t bytes)
+{
+    struct delta_out o = {.cap_n = n, .cap_bytes = bytes, .entries = entries, .units = units, .crcs = crcs,
+                          .data = data};
+    return delta_walk(h, all, delta_put, &o);
+}
+
+/* delta_target -- the mirror entry that sender entry `from` maps to, if it is a live object. */
+static int delta_target(hk_heap *h, const uint32_t *map, size_t map_len, uint32_t from, struct hk_entry **e)
+{
+    uint32_t idx = from < map_len ? map[from] : UINT32_MAX;
+    if (idx >= heap_hwm(h) || !state_alive_at(&h->cat[idx], h->committed + 1))
+        return hk_fail(ENOENT, "%s: a partner copy names object %u, which this mirror does not hold", h->path, from);
+    *e = &h->cat[idx];
+    return (int)idx;
+}
+
+/* delta_apply -- write n units a partner sent (its entry numbers, mapped to this mirror's by
+ * map; unit numbers; CRCs; the bytes packed) into the working data and mark them dirty.
+ * Every unit is checked against its CRC and this mirror's geometry before anything is written. */
+int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
+                const uint32_t *crcs, size_t n, const uint8_t *data, size_t len)
+{
+    if (h->closed || h->readonly)
+        return hk_fail(h->readonly ? EROFS : EBADF, "%s: heap is %s", h->path, h->readonly ? "read-only" : "closed");
+    for (int pass = 0; pass < 2; pass++) {
+        uint64_t at = 0;
+        for (size_t i = 0; i < n; i++) {
+            struct hk_entry *e;
+            int idx = delta_target(h, map, map_len, entries[i], &e);
+            if (idx < 0)
+                return idx;
+            uint64_t off;
+            uint32_t ulen;
+            if (units[i] >= heap_units(e))
+                return hk_fail(ERANGE, "%s: '%.63s' has %lu units; a partner copy names unit %lu", h->path,
+                               e->name, (unsigned long)heap_units(e), (unsigned long)units[i]);
+            heap_unit_place(h, e, units[i], &off, &ulen);
+            if (at + ulen > len)
+                return hk_fail(EINVAL, "%s: a partner copy is shorter than the units it names", h->path);
+            if (pass == 0 && crc_compute(0, data + at, ulen) != crcs[i])
+                return hk_fail(EBADMSG, "%s: the partner copy of '%.63s' (unit %lu) arrived damaged (checksum "
+                               "mismatch)", h->path, e->name, (unsigned long)units[i]);
+            if (pass == 1) {
+                memcpy(h->data + off, data + at, ulen);
+                int rc = ckpt_mark_unit(h, (uint32_t)idx, units[i]);
+                if (rc)
+                    return rc;
+            }
+            at += ulen;
+        }
+        if (at != len)
+            return hk_fail(EINVAL, "%s: a partner copy is longer than the units it names", h->path);
+    }
+    return 0;
+}
