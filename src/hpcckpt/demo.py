@@ -267,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import hpcckpt
 
-        heap = hpcckpt.open(args.name, comm=comm, root=args.root, capacity=args.capacity, tracker=args.tracker,
-                            export_dir=args.export_dir, export_every=args.export_every, redundancy=args.redundancy)
+        try:
+            heap = hpcckpt.open(args.name, comm=comm, root=args.root, capacity=args.capacity, tracker=args.tracker,
+                                export_dir=args.export_dir, export_every=args.export_every,
+                                redundancy=args.redundancy)
+        except (OSError, hpcckpt.HeapError) as e:   # every rank gets the same error: one line, from rank 0
+            raise SystemExit(f"demo: {e}" if rank == 0 else 1)
         try:   # declared every time: a restored object with this layout comes back, another is re-blocked
             u = heap.array("u", shape, np.float64, global_shape=(args.nx, args.ny), offset=(block.x0, block.y0),
                            halo=(1, 1))

@@ -16,13 +16,14 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import signal
 import sys
 import warnings
 from typing import Any
 
 from .errors import CorruptHeapError, HeapError, RepairWarning
 from .export import Exporter, ExportHandle
-from .heap import Heap, _check_name, locked
+from .heap import Heap, _check_name, crash_hook, locked
 from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
 from .mpi import (agree, coordinated_checkpoint, default_root, error_class, error_text, first_error, private_dir,
                   reduce_max)
@@ -232,9 +233,12 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
     if not lost or newest == 0:
         return None
     alive = [r for r in range(size) if r not in lost]
-    epoch = min((states[r][2] for r in alive), default=0)
     holder = partner.partners
-    missing = [r for r in lost if holder[r] in lost or not restorable(states[holder[r]][4].get(r, (False, 0, 0)), epoch)]
+    kept = {r: states[holder[r]][4].get(r, (False, 0, 0)) if holder[r] not in lost else (False, 0, 0) for r in lost}
+    # a lost rank's mirror prepared an epoch only after that rank did, and before the vote: the
+    # newest epoch every survivor and every mirror holds is the newest that can have committed
+    epoch = min([states[r][2] for r in alive] + [k[1] for k in kept.values() if k[0]], default=0)
+    missing = [r for r in lost if not restorable(kept[r], epoch)]
     if missing or not alive or (exports and epoch < exports[0]):
         if exports:
             return None
@@ -253,6 +257,9 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
                 os.unlink(path)
             heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
                                   job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
+            hook = crash_hook(rank)
+            if hook and hook[0] == "mid-rebuild":   # the test hook: die with the heap created, not filled
+                os.kill(os.getpid(), signal.SIGKILL)
             partner.fill(heap, *got, epoch)
         else:
             heap = JobHeap._attach(path, opts["tracker"], name, rank, size)

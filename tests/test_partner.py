@@ -1,0 +1,112 @@
+"""The partner level under the real mpiexec: simulated nodes (HPCCKPT_NODE_OF_RANK, a {node}
+root), a whole node lost between checkpoints, during one and during the rebuild, partners
+lost together, damaged partner copies."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from hpcckpt.partner import partners_of
+from mpijobs import demo, reference
+
+NODES = {4: "0,0,1,1", 6: "0,0,1,1,2,2"}
+
+
+def run(n: int, heap_dir: str, *extra: str, env: dict | None = None):
+    """The demo at n ranks on n/2 simulated nodes, each node's heaps under heap_dir/node<k>."""
+    return demo(n, os.path.join(heap_dir, "node{node}"), "--redundancy", "partner", *extra,
+                env={"HPCCKPT_NODE_OF_RANK": NODES[n], **(env or {})})
+
+
+def lose(heap_dir: str, *nodes: int) -> None:
+    """A node is gone: its directory with every heap and partner copy on it."""
+    for k in nodes:
+        shutil.rmtree(os.path.join(heap_dir, f"node{k}"))
+
+
+def test_partners_form_a_ring_over_nodes():
+    assert partners_of([0, 0, 1, 1, 2, 2]) == [2, 3, 4, 5, 0, 1]
+    assert partners_of([0, 0, 0, 1]) == [3, 3, 3, 0]
+
+
+@pytest.mark.parametrize("n", [4, 6])
+def test_node_lost_between_checkpoints_restarts_from_partner_copies(heap_dir, n):
+    proc, _ = run(n, heap_dir, "--kill-rank", "0", "--kill-at-step", "22")
+    assert proc.returncode != 0
+    wards = {4: [2, 3], 6: [4, 5]}[n]                 # the ranks whose partners live on node 0
+    assert sorted(os.listdir(os.path.join(heap_dir, "node0", "t"))) == \
+        [f"partner-rank{w}.heap" for w in wards] + ["rank0.heap", "rank1.heap"]
+    lose(heap_dir, 1)
+    proc, line = run(n, heap_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from epoch 4 at step 20 (partner level)" in proc.stdout
+    assert line == reference(n, heap_dir)
+
+
+def test_node_lost_during_a_checkpoint_restarts_from_the_last_committed_epoch(heap_dir):
+    proc, _ = run(4, heap_dir, env={"HPCCKPT_CRASH_AT": "mid-copy@3:2,3"})
+    assert proc.returncode != 0
+    lose(heap_dir, 1)
+    proc, line = run(4, heap_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from epoch 2 at step 10 (partner level)" in proc.stdout
+    assert line == reference(4, heap_dir)
+
+
+def test_node_lost_during_the_rebuild_is_rebuilt_again(heap_dir):
+    assert run(4, heap_dir, "--kill-rank", "1", "--kill-at-step", "17")[0].returncode != 0
+    lose(heap_dir, 1)
+    proc, _ = run(4, heap_dir, env={"HPCCKPT_CRASH_AT": "mid-rebuild:2"})
+    assert proc.returncode != 0                         # rank 2 died half rebuilt; rank 3 finished
+    proc, line = run(4, heap_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from epoch 3 at step 15 (partner level)" in proc.stdout
+    assert line == reference(4, heap_dir)
+
+
+def test_two_nodes_that_are_each_others_partners_fall_back_to_the_export(heap_dir):
+    exports = os.path.join(heap_dir, "exports")
+    assert run(6, heap_dir, "--export-dir", exports, "--export-every", "2")[0].returncode == 0
+    lose(heap_dir, 0, 1)                                # node 0's copies live on node 1
+    proc, line = run(6, heap_dir, "--export-dir", exports)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from epoch 6 at step 30 (export level)" in proc.stdout
+    assert line == reference(6, heap_dir)
+
+
+def test_without_partner_copies_or_export_the_error_names_ranks_and_levels(heap_dir):
+    assert run(4, heap_dir, "--kill-rank", "0", "--kill-at-step", "12")[0].returncode != 0
+    lose(heap_dir, 1)
+    os.unlink(os.path.join(heap_dir, "node0", "t", "partner-rank2.heap"))
+    proc, _ = run(4, heap_dir)
+    assert proc.returncode != 0
+    assert "rank(s) [2, 3] lost their heaps (local level)" in proc.stderr
+    assert "partner copies of rank(s) [2] are missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_damaged_partner_copy_is_detected_and_never_restored(heap_dir):
+    assert run(4, heap_dir, "--kill-rank", "0", "--kill-at-step", "12")[0].returncode != 0
+    lose(heap_dir, 1)
+    mirror = os.path.join(heap_dir, "node0", "t", "partner-rank2.heap")
+    damage_checkpoint_copies(mirror)
+    proc, _ = run(4, heap_dir)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "partner" in proc.stderr and "checksum mismatch" in proc.stderr
+
+
+def damage_checkpoint_copies(path: str) -> None:
+    """Flip the first byte that holds data in both checkpoint copies of a heap file."""
+    import hpcckpt
+    h = hpcckpt.Heap.open(path, readonly=True)
+    info = h.info
+    h._native.abandon()
+    with open(path, "r+b") as f:
+        for k in (1, 2):
+            start = info["off_data"] + k * info["capacity"]
+            f.seek(start)
+            block = f.read(info["capacity"])
+            at = next(i for i, b in enumerate(block) if b)
+            f.seek(start + at)
+            f.write(bytes([block[at] ^ 0xFF]))
