@@ -12,16 +12,20 @@
 #     time limit; its trap asks the ranks for a checkpoint, then `scontrol requeue`s the job.
 #   SELFTEST_MODE=timelimit: the real thing, --time=2 --signal=B:USR1@60 (Slurm checks
 #     time limits every 30 s, so the signal may come up to 30 s early), 100000 steps.
+#   SELFTEST_MODE=partner: jobs/partner.sbatch on two simulated nodes (HPCCKPT_NODE_OF_RANK,
+#     a {node} root); rank 2 is killed on the first attempt and node 1's directory removed,
+#     and the second attempt must resume from the partner level.
 # Whatever happens, the daemons it started are stopped (by PID) and its temp dirs removed.
 set -euo pipefail
-sbatch_file=$(cd "$(dirname "$0")" && pwd)/demo.sbatch
 mode=${SELFTEST_MODE:-signal}
-steps=${SELFTEST_STEPS:-$([ "$mode" = timelimit ] && echo 100000 || echo 6000)}
+sbatch_file=$(cd "$(dirname "$0")" && pwd)/$([ "$mode" = partner ] && echo partner.sbatch || echo demo.sbatch)
+steps=${SELFTEST_STEPS:-$(case $mode in timelimit) echo 100000 ;; partner) echo 60 ;; *) echo 6000 ;; esac)}
 args=(--steps "$steps" --nx 256 --ny 256 --particles 20000 --checkpoint-every 10)
 export HPCCKPT_GRACE=${HPCCKPT_GRACE:-1}  # seconds from USR1 to requeue; the demo must outlast it
 t0=$(date +%s)
 T=$(mktemp -d /tmp/hpcckpt-slurm.XXXXXX) && chmod 711 "$T"  # munged wants the dir traversable
-export HPCCKPT_ROOT=$(mktemp -d /dev/shm/hpcckpt-slurm.XXXXXX)  # fresh heaps
+heaps=$(mktemp -d /dev/shm/hpcckpt-slurm.XXXXXX)  # fresh heaps
+export HPCCKPT_ROOT=$heaps
 export SLURM_CONF=$T/slurm.conf
 pids=() jid= result=FAIL
 
@@ -41,8 +45,8 @@ finish() {
     if [ "$result" != PASS ]; then
         for f in "$T"/demo.out "$T"/*.log "$T"/*.err; do [ -s "$f" ] && { echo "== $f"; tail -n 6 "$f"; }; done
     fi
-    rm -rf "$T" "$HPCCKPT_ROOT"
-    echo "$result: jobs/demo.sbatch under Slurm ($mode mode, $(( $(date +%s) - t0 )) s)"
+    rm -rf "$T" "$heaps"
+    echo "$result: jobs/$(basename "$sbatch_file") under Slurm ($mode mode, $(( $(date +%s) - t0 )) s)"
     [ "$result" = PASS ] && exit 0 || exit 1
 }
 trap finish EXIT
@@ -97,9 +101,14 @@ echo "selftest: Slurm up on $H after $(( $(date +%s) - t0 )) s"
 # 4 ranks on however few CPUs: --overcommit. Output goes to one file over both attempts.
 opts=(--parsable --overcommit --chdir="$T" --output="$T/demo.out")
 [ "$mode" = timelimit ] && opts+=(--time=2 --signal=B:USR1@60)
+if [ "$mode" = partner ]; then  # two simulated nodes on this one: the node count of the script is overridden
+    opts+=(--nodes=1)
+    export HPCCKPT_NODE_OF_RANK=0,0,1,1 HPCCKPT_ROOT="$heaps/node{node}" HPCCKPT_LOSE_NODE=1
+    args+=(--kill-rank 2 --kill-at-step 25)
+fi
 jid=$(sbatch "${opts[@]}" "$sbatch_file" "${args[@]}")
 echo "selftest: submitted job $jid: demo.sbatch ${args[*]}"
-if [ "$mode" = signal ]; then
+if [ "$mode" = signal ]; then  # (partner mode needs nothing from here: it fails and recovers by itself)
     for _ in $(seq 300); do grep -q ' epoch ' "$T/demo.out" 2>/dev/null && break; sleep 0.2; done
     grep -q ' epoch ' "$T/demo.out" || die "the demo took no checkpoint"
     scancel --batch --signal=USR1 "$jid"
@@ -113,9 +122,19 @@ echo "selftest: job $jid ${state:-?} after $(( $(date +%s) - t0 )) s; its output
 { grep -v '^step ' "$T/demo.out" || true; } | sed 's/^/    /'
 
 cd "$T"  # outside the source tree: import the installed hpcckpt
-want=$(mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --quiet "${args[@]}" | tail -n 1)
+[ "$mode" = partner ] && args=("${args[@]:0:${#args[@]}-4}")  # the failure-free run kills nobody
+want=$(env -u HPCCKPT_NODE_OF_RANK mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --quiet "${args[@]}" | tail -n 1)
 got=$(grep '^checksum:' "$T/demo.out" | tail -n 1 || true)
 [ "$state" = COMPLETED ] || die "job ended $state"
+if [ "$mode" = partner ]; then
+    grep -q 'attempt 1 failed' "$T/demo.out" || die "the first attempt did not fail"
+    grep -q 'losing node 1' "$T/demo.out" || die "node 1 was not lost"
+    grep -q '(partner level)' "$T/demo.out" || die "the second attempt did not resume from the partner level"
+    [ "$got" = "$want" ] || die "checksum after losing a node '$got', failure-free '$want'"
+    echo "selftest: after losing node 1, $got = failure-free run"
+    result=PASS
+    exit 0
+fi
 grep -q '(asked by SIGUSR1)' "$T/demo.out" || die "no checkpoint was asked for by SIGUSR1"
 grep -q '^job .* attempt 2 ' "$T/demo.out" || die "the job was not requeued"
 grep -q 'resumed from epoch' "$T/demo.out" || die "the requeued job did not resume from a checkpoint"

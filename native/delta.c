@@ -1,7 +1,7 @@
 /* delta.c -- what a checkpoint hands a partner rank: the units it copied in the epoch just
  * prepared (or every unit of that epoch, to seed a new partner), read back from their
- * checkpoint slots with the CRCs of those slots; and the partner's side: units written into
- * the objects of a mirror heap, each checked against its CRC first. */
+ * checkpoint slots and checked against those slots' CRCs; and the partner's side: units
+ * written into the objects of a mirror heap, the bytes checked against their CRC first. */
 #include <string.h>
 #include "internal.h"
 
@@ -47,12 +47,12 @@ static int delta_walk(hk_heap *h, int all, int (*fn)(void *, hk_heap *, uint32_t
 
 struct delta_out {
     uint64_t n, bytes, cap_n, cap_bytes;
-    uint32_t *entries, *crcs;
+    uint32_t *entries;
     uint64_t *units;
     uint8_t *data;
 };
 
-/* delta_put -- delta_walk callback: count a unit, or copy it out with its CRC. */
+/* delta_put -- delta_walk callback: count a unit, or copy it out, checked against its slot's CRC. */
 static int delta_put(void *arg, hk_heap *h, uint32_t entry, uint64_t u, int slot, uint64_t off, uint32_t len)
 {
     struct delta_out *o = arg;
@@ -64,8 +64,10 @@ static int delta_put(void *arg, hk_heap *h, uint32_t entry, uint64_t u, int slot
             return hk_fail(EOVERFLOW, "%s: the delta grew while it was read", h->path);
         o->entries[o->n] = entry;
         o->units[o->n] = u;
-        o->crcs[o->n] = heap_tag(h, &h->cat[entry], u)->crc[slot];
-        memcpy(o->data + o->bytes, h->raw + h->sb->off_shadow[slot] + off, len);
+        uint32_t crc = crc_copy(o->data + o->bytes, h->raw + h->sb->off_shadow[slot] + off, len);
+        if (crc != heap_tag(h, &h->cat[entry], u)->crc[slot])
+            return hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu) is corrupt (checksum mismatch)",
+                           h->path, h->cat[entry].name, (unsigned long)u);
     }
     o->n++;
     o->bytes += len;
@@ -82,14 +84,14 @@ int delta_size(hk_heap *h, int all, uint64_t *units, uint64_t *bytes)
     return rc;
 }
 
-/* delta_read -- copy the delta out: per unit its entry, unit number and CRC, and the bytes
- * packed in that order (arrays sized by delta_size). */
-int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint32_t *crcs, uint64_t n, uint8_t *data,
-               uint64_t bytes)
+/* delta_read -- copy the delta out: per unit its entry and unit number, and the bytes packed in
+ * that order (arrays sized by delta_size); every unit is checked against its slot's CRC. */
+int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint64_t n, uint8_t *data, uint64_t bytes)
 {
-    struct delta_out o = {.cap_n = n, .cap_bytes = bytes, .entries = entries, .units = units, .crcs = crcs,
-                          .data = data};
-    return delta_walk(h, all, delta_put, &o);
+    struct delta_out o = {.cap_n = n, .cap_bytes = bytes, .entries = entries, .units = units, .data = data};
+    int rc = delta_walk(h, all, delta_put, &o);
+    crc_fence();
+    return rc;
 }
 
 /* delta_target -- the mirror entry that sender entry `from` maps to, if it is a live object. */
@@ -103,13 +105,16 @@ static int delta_target(hk_heap *h, const uint32_t *map, size_t map_len, uint32_
 }
 
 /* delta_apply -- write n units a partner sent (its entry numbers, mapped to this mirror's by
- * map; unit numbers; CRCs; the bytes packed) into the working data and mark them dirty.
- * Every unit is checked against its CRC and this mirror's geometry before anything is written. */
+ * map; unit numbers; the bytes packed, whose CRC32C is crc) into the working data and mark
+ * them dirty.  The bytes are checked against crc and every unit against this mirror's geometry
+ * before anything is written. */
 int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
-                const uint32_t *crcs, size_t n, const uint8_t *data, size_t len)
+                size_t n, const uint8_t *data, size_t len, uint32_t crc)
 {
     if (h->closed || h->readonly)
         return hk_fail(h->readonly ? EROFS : EBADF, "%s: heap is %s", h->path, h->readonly ? "read-only" : "closed");
+    if (crc_compute(0, data, len) != crc)
+        return hk_fail(EBADMSG, "%s: a partner copy of %zu bytes arrived damaged (checksum mismatch)", h->path, len);
     for (int pass = 0; pass < 2; pass++) {
         uint64_t at = 0;
         for (size_t i = 0; i < n; i++) {
@@ -125,9 +130,6 @@ int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t 
             heap_unit_place(h, e, units[i], &off, &ulen);
             if (at + ulen > len)
                 return hk_fail(EINVAL, "%s: a partner copy is shorter than the units it names", h->path);
-            if (pass == 0 && crc_compute(0, data + at, ulen) != crcs[i])
-                return hk_fail(EBADMSG, "%s: the partner copy of '%.63s' (unit %lu) arrived damaged (checksum "
-                               "mismatch)", h->path, e->name, (unsigned long)units[i]);
             if (pass == 1) {
                 memcpy(h->data + off, data + at, ulen);
                 int rc = ckpt_mark_unit(h, (uint32_t)idx, units[i]);

@@ -18,15 +18,20 @@ from .mpi import default_root
 
 
 def heap_files(target: str) -> list[str]:
-    """A heap file, a directory of rank*.heap, or a job name under the default root."""
+    """A heap file, a directory of rank*.heap (and partner-rank*.heap copies), or a job name under
+    the default root; ``{node}`` in the target stands for every node's directory."""
+    def number(p: str) -> tuple:
+        base = os.path.basename(p)
+        return base.startswith("partner-"), int("".join(c for c in base if c.isdigit()) or 0), p
     for cand in (target, os.path.join(default_root(), target)):
-        if os.path.isfile(cand):
-            return [cand]
-        if os.path.isdir(cand):
-            found = sorted(glob.glob(os.path.join(cand, "rank*.heap")),
-                           key=lambda p: int(os.path.basename(p)[4:-5] or 0))
-            if found:
-                return found
+        found = []
+        for c in sorted(glob.glob(cand.replace("{node}", "*"))) if "{node}" in cand else [cand]:
+            if os.path.isfile(c):
+                found.append(c)
+            elif os.path.isdir(c):
+                found += glob.glob(os.path.join(c, "rank*.heap")) + glob.glob(os.path.join(c, "partner-rank*.heap"))
+        if found:
+            return sorted(found, key=number)
     raise SystemExit(f"hpcckpt: {target}: no heap file or directory of heaps; give a path or a job name")
 
 
@@ -40,7 +45,8 @@ def describe(path: str, objects: bool) -> dict:
                "epoch": i["prepared"] or None, "meta": heap.meta if i["prepared"] else {},
                "state": "closed cleanly" if i["was_clean"] else
                         f"not closed cleanly: the next open restores epoch {i['prepared'] or 'none (empty)'}",
-               "dax": i["dax"], "restorable": i["good_epoch"] if i["good_epoch"] >= 0 else None}
+               "dax": i["dax"], "restorable": i["good_epoch"] if i["good_epoch"] >= 0 else None,
+               "copy": "partner" if os.path.basename(path).startswith("partner-") else "local"}
         if objects:
             out["objects_list"] = []
             for name in heap:
@@ -54,25 +60,37 @@ def describe(path: str, objects: bool) -> dict:
 def job_view(rows: list[dict], export_dir: str | None) -> dict:
     """The job's restart decision, as hpcckpt.open would take it: which epoch, from which level."""
     job, size = rows[0]["job"], rows[0]["world_size"]
-    epochs = {r["rank"]: r["restorable"] for r in rows}
+    epochs = {r["rank"]: r["restorable"] for r in rows if r["copy"] == "local"}
+    kept = {r["rank"]: (r["restorable"], r["epoch"]) for r in rows if r["copy"] == "partner"}
     missing = [r for r in range(size) if r not in epochs]
     damaged = [r for r, e in epochs.items() if e is None]
+    lost = sorted(missing + damaged)
     newest = None
     if export_dir:
         where = find_export(os.path.join(export_dir, job))
         newest = info_export(*where)[0]["epoch"] if where else None
-    local = None if missing or damaged else min(epochs.values())
+    local = None if lost else min(epochs.values())
+    rebuilt = None
+    if lost and len(lost) < size and all(kept.get(r, (None,))[0] for r in lost):
+        e = min([v for v in epochs.values() if v] + [kept[r][0] for r in lost])
+        if all(e >= (kept[r][1] or 0) - 1 for r in lost):
+            rebuilt = e
     if local is not None and (newest is None or local >= newest):
         decision = f"restarts at epoch {local} from the local heaps" if local else "starts afresh (nothing committed)"
+    elif rebuilt and (newest is None or rebuilt >= newest):
+        decision = f"restarts at epoch {rebuilt}, rebuilding rank(s) {lost} from their partner copies"
     elif newest is not None:
         decision = f"restarts at epoch {newest} from the export"
     else:
         why = f"rank(s) {missing} have no heap" if missing else f"rank(s) {damaged} are damaged"
-        decision = f"cannot restart from local heaps: {why}; give --export-dir if it has exports"
+        decision = (f"cannot restart from local heaps: {why}" + (", nor from partner copies" if kept else "") +
+                    "; give --export-dir if it has exports")
     levels = ", ".join(f"rank {r} at {e}" for r, e in sorted(epochs.items()))
+    partners = f"; partner copies: {', '.join(f'rank {r} at {e[0]}' for r, e in sorted(kept.items()))}" if kept else ""
     exports = f"; newest export: epoch {newest}" if export_dir else ""
-    return {"job": job, "world_size": size, "local_epochs": epochs, "export_epoch": newest, "decision": decision,
-            "summary": f"job {job!r}, {size} ranks: {decision} (local heaps: {levels}{exports})"}
+    return {"job": job, "world_size": size, "local_epochs": epochs, "partner_epochs": {r: e[0] for r, e in kept.items()},
+            "export_epoch": newest, "decision": decision,
+            "summary": f"job {job!r}, {size} ranks: {decision} (local heaps: {levels}{partners}{exports})"}
 
 
 def info(argv: list[str]) -> int:
@@ -91,8 +109,10 @@ def info(argv: list[str]) -> int:
         else:
             found = [describe(p, args.objects) for p in heap_files(t)]
             rows += found
-            if len(found) > 1 or found[0]["world_size"] > 1:
-                jobs.append(job_view(found, args.export_dir))
+    for job in dict.fromkeys(r["job"] for r in rows):   # one view per job, over every directory given
+        mine = [r for r in rows if r["job"] == job]
+        if len(mine) > 1 or mine[0]["world_size"] > 1:
+            jobs.append(job_view(mine, args.export_dir))
     if args.json:
         print(json.dumps(jobs + rows + exports, indent=1))
         return 0
@@ -105,7 +125,9 @@ def info(argv: list[str]) -> int:
             for name, o in e["objects"].items():
                 print(f"    {name}: {o['layout']} {o['kind']} {o['dtype']} {o['shape']}, {o['bytes']} bytes")
     for r in rows:
-        print(f"{r['path']}: job {r['job']!r} rank {r['rank']}/{r['world_size']}, format {r['format']}, "
+        whose = f"partner copy of rank {r['rank']}/{r['world_size']}" if r["copy"] == "partner" else \
+            f"rank {r['rank']}/{r['world_size']}"
+        print(f"{r['path']}: job {r['job']!r} {whose}, format {r['format']}, "
               f"{r['objects']} objects, {r['used_bytes'] / 2**20:.1f} of {r['capacity'] / 2**20:.0f} MiB used, "
               f"epoch {r['epoch']} {json.dumps(r['meta'])}, {r['state']}")
         for line in r.get("objects_list", []):

@@ -286,8 +286,8 @@ static PyObject *nh_rebase(NativeHeap *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* nh_delta -- delta(all) -> (entries u32, units u64, crcs u32, data) as bytes: what the
- * prepared epoch copied (all: every unit of it), for a partner rank. */
+/* nh_delta -- delta(all) -> (entries u32, units u64, data) as bytes: what the prepared epoch
+ * copied (all: every unit of it), each unit checked against its slot's CRC, for a partner. */
 static PyObject *nh_delta(NativeHeap *self, PyObject *arg)
 {
     int all = PyObject_IsTrue(arg);
@@ -295,47 +295,45 @@ static PyObject *nh_delta(NativeHeap *self, PyObject *arg)
     if (all < 0 || !live(self))
         return NULL;
     CALL(delta_size(self->h, all, &n, &bytes));
-    PyObject *e = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 4)), *u = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 8));
-    PyObject *c = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 4)), *d = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bytes);
-    if (!e || !u || !c || !d)
-        goto fail;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = delta_read(self->h, all, (uint32_t *)PyBytes_AS_STRING(e), (uint64_t *)PyBytes_AS_STRING(u),
-                    (uint32_t *)PyBytes_AS_STRING(c), n, (uint8_t *)PyBytes_AS_STRING(d), bytes);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        raise_rc(rc);
-        goto fail;
-    }
-    return Py_BuildValue("NNNN", e, u, c, d);
-fail:
-    Py_XDECREF(e);
-    Py_XDECREF(u);
-    Py_XDECREF(c);
-    Py_XDECREF(d);
-    return NULL;
-}
-
-/* nh_apply -- apply(map u32, entries u32, units u64, crcs u32, data): a partner's units into
- * this mirror (map: the partner's entry number -> this heap's), checked, marked dirty. */
-static PyObject *nh_apply(NativeHeap *self, PyObject *args)
-{
-    Py_buffer b[5];
-    if (!live(self) || !PyArg_ParseTuple(args, "y*y*y*y*y*", &b[0], &b[1], &b[2], &b[3], &b[4]))
-        return NULL;
-    size_t n = (size_t)b[1].len / 4;
-    int matched = (size_t)b[2].len / 8 == n && (size_t)b[3].len / 4 == n, rc = 0;
-    if (matched) {
+    PyObject *e = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 4));
+    PyObject *u = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 8));
+    PyObject *d = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bytes);
+    int rc = 0;
+    if (e && u && d) {
         Py_BEGIN_ALLOW_THREADS
-        rc = delta_apply(self->h, b[0].buf, (size_t)b[0].len / 4, b[1].buf, b[2].buf, b[3].buf, n, b[4].buf,
-                         (size_t)b[4].len);
+        rc = delta_read(self->h, all, (uint32_t *)PyBytes_AS_STRING(e), (uint64_t *)PyBytes_AS_STRING(u), n,
+                        (uint8_t *)PyBytes_AS_STRING(d), bytes);
         Py_END_ALLOW_THREADS
     }
-    for (int i = 0; i < 5; i++)
+    if (!e || !u || !d || rc < 0) {
+        Py_XDECREF(e);
+        Py_XDECREF(u);
+        Py_XDECREF(d);
+        return rc < 0 ? raise_rc(rc) : NULL;
+    }
+    return Py_BuildValue("NNN", e, u, d);
+}
+
+/* nh_apply -- apply(map u32, entries u32, units u64, data, crc): a partner's units into this
+ * mirror (map: the partner's entry number -> this heap's), checked, marked dirty. */
+static PyObject *nh_apply(NativeHeap *self, PyObject *args)
+{
+    Py_buffer b[4];
+    unsigned int crc;
+    if (!live(self) || !PyArg_ParseTuple(args, "y*y*y*y*I", &b[0], &b[1], &b[2], &b[3], &crc))
+        return NULL;
+    size_t n = (size_t)b[1].len / 4;
+    int matched = (size_t)b[2].len / 8 == n, rc = 0;
+    if (matched) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = delta_apply(self->h, b[0].buf, (size_t)b[0].len / 4, b[1].buf, b[2].buf, n, b[3].buf, (size_t)b[3].len,
+                         crc);
+        Py_END_ALLOW_THREADS
+    }
+    for (int i = 0; i < 4; i++)
         PyBuffer_Release(&b[i]);
     if (!matched) {
-        PyErr_SetString(PyExc_ValueError, "apply: one unit number and one CRC per entry number");
+        PyErr_SetString(PyExc_ValueError, "apply: one unit number per entry number");
         return NULL;
     }
     if (rc < 0)
@@ -431,8 +429,8 @@ static PyMethodDef nh_methods[] = {
     {"recover", (PyCFunction)nh_recover, METH_O, "recover(epoch): restore the working area"},
     {"read_epoch", (PyCFunction)nh_read_epoch, METH_VARARGS, "read_epoch(index, epoch, u0, u1, out) -> CRC32C of the bytes: committed copies of units, checked"},
     {"rebase", (PyCFunction)nh_rebase, METH_O, "rebase(epoch): a fresh heap's next checkpoint is epoch+1"},
-    {"delta", (PyCFunction)nh_delta, METH_O, "delta(all) -> (entries u32, units u64, crcs u32, data): units of the prepared epoch"},
-    {"apply", (PyCFunction)nh_apply, METH_VARARGS, "apply(map, entries, units, crcs, data): a partner's units, checked, marked dirty"},
+    {"delta", (PyCFunction)nh_delta, METH_O, "delta(all) -> (entries u32, units u64, data): units of the prepared epoch, checked"},
+    {"apply", (PyCFunction)nh_apply, METH_VARARGS, "apply(map, entries, units, data, crc): a partner's units, checked, marked dirty"},
     {"meta", (PyCFunction)nh_meta, METH_NOARGS, "metadata of the newest epoch (bytes)"},
     {"stats", (PyCFunction)nh_stats, METH_NOARGS, "figures of the last prepare"},
     {"progress", (PyCFunction)nh_progress, METH_NOARGS, "(done, total) of the long call running now"},

@@ -213,8 +213,10 @@ def report(step: int, epoch: int, stats: dict) -> str:
     tot, slow = stats.get("total", stats), stats.get("max", stats)
     mb = lambda k: f"{tot.get(k, 0) / 1e6:.2f} MB"  # noqa: E731
     ms = " ".join(f"{k[2:]} {slow.get(k, 0) * 1e3:.1f}" for k in ("t_scan", "t_copy", "t_flush", "t_commit"))
+    part = stats.get("partner")
+    sent = f"; to partner {part['bytes_sent'] / 1e6:.2f} MB in {part['t_partner'] * 1e3:.1f} ms" if part else ""
     return (f"step {step} epoch {epoch}: {int(tot.get('objects_dirty', 0))} objects / {mb('bytes_dirty')} dirty, "
-            f"copied {mb('bytes_copied')} (pages: {mb('bytes_page_baseline')}); ms {ms} [{stats.get('tracker')}]")
+            f"copied {mb('bytes_copied')} (pages: {mb('bytes_page_baseline')}); ms {ms}{sent} [{stats.get('tracker')}]")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = np.empty((block.nx, block.ny))
     t_start, t_ckpt, n_ckpt = MPI.Wtime(), 0.0, 0
     phases = dict.fromkeys(("t_scan", "t_copy", "t_flush", "t_commit"), 0.0)  # summed slowest-rank times
+    sent: dict[str, float] = {}   # rank 0's bytes copied and sent to its partner, summed
     for step in range(start + 1, args.steps + 1):
         exchange_halos(cart, u)
         diffuse(u, scratch)
@@ -340,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             slow = heap.stats.get("max", {})
             for k in phases:
                 phases[k] += slow.get(k, 0.0)
+            for k, v in heap.stats.get("partner", {}).items():   # this rank's partner phase
+                if k != "full":
+                    sent[k] = sent.get(k, 0) + v
+            sent["bytes_copied"] = sent.get("bytes_copied", 0) + heap.stats["bytes_copied"]
             say(report(step, epoch, heap.stats) + (" (asked by SIGUSR1)" if asked else ""))
     if vote is not None:
         vote.Wait()
@@ -351,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     say("timing: " + json.dumps({"elapsed": elapsed, "t_save": t_ckpt, "n_save": n_ckpt, "steps": args.steps - start,
                                  "mode": mode, **(phases if heap is not None else {}),
                                  "n_export": exported.get("started", 0), "t_export_stall": exported.get("t_stall", 0.0),
+                                 **({f"partner_{k}": v for k, v in sent.items()} if "t_partner" in sent else {}),
+                                 "state_bytes": int(u.nbytes + count * PARTICLE.itemsize),
                                  **{f"export_{k}": v for k, v in exported.items() if k.startswith("t_") and k != "t_stall"}}))
 
     sums = checksums(comm, block, u, pool, args.nx, args.ny)

@@ -17,11 +17,13 @@ epoch commits only when every rank holds its own copy and its partner's.
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from typing import Any
 
 import numpy as np
 
+from . import _native
 from .errors import HeapError
 from .heap import Heap
 from .mpi import error_text
@@ -96,10 +98,79 @@ def restorable(probe: tuple[bool, int, int], epoch: int) -> bool:
     return present and 0 < epoch <= good and epoch >= prepared - 1
 
 
-def _split(index, n: int) -> tuple:
-    """The (entries u32, units u64, crcs u32) parts of a delta's packed index."""
-    idx = np.frombuffer(index, np.uint8)
-    return idx[:4 * n], idx[4 * n:12 * n], idx[12 * n:16 * n]
+def pack_units(entries: bytes, units: bytes) -> tuple[list[tuple[int, int]], bytes]:
+    """A delta's unit list, compact: runs of one entry, (entry, count), and the LEB128 gaps
+    between unit numbers (a run's first: the unit itself), about a byte per scattered unit.
+
+    >>> groups, gaps = pack_units(np.array([3, 3, 3, 5], np.uint32).tobytes(), np.array([0, 9, 200, 7], np.uint64).tobytes())
+    >>> groups, len(gaps), [a.tolist() for a in unpack_units(groups, gaps)]
+    ([(3, 3), (5, 1)], 5, [[3, 3, 3, 5], [0, 9, 200, 7]])
+    """
+    e, u = np.frombuffer(entries, np.uint32), np.frombuffer(units, np.uint64)
+    if not e.size:
+        return [], b""
+    new = np.ones(e.size, bool)
+    new[1:] = (e[1:] != e[:-1]) | (u[1:] <= u[:-1])
+    starts = np.flatnonzero(new)
+    gaps = u.copy()
+    gaps[1:] -= u[:-1]
+    gaps[starts] = u[starts]
+    return list(zip(e[starts].tolist(), np.diff(np.append(starts, e.size)).tolist())), _leb128(gaps)
+
+
+def unpack_units(groups: list[tuple[int, int]], gaps: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(entries u32, units u64) back from pack_units."""
+    counts = np.array([c for _, c in groups], np.int64)
+    g = _unleb128(gaps, int(counts.sum()))
+    entries = np.repeat(np.array([e for e, _ in groups], np.uint32), counts)
+    starts = np.cumsum(counts) - counts
+    total = np.cumsum(g)
+    base = (total[starts] - g[starts]) if g.size else np.zeros(0, np.uint64)
+    return entries, total - np.repeat(base, counts)
+
+
+def _leb128(v: np.ndarray) -> bytes:
+    nb = np.ones(v.size, np.int64)
+    for k in range(1, 10):
+        nb += v >= np.uint64(1 << (7 * k))
+    out, start = np.zeros(int(nb.sum()), np.uint8), np.cumsum(nb) - nb
+    for k in range(int(nb.max())):
+        m = nb > k
+        low = ((v[m] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+        out[start[m] + k] = low | np.where(nb[m] > k + 1, 0x80, 0).astype(np.uint8)
+    return out.tobytes()
+
+
+def _unleb128(buf: bytes, n: int) -> np.ndarray:
+    b = np.frombuffer(buf, np.uint8)
+    ends = np.flatnonzero((b & 0x80) == 0)
+    if ends.size != n or (n and ends[-1] != b.size - 1):
+        raise HeapError(f"a partner copy's list of units is damaged ({ends.size} numbers, {n} expected)")
+    if not n:
+        return np.zeros(0, np.uint64)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    shift = (np.arange(b.size) - np.repeat(starts, ends - starts + 1)) * 7
+    return np.add.reduceat((b & 0x7F).astype(np.uint64) << shift.astype(np.uint64), starts)
+
+
+def _message(header: dict, entries: bytes = b"", units: bytes = b"", data: bytes = b"") -> tuple[bytes, bytes]:
+    """A delta as two messages' worth: the pickled header (with the runs of units and the data's
+    CRC) and the packed gaps; the data travels as it is."""
+    if header.get("ok"):
+        header["groups"], gaps = pack_units(entries, units)
+        header["crc"] = _native.crc32c(data)
+        return pickle.dumps(header), gaps
+    return pickle.dumps(header), b""
+
+
+def _recv_bytes(comm, source: int, tag: int, into: bytearray | None = None) -> bytearray:
+    from mpi4py import MPI
+    st = MPI.Status()
+    comm.Probe(source=source, tag=tag, status=st)
+    n = st.Get_count(MPI.BYTE)
+    buf = into if into is not None and len(into) == n else bytearray(n)
+    comm.Recv(buf, source=source, tag=tag)
+    return buf
 
 
 class Mirror:
@@ -163,7 +234,8 @@ class Mirror:
                             f"not {epoch - 1}")
         if header["catalog"] is not None:
             self._remap(header["catalog"])
-        self.heap._native.apply(self.map.tobytes(), *_split(index, header["units"]), data)
+        entries, units = unpack_units(header["groups"], index)
+        self.heap._native.apply(self.map.tobytes(), entries, units, data, header["crc"])
         self.heap._native.prepare(header["meta"])
         self.prepared = True
 
@@ -197,6 +269,7 @@ class PartnerLevel:
         self.wards = [w for w, p in enumerate(self.partners) if p == rank]
         self.mirrors = {w: Mirror(mirror_path(directory, w), job, w, size, capacity) for w in self.wards}
         self.synced = False      # does my partner's mirror of me hold my committed epoch?
+        self._inbox: dict[int, bytearray] = {}   # a receive buffer per ward, reused while the size holds
         self.sent_catalog: dict | None = None
         self.figures: dict[str, Any] = {}
 
@@ -206,42 +279,36 @@ class PartnerLevel:
     def exchange(self, heap: Heap, epoch: int, prepared: bool, meta: bytes) -> str | None:
         """Send my delta to my partner, take my wards' into their mirrors (each prepared at
         `epoch`); every rank calls it, also when its own prepare failed.  Returns an error text."""
-        from mpi4py import MPI
         t0 = time.perf_counter()
-        err, sends, header, index, data = None, [], {"ok": False}, b"", b""
+        err, header, entries, units, data = None, {"ok": False}, b"", b"", b""
         if prepared:
             try:
                 cat = catalog(heap)
-                entries, units, crcs, data = heap._native.delta(not self.synced)
+                entries, units, data = heap._native.delta(not self.synced)
                 header = {"ok": True, "epoch": epoch, "full": not self.synced, "meta": meta,
-                          "catalog": cat if (not self.synced or cat != self.sent_catalog) else None,
-                          "units": len(entries) // 4}
-                index = b"".join((entries, units, crcs))
+                          "catalog": cat if (not self.synced or cat != self.sent_catalog) else None}
                 self.sent_catalog = cat
             except (OSError, HeapError, ValueError) as e:
                 err = error_text(e)
-        sends.append(self.comm.isend(header, dest=self.partner, tag=_HEADER))
+        head, gaps = _message(header, entries, units, data)
+        sends = [self.comm.Isend(head, dest=self.partner, tag=_HEADER)]
         if header["ok"]:
-            sends += [self.comm.Isend(index, dest=self.partner, tag=_META),
+            sends += [self.comm.Isend(gaps, dest=self.partner, tag=_META),
                       self.comm.Isend(data, dest=self.partner, tag=_DATA)]
-        st = MPI.Status()
         for w in self.wards:
-            got = self.comm.recv(source=w, tag=_HEADER)
+            got = pickle.loads(_recv_bytes(self.comm, w, _HEADER))
             if not got["ok"]:
                 continue
-            bufs = []
-            for tag in (_META, _DATA):
-                self.comm.Probe(source=w, tag=tag, status=st)
-                bufs.append(bytearray(st.Get_count(MPI.BYTE)))
-                self.comm.Recv(bufs[-1], source=w, tag=tag)
+            index = _recv_bytes(self.comm, w, _META)
+            self._inbox[w] = data_in = _recv_bytes(self.comm, w, _DATA, self._inbox.get(w))
             if err is None:
                 try:
-                    self.mirrors[w].prepare(got, bufs[0], bufs[1])
+                    self.mirrors[w].prepare(got, bytes(index), data_in)
                 except (OSError, HeapError, ValueError) as e:
                     err = f"keeping the partner copy of rank {w}: {error_text(e)}"
         for r in sends:
-            r.wait()
-        self.figures = {"bytes_sent": len(index) + len(data), "data_bytes_sent": len(data),
+            r.Wait()
+        self.figures = {"bytes_sent": len(head) + len(gaps) + len(data), "data_bytes_sent": len(data),
                         "full": bool(header.get("full")), "t_partner": time.perf_counter() - t0}
         return err
 
@@ -276,41 +343,36 @@ class PartnerLevel:
 
     def serve(self, ward: int, epoch: int) -> None:
         """Send a ward that lost its heap everything its mirror holds at `epoch` (or why not)."""
-        m = self.mirrors[ward]
+        m, data = self.mirrors[ward], None
         try:
             m.open_at(epoch)
-            cat, meta = catalog(m.heap), m.heap._native.meta()
-            entries, units, crcs, data = m.heap._native.delta(True)
-            header = {"ok": True, "catalog": cat, "meta": meta, "units": len(entries) // 4}
+            header = {"ok": True, "catalog": catalog(m.heap), "meta": m.heap._native.meta()}
+            entries, units, data = m.heap._native.delta(True)
+            head, gaps = _message(header, entries, units, data)
         except (OSError, HeapError, ValueError) as e:
-            self.comm.send({"ok": False, "error": f"rank {self.comm.Get_rank()}: {error_text(e)}"}, dest=ward,
-                           tag=_HEADER)
-            return
-        self.comm.send(header, dest=ward, tag=_HEADER)
-        self.comm.Send(b"".join((entries, units, crcs)), dest=ward, tag=_META)
-        self.comm.Send(data, dest=ward, tag=_DATA)
+            head, gaps = _message({"ok": False, "error": f"rank {self.comm.Get_rank()}: {error_text(e)}"})
+            data = None
+        self.comm.Send(head, dest=ward, tag=_HEADER)
+        if data is not None:
+            self.comm.Send(gaps, dest=ward, tag=_META)
+            self.comm.Send(data, dest=ward, tag=_DATA)
 
     def receive(self) -> tuple[dict, bytearray, bytearray]:
-        """What my partner sends by ``serve``: (header, index, data); an error header raises."""
-        from mpi4py import MPI
-        got = self.comm.recv(source=self.partner, tag=_HEADER)
+        """What my partner sends by ``serve``: (header, gaps, data); an error header raises."""
+        got = pickle.loads(_recv_bytes(self.comm, self.partner, _HEADER))
         if not got["ok"]:
             raise HeapError(f"the partner copy is unusable: {got['error']}")
-        st, bufs = MPI.Status(), []
-        for tag in (_META, _DATA):
-            self.comm.Probe(source=self.partner, tag=tag, status=st)
-            bufs.append(bytearray(st.Get_count(MPI.BYTE)))
-            self.comm.Recv(bufs[-1], source=self.partner, tag=tag)
-        return got, bufs[0], bufs[1]
+        return got, _recv_bytes(self.comm, self.partner, _META), _recv_bytes(self.comm, self.partner, _DATA)
 
     @staticmethod
-    def fill(heap: Heap, got: dict, index: bytearray, data: bytearray, epoch: int) -> None:
+    def fill(heap: Heap, got: dict, gaps: bytearray, data: bytearray, epoch: int) -> None:
         """Fill a fresh heap with a partner's copy of epoch `epoch` (every unit checked) and commit it."""
         native = heap._native
         where = np.full(max(got["catalog"], default=-1) + 1, 0xFFFFFFFF, np.uint32)
         for i, (name, dtype, shape, size, count, kind) in sorted(got["catalog"].items()):
             where[i] = native.alloc(name, dtype, tuple(shape), size, count, kind)
-        native.apply(where.tobytes(), *_split(index, got["units"]), data)
+        entries, units = unpack_units(got["groups"], bytes(gaps))
+        native.apply(where.tobytes(), entries, units, data, got["crc"])
         if epoch > 1:
             native.rebase(epoch - 1)
         native.prepare(got["meta"])
