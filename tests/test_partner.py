@@ -45,25 +45,27 @@ def test_node_lost_between_checkpoints_restarts_from_partner_copies(heap_dir, n)
     assert line == reference(n, heap_dir)
 
 
-def test_node_lost_during_a_checkpoint_restarts_from_the_last_committed_epoch(heap_dir):
-    proc, _ = run(4, heap_dir, env={"HPCCKPT_CRASH_AT": "mid-copy@3:2,3"})
+@pytest.mark.parametrize("n", [4, 6])
+def test_node_lost_during_a_checkpoint_restarts_from_the_last_committed_epoch(heap_dir, n):
+    proc, _ = run(n, heap_dir, env={"HPCCKPT_CRASH_AT": "mid-copy@3:2,3"})   # node 1's ranks
     assert proc.returncode != 0
     lose(heap_dir, 1)
-    proc, line = run(4, heap_dir)
+    proc, line = run(n, heap_dir)
     assert proc.returncode == 0, proc.stderr
     assert "resumed from epoch 2 at step 10 (partner level)" in proc.stdout
-    assert line == reference(4, heap_dir)
+    assert line == reference(n, heap_dir)
 
 
-def test_node_lost_during_the_rebuild_is_rebuilt_again(heap_dir):
-    assert run(4, heap_dir, "--kill-rank", "1", "--kill-at-step", "17")[0].returncode != 0
+@pytest.mark.parametrize("n", [4, 6])
+def test_node_lost_during_the_rebuild_is_rebuilt_again(heap_dir, n):
+    assert run(n, heap_dir, "--kill-rank", "1", "--kill-at-step", "17")[0].returncode != 0
     lose(heap_dir, 1)
-    proc, _ = run(4, heap_dir, env={"HPCCKPT_CRASH_AT": "mid-rebuild:2"})
-    assert proc.returncode != 0                         # rank 2 died half rebuilt; rank 3 finished
-    proc, line = run(4, heap_dir)
+    proc, _ = run(n, heap_dir, env={"HPCCKPT_CRASH_AT": "mid-rebuild:2"})
+    assert proc.returncode != 0                         # rank 2 died half rebuilt
+    proc, line = run(n, heap_dir)
     assert proc.returncode == 0, proc.stderr
     assert "resumed from epoch 3 at step 15 (partner level)" in proc.stdout
-    assert line == reference(4, heap_dir)
+    assert line == reference(n, heap_dir)
 
 
 def test_two_nodes_that_are_each_others_partners_fall_back_to_the_export(heap_dir):
