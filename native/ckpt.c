@@ -232,7 +232,7 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
             atomic_store(&h->prog_done, i);
         if (i + 16 < h->work.n) {   /* units are scattered: fetch their data and tags ahead */
             const struct unit *y = &h->work.v[i + 16];
-            __builtin_prefetch(h->data + y->off, 0, 0);
+            __builtin_prefetch(y->src ? y->src : h->data + y->off, 0, 0);
             __builtin_prefetch(heap_tag(h, &h->cat[y->entry], y->u), 1, 0);
         }
         if (i + 8 < h->work.n && h->work.v[i + 8].len % 64) {   /* and the slot of what cannot stream */
@@ -252,7 +252,7 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
             h->next_units++;
         }
         uint8_t *dst = h->raw + h->sb->off_shadow[slot] + x->off;
-        uint32_t crc = crc_copy(dst, h->data + x->off, x->len);
+        uint32_t crc = crc_copy(dst, x->src ? x->src : h->data + x->off, x->len);
         persist_flush(h, dst, x->len);
         h->next_digest ^= state_unit_hash(x->entry, x->u, slot, crc);
         t->crc[slot] = crc;
@@ -312,11 +312,10 @@ int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const
     return 0;
 }
 
-static int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len, double t0, uint64_t *epoch);
-
-/* ckpt_prepare -- steps 1-3 of the protocol for epoch committed+1. */
-int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch)
+/* ckpt_start -- may epoch committed+1 be prepared with this metadata?  Resets the stats. */
+int ckpt_start(hk_heap *h, const char *meta, uint32_t meta_len)
 {
+    (void)meta;
     if (h->closed || h->readonly)
         return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
     if (meta_len > HK_META_MAX)
@@ -324,14 +323,22 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
     if (h->prepared != h->committed)
         return hk_fail(EALREADY, "%s: epoch %lu is prepared but neither committed nor withdrawn", h->path,
                        (unsigned long)h->prepared);
-    uint64_t n = h->committed + 1;
-    if (n >= 0x7fffffffu)
+    if (h->committed + 1 >= 0x7fffffffu)
         return hk_fail(EOVERFLOW, "%s: epoch counter exhausted", h->path);
-    struct hk_stats *s = &h->stats;
-    memset(s, 0, sizeof *s);
-    s->epoch = n;
+    memset(&h->stats, 0, sizeof h->stats);
+    h->stats.epoch = h->committed + 1;
+    return 0;
+}
+
+/* ckpt_prepare -- steps 1-3 of the protocol for epoch committed+1. */
+int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch)
+{
+    int rc = ckpt_start(h, meta, meta_len);
+    if (rc)
+        return rc;
+    uint64_t n = h->committed + 1;
     double t0 = persist_now();
-    int rc = ckpt_collect(h, 0);
+    rc = ckpt_collect(h, 0);
     if (rc) {
         h->all_dirty = 1;   /* the tracker may have forgotten writes: copy everything next time */
         return rc;
@@ -340,7 +347,7 @@ int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoc
 }
 
 /* ckpt_finish -- copy the collected units, flush the catalog, persist the record of epoch n. */
-static int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len, double t0, uint64_t *epoch)
+int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len, double t0, uint64_t *epoch)
 {
     struct hk_stats *s = &h->stats;
     int rc;

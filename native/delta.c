@@ -143,3 +143,43 @@ int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t 
     }
     return 0;
 }
+
+/* delta_store -- prepare epoch committed+1 of a mirror straight from a partner's units (as
+ * delta_apply takes them): each goes into its free checkpoint slot and is tagged, the record
+ * is written last, as a checkpoint does; the mirror's working data is not written (it is
+ * brought back from the copies whenever the mirror is restored). */
+int delta_store(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
+                size_t n, const uint8_t *data, size_t len, uint32_t crc, const char *meta, uint32_t meta_len,
+                uint64_t *epoch)
+{
+    int rc = ckpt_start(h, meta, meta_len);
+    if (rc)
+        return rc;
+    double t0 = persist_now();
+    if (crc_compute(0, data, len) != crc)
+        return hk_fail(EBADMSG, "%s: a partner copy of %zu bytes arrived damaged (checksum mismatch)", h->path, len);
+    h->work.n = 0;
+    uint64_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        struct hk_entry *e;
+        int idx = delta_target(h, map, map_len, entries[i], &e);
+        if (idx < 0)
+            return idx;
+        if (units[i] >= heap_units(e))
+            return hk_fail(ERANGE, "%s: '%.63s' has %lu units; a partner copy names unit %lu", h->path, e->name,
+                           (unsigned long)heap_units(e), (unsigned long)units[i]);
+        struct unit x = {.entry = (uint32_t)idx, .u = units[i], .src = data + at};
+        heap_unit_place(h, e, units[i], &x.off, &x.len);
+        if (at + x.len > len)
+            return hk_fail(EINVAL, "%s: a partner copy is shorter than the units it names", h->path);
+        at += x.len;
+        if ((rc = vec_push_unit(&h->work, &x)))
+            return rc;
+    }
+    if (at != len)
+        return hk_fail(EINVAL, "%s: a partner copy is longer than the units it names", h->path);
+    rc = ckpt_finish(h, h->committed + 1, meta, meta_len, t0, epoch);
+    for (size_t i = 0; i < h->work.n; i++)
+        h->work.v[i].src = NULL;   /* a withdraw must not look at the partner's buffer */
+    return rc;
+}

@@ -18,7 +18,8 @@ struct unit {
     uint64_t off;
     uint32_t entry;
     uint32_t len;
-    uint64_t u;     /* unit number inside its entry */
+    uint64_t u;             /* unit number inside its entry */
+    const uint8_t *src;     /* where its bytes are: NULL for the working data (a mirror's: received) */
 };
 
 struct unitvec { struct unit *v; size_t n, cap; };
@@ -188,6 +189,8 @@ int alloc_entry_is_zero(const struct hk_entry *e);
 
 /* ckpt.c */
 int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u);
+int ckpt_start(hk_heap *h, const char *meta, uint32_t meta_len);
+int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len, double t0, uint64_t *epoch);
 int ckpt_seal(hk_heap *h);
 void ckpt_unexpose(hk_heap *h, uint32_t index);
 int ckpt_scan(hk_heap *h, uint64_t epoch, int flags, uint64_t *checked);

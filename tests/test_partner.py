@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import pytest
 
 from hpcckpt.partner import partners_of
-from mpijobs import demo, reference
+from mpijobs import demo, launch, reference
 
 NODES = {4: "0,0,1,1", 6: "0,0,1,1,2,2"}
 
@@ -100,8 +101,8 @@ def test_a_damaged_partner_copy_is_detected_and_never_restored(heap_dir):
 
 def damage_checkpoint_copies(path: str) -> None:
     """Flip the first byte that holds data in both checkpoint copies of a heap file."""
-    import hpcckpt
-    h = hpcckpt.Heap.open(path, readonly=True)
+    from hpcckpt.partner import MirrorHeap
+    h = MirrorHeap.open(path, readonly=True)
     info = h.info
     h._native.abandon()
     with open(path, "r+b") as f:
@@ -112,3 +113,15 @@ def damage_checkpoint_copies(path: str) -> None:
             at = next(i for i, b in enumerate(block) if b)
             f.seek(start + at)
             f.write(bytes([block[at] ^ 0xFF]))
+
+
+def test_info_and_verify_understand_partner_copies(heap_dir):
+    assert run(4, heap_dir, "--kill-rank", "0", "--kill-at-step", "12")[0].returncode != 0
+    lose(heap_dir, 1)
+    job = os.path.join(heap_dir, "node{node}", "t")
+    info = launch([sys.executable, "-m", "hpcckpt", "info", job])
+    assert info.returncode == 0, info.stderr
+    assert "restarts at epoch 2, rebuilding rank(s) [2, 3] from their partner copies" in info.stdout
+    assert "partner copy of rank 2/4" in info.stdout
+    check = launch([sys.executable, "-m", "hpcckpt", "verify", job])
+    assert check.returncode == 0 and check.stdout.count(": ok,") == 4, check.stdout + check.stderr

@@ -115,6 +115,9 @@ int delta_size(hk_heap *h, int all, uint64_t *units, uint64_t *bytes);
 int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint64_t n, uint8_t *data, uint64_t bytes);
 int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
                 size_t n, const uint8_t *data, size_t len, uint32_t crc);
+int delta_store(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
+                size_t n, const uint8_t *data, size_t len, uint32_t crc, const char *meta, uint32_t meta_len,
+                uint64_t *epoch);
 uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);   /* CRC32C */
 uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);   /* CRC32C of A||B */
 int ckpt_meta(hk_heap *h, char *buf, uint32_t cap, uint32_t *len);

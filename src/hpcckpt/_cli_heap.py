@@ -13,6 +13,7 @@ import sys
 
 from .errors import HeapError
 from .heap import Heap, Pool
+from .partner import MirrorHeap, catalog
 from ._cli_export import find_export, info_export, verify_export
 from .mpi import default_root
 
@@ -35,13 +36,20 @@ def heap_files(target: str) -> list[str]:
     raise SystemExit(f"hpcckpt: {target}: no heap file or directory of heaps; give a path or a job name")
 
 
+def open_readonly(path: str) -> Heap:
+    """A heap file as it lies on media; a partner copy (its working data unused) as a MirrorHeap."""
+    kind = MirrorHeap if os.path.basename(path).startswith("partner-") else Heap
+    return kind.open(path, readonly=True)
+
+
 def describe(path: str, objects: bool) -> dict:
     """What `hpcckpt info` shows of one heap, read-only."""
-    with Heap.open(path, readonly=True) as heap:
+    with open_readonly(path) as heap:
         i = heap.info
         out = {"path": path, "job": i["job"], "rank": i["rank"], "world_size": i["world_size"],
                "format": f"{i['major']}.{i['minor']}", "capacity": i["capacity"],
-               "used_bytes": i["pages_used"] * i["page_size"], "objects": len(heap),
+               "used_bytes": i["pages_used"] * i["page_size"],
+               "objects": len(catalog(heap)) if isinstance(heap, MirrorHeap) else len(heap),
                "epoch": i["prepared"] or None, "meta": heap.meta if i["prepared"] else {},
                "state": "closed cleanly" if i["was_clean"] else
                         f"not closed cleanly: the next open restores epoch {i['prepared'] or 'none (empty)'}",
@@ -155,7 +163,7 @@ def verify(argv: list[str]) -> int:
             print(f"{path}: FAILED: {e}", file=sys.stderr)
 
     def verify_heap(path: str):
-        with Heap.open(path, readonly=True) as heap:
+        with open_readonly(path) as heap:
             n, epoch = heap.verify(), heap.info["prepared"] or None
         return {"epoch": epoch, "copies": n}, f"epoch {epoch}, {n} committed copies verified"
 

@@ -341,6 +341,34 @@ static PyObject *nh_apply(NativeHeap *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* nh_store -- store(map, entries, units, data, crc, meta) -> epoch: a mirror prepares the next
+ * epoch straight from a partner's units (delta_store). */
+static PyObject *nh_store(NativeHeap *self, PyObject *args)
+{
+    Py_buffer b[5];
+    unsigned int crc;
+    uint64_t epoch = 0;
+    if (!live(self) || !PyArg_ParseTuple(args, "y*y*y*y*Iy*", &b[0], &b[1], &b[2], &b[3], &crc, &b[4]))
+        return NULL;
+    size_t n = (size_t)b[1].len / 4;
+    int matched = (size_t)b[2].len / 8 == n, rc = 0;
+    if (matched) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = delta_store(self->h, b[0].buf, (size_t)b[0].len / 4, b[1].buf, b[2].buf, n, b[3].buf, (size_t)b[3].len,
+                         crc, b[4].buf, (uint32_t)b[4].len, &epoch);
+        Py_END_ALLOW_THREADS
+    }
+    for (int i = 0; i < 5; i++)
+        PyBuffer_Release(&b[i]);
+    if (!matched) {
+        PyErr_SetString(PyExc_ValueError, "store: one unit number per entry number");
+        return NULL;
+    }
+    if (rc < 0)
+        return raise_rc(rc);
+    return PyLong_FromUnsignedLongLong(epoch);
+}
+
 static PyObject *nh_meta(NativeHeap *self, PyObject *unused)
 {
     char buf[2048];
@@ -431,6 +459,7 @@ static PyMethodDef nh_methods[] = {
     {"rebase", (PyCFunction)nh_rebase, METH_O, "rebase(epoch): a fresh heap's next checkpoint is epoch+1"},
     {"delta", (PyCFunction)nh_delta, METH_O, "delta(all) -> (entries u32, units u64, data): units of the prepared epoch, checked"},
     {"apply", (PyCFunction)nh_apply, METH_VARARGS, "apply(map, entries, units, data, crc): a partner's units, checked, marked dirty"},
+    {"store", (PyCFunction)nh_store, METH_VARARGS, "store(map, entries, units, data, crc, meta) -> epoch: a mirror's next epoch from a partner's units"},
     {"meta", (PyCFunction)nh_meta, METH_NOARGS, "metadata of the newest epoch (bytes)"},
     {"stats", (PyCFunction)nh_stats, METH_NOARGS, "figures of the last prepare"},
     {"progress", (PyCFunction)nh_progress, METH_NOARGS, "(done, total) of the long call running now"},

@@ -79,12 +79,20 @@ def catalog(heap: Heap) -> dict[int, tuple]:
     return out
 
 
+class MirrorHeap(Heap):
+    """A mirror heap: its working data is written only when it is restored, so nothing is read
+    from it at open (the Python layer's names and layouts are the ward's business)."""
+
+    def _load_names(self) -> None:
+        self._names, self._layouts = {}, {}
+
+
 def probe_mirror(path: str, job: str, ward: int, size: int) -> tuple[bool, int, int]:
     """(present, newest epoch its checks confirm, prepared) of a mirror, nothing written."""
     if not os.path.exists(path):
         return False, 0, 0
     try:
-        h = Heap.open(path, job=job, rank=ward, world_size=size, readonly=True)
+        h = MirrorHeap.open(path, job=job, rank=ward, world_size=size, readonly=True)
         info = h._info()
         h._native.abandon()
     except (OSError, HeapError, ValueError):
@@ -184,7 +192,7 @@ class Mirror:
 
     def open_at(self, epoch: int) -> None:
         """Open the mirror and bring it back to `epoch` (every unit checked against its CRC)."""
-        self.heap = Heap._attach(self.path, "hash", self.job, self.ward, self.size)
+        self.heap = MirrorHeap._attach(self.path, "hash", self.job, self.ward, self.size)
         info = self.heap._info()
         if info["committed"] != epoch or not info["was_clean"] or info["prepared"] != epoch:
             self.heap._recover(epoch)
@@ -193,8 +201,8 @@ class Mirror:
     def fresh(self, epoch: int) -> None:
         """A new, empty mirror whose next epoch is epoch + 1."""
         self.drop()
-        self.heap = Heap.create(self.path, self.capacity, tracker="hash", job=self.job, rank=self.ward,
-                                world_size=self.size)
+        self.heap = MirrorHeap.create(self.path, self.capacity, tracker="hash", job=self.job, rank=self.ward,
+                                      world_size=self.size)
         if epoch:
             self.heap._native.rebase(epoch)
         self.map = np.zeros(0, np.uint32)
@@ -235,8 +243,7 @@ class Mirror:
         if header["catalog"] is not None:
             self._remap(header["catalog"])
         entries, units = unpack_units(header["groups"], index)
-        self.heap._native.apply(self.map.tobytes(), entries, units, data, header["crc"])
-        self.heap._native.prepare(header["meta"])
+        self.heap._native.store(self.map.tobytes(), entries, units, data, header["crc"], header["meta"])
         self.prepared = True
 
     def finish(self, commit: bool) -> None:
@@ -253,8 +260,10 @@ class Mirror:
             os.unlink(self.path)
 
     def close(self) -> None:
+        """Left as after a crash: a mirror's working data is never written (its epochs go straight
+        into the checkpoint copies), so every open restores it from them (open_at)."""
         if self.heap is not None:
-            self.heap.close()
+            self.heap._native.abandon()
             self.heap = None
 
 
@@ -384,4 +393,4 @@ class PartnerLevel:
             m.close()
 
 
-__all__ = ["PartnerLevel", "nodes_of_ranks", "partners_of", "mirror_path", "catalog", "restorable"]
+__all__ = ["PartnerLevel", "MirrorHeap", "nodes_of_ranks", "partners_of", "mirror_path", "catalog", "restorable"]
