@@ -312,10 +312,9 @@ int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const
     return 0;
 }
 
-/* ckpt_start -- may epoch committed+1 be prepared with this metadata?  Resets the stats. */
-int ckpt_start(hk_heap *h, const char *meta, uint32_t meta_len)
+/* ckpt_start -- may epoch committed+1 be prepared with meta_len bytes of metadata?  Resets the stats. */
+int ckpt_start(hk_heap *h, uint32_t meta_len)
 {
-    (void)meta;
     if (h->closed || h->readonly)
         return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
     if (meta_len > HK_META_MAX)
@@ -333,7 +332,7 @@ int ckpt_start(hk_heap *h, const char *meta, uint32_t meta_len)
 /* ckpt_prepare -- steps 1-3 of the protocol for epoch committed+1. */
 int ckpt_prepare(hk_heap *h, const char *meta, uint32_t meta_len, uint64_t *epoch)
 {
-    int rc = ckpt_start(h, meta, meta_len);
+    int rc = ckpt_start(h, meta_len);
     if (rc)
         return rc;
     uint64_t n = h->committed + 1;

@@ -90,6 +90,24 @@ static inline __m128i crc_fold(__m128i acc, __m128i k)
     return _mm_xor_si128(_mm_clmulepi64_si128(acc, k, 0x00), _mm_clmulepi64_si128(acc, k, 0x11));
 }
 
+/* crc_finish -- fold the last whole 16-byte blocks from byte i into acc (copying them when
+ * dst is not NULL), then the crc32 instruction over acc (congruent modulo P) and the tail. */
+__attribute__((target("sse4.2,pclmul")))
+static uint32_t crc_finish(uint8_t *dst, const uint8_t *src, size_t i, size_t len, __m128i acc, __m128i k16)
+{
+    for (; i + 16 <= len; i += 16) {
+        __m128i y = _mm_loadu_si128((const __m128i *)(src + i));
+        if (dst)
+            _mm_storeu_si128((__m128i *)(dst + i), y);
+        acc = _mm_xor_si128(crc_fold(acc, k16), y);
+    }
+    if (dst)
+        memcpy(dst + i, src + i, len - i);
+    uint64_t c = __builtin_ia32_crc32di(0, (uint64_t)_mm_cvtsi128_si64(acc));
+    c = __builtin_ia32_crc32di(c, (uint64_t)_mm_extract_epi64(acc, 1));
+    return crc_hw_update((uint32_t)c, src + i, len - i);
+}
+
 /* crc_clmul -- the CRC register after len >= 64 bytes of src (copied to dst on the way when
  * dst is not NULL): four 128-bit accumulators folded forward 64 bytes at a time, joined,
  * then the crc32 instruction over the last accumulator (congruent modulo P) and the tail. */
@@ -118,17 +136,7 @@ static uint32_t crc_clmul(uint8_t *dst, const uint8_t *src, size_t len, uint32_t
     __m128i acc = x[0];
     for (int j = 1; j < 4; j++)
         acc = _mm_xor_si128(crc_fold(acc, k16), x[j]);
-    for (; i + 16 <= len; i += 16) {
-        __m128i y = _mm_loadu_si128((const __m128i *)(src + i));
-        if (dst)
-            _mm_storeu_si128((__m128i *)(dst + i), y);
-        acc = _mm_xor_si128(crc_fold(acc, k16), y);
-    }
-    if (dst)
-        memcpy(dst + i, src + i, len - i);
-    uint64_t c = __builtin_ia32_crc32di(0, (uint64_t)_mm_cvtsi128_si64(acc));
-    c = __builtin_ia32_crc32di(c, (uint64_t)_mm_extract_epi64(acc, 1));
-    return crc_hw_update((uint32_t)c, src + i, len - i);
+    return crc_finish(dst, src, i, len, acc, k16);
 }
 /* crc_clmul512 -- crc_clmul for len >= 256 with 512-bit registers: four accumulators of four
  * 16-byte lanes folded 256 bytes at a time, then joined into one 128-bit accumulator. */
@@ -167,17 +175,7 @@ static uint32_t crc_clmul512(uint8_t *dst, const uint8_t *src, size_t len, uint3
     acc = _mm_xor_si128(crc_fold(acc, k16), _mm512_extracti32x4_epi32(z, 1));
     acc = _mm_xor_si128(crc_fold(acc, k16), _mm512_extracti32x4_epi32(z, 2));
     acc = _mm_xor_si128(crc_fold(acc, k16), _mm512_extracti32x4_epi32(z, 3));
-    for (; i + 16 <= len; i += 16) {
-        __m128i y = _mm_loadu_si128((const __m128i *)(src + i));
-        if (dst)
-            _mm_storeu_si128((__m128i *)(dst + i), y);
-        acc = _mm_xor_si128(crc_fold(acc, k16), y);
-    }
-    if (dst)
-        memcpy(dst + i, src + i, len - i);
-    uint64_t c = __builtin_ia32_crc32di(0, (uint64_t)_mm_cvtsi128_si64(acc));
-    c = __builtin_ia32_crc32di(c, (uint64_t)_mm_extract_epi64(acc, 1));
-    return crc_hw_update((uint32_t)c, src + i, len - i);
+    return crc_finish(dst, src, i, len, acc, k16);
 }
 #endif
 

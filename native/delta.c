@@ -104,58 +104,12 @@ static int delta_target(hk_heap *h, const uint32_t *map, size_t map_len, uint32_
     return (int)idx;
 }
 
-/* delta_apply -- write n units a partner sent (its entry numbers, mapped to this mirror's by
- * map; unit numbers; the bytes packed, whose CRC32C is crc) into the working data and mark
- * them dirty.  The bytes are checked against crc and every unit against this mirror's geometry
- * before anything is written. */
-int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
-                size_t n, const uint8_t *data, size_t len, uint32_t crc)
+/* delta_units -- h->work from n units a partner sent (its entry numbers, mapped to this
+ * heap's by map; unit numbers; the bytes packed, whose CRC32C is crc), each unit's source in
+ * data: the bytes are checked against crc and every unit against this heap's geometry. */
+static int delta_units(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries,
+                       const uint64_t *units, size_t n, const uint8_t *data, size_t len, uint32_t crc)
 {
-    if (h->closed || h->readonly)
-        return hk_fail(h->readonly ? EROFS : EBADF, "%s: heap is %s", h->path, h->readonly ? "read-only" : "closed");
-    if (crc_compute(0, data, len) != crc)
-        return hk_fail(EBADMSG, "%s: a partner copy of %zu bytes arrived damaged (checksum mismatch)", h->path, len);
-    for (int pass = 0; pass < 2; pass++) {
-        uint64_t at = 0;
-        for (size_t i = 0; i < n; i++) {
-            struct hk_entry *e;
-            int idx = delta_target(h, map, map_len, entries[i], &e);
-            if (idx < 0)
-                return idx;
-            uint64_t off;
-            uint32_t ulen;
-            if (units[i] >= heap_units(e))
-                return hk_fail(ERANGE, "%s: '%.63s' has %lu units; a partner copy names unit %lu", h->path,
-                               e->name, (unsigned long)heap_units(e), (unsigned long)units[i]);
-            heap_unit_place(h, e, units[i], &off, &ulen);
-            if (at + ulen > len)
-                return hk_fail(EINVAL, "%s: a partner copy is shorter than the units it names", h->path);
-            if (pass == 1) {
-                memcpy(h->data + off, data + at, ulen);
-                int rc = ckpt_mark_unit(h, (uint32_t)idx, units[i]);
-                if (rc)
-                    return rc;
-            }
-            at += ulen;
-        }
-        if (at != len)
-            return hk_fail(EINVAL, "%s: a partner copy is longer than the units it names", h->path);
-    }
-    return 0;
-}
-
-/* delta_store -- prepare epoch committed+1 of a mirror straight from a partner's units (as
- * delta_apply takes them): each goes into its free checkpoint slot and is tagged, the record
- * is written last, as a checkpoint does; the mirror's working data is not written (it is
- * brought back from the copies whenever the mirror is restored). */
-int delta_store(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
-                size_t n, const uint8_t *data, size_t len, uint32_t crc, const char *meta, uint32_t meta_len,
-                uint64_t *epoch)
-{
-    int rc = ckpt_start(h, meta, meta_len);
-    if (rc)
-        return rc;
-    double t0 = persist_now();
     if (crc_compute(0, data, len) != crc)
         return hk_fail(EBADMSG, "%s: a partner copy of %zu bytes arrived damaged (checksum mismatch)", h->path, len);
     h->work.n = 0;
@@ -173,13 +127,53 @@ int delta_store(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t 
         if (at + x.len > len)
             return hk_fail(EINVAL, "%s: a partner copy is shorter than the units it names", h->path);
         at += x.len;
-        if ((rc = vec_push_unit(&h->work, &x)))
+        int rc = vec_push_unit(&h->work, &x);
+        if (rc)
             return rc;
     }
-    if (at != len)
-        return hk_fail(EINVAL, "%s: a partner copy is longer than the units it names", h->path);
-    rc = ckpt_finish(h, h->committed + 1, meta, meta_len, t0, epoch);
+    return at == len ? 0 : hk_fail(EINVAL, "%s: a partner copy is longer than the units it names", h->path);
+}
+
+/* delta_forget -- drop the work list's pointers into a partner's buffer (a withdraw re-marks it). */
+static void delta_forget(hk_heap *h)
+{
     for (size_t i = 0; i < h->work.n; i++)
-        h->work.v[i].src = NULL;   /* a withdraw must not look at the partner's buffer */
+        h->work.v[i].src = NULL;
+}
+
+/* delta_apply -- write a partner's units (as delta_units takes them) into the working data and
+ * mark them dirty; nothing is written unless every unit checks. */
+int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
+                size_t n, const uint8_t *data, size_t len, uint32_t crc)
+{
+    if (h->closed || h->readonly)
+        return hk_fail(h->readonly ? EROFS : EBADF, "%s: heap is %s", h->path, h->readonly ? "read-only" : "closed");
+    int rc = delta_units(h, map, map_len, entries, units, n, data, len, crc);
+    for (size_t i = 0; !rc && i < h->work.n; i++) {
+        const struct unit *x = &h->work.v[i];
+        memcpy(h->data + x->off, x->src, x->len);
+        rc = ckpt_mark_unit(h, x->entry, x->u);
+    }
+    delta_forget(h);
+    h->work.n = 0;
+    return rc;
+}
+
+/* delta_store -- prepare epoch committed+1 of a mirror straight from a partner's units (as
+ * delta_units takes them): each goes into its free checkpoint slot and is tagged, the record
+ * is written last, as a checkpoint does; the mirror's working data is not written (it is
+ * brought back from the copies whenever the mirror is restored). */
+int delta_store(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
+                size_t n, const uint8_t *data, size_t len, uint32_t crc, const char *meta, uint32_t meta_len,
+                uint64_t *epoch)
+{
+    int rc = ckpt_start(h, meta_len);
+    if (rc)
+        return rc;
+    double t0 = persist_now();
+    rc = delta_units(h, map, map_len, entries, units, n, data, len, crc);
+    if (!rc)
+        rc = ckpt_finish(h, h->committed + 1, meta, meta_len, t0, epoch);
+    delta_forget(h);
     return rc;
 }

@@ -189,7 +189,7 @@ int alloc_entry_is_zero(const struct hk_entry *e);
 
 /* ckpt.c */
 int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u);
-int ckpt_start(hk_heap *h, const char *meta, uint32_t meta_len);
+int ckpt_start(hk_heap *h, uint32_t meta_len);
 int ckpt_finish(hk_heap *h, uint64_t n, const char *meta, uint32_t meta_len, double t0, uint64_t *epoch);
 int ckpt_seal(hk_heap *h);
 void ckpt_unexpose(hk_heap *h, uint32_t index);
