@@ -125,3 +125,18 @@ def test_info_and_verify_understand_partner_copies(heap_dir):
     assert "partner copy of rank 2/4" in info.stdout
     check = launch([sys.executable, "-m", "hpcckpt", "verify", job])
     assert check.returncode == 0 and check.stdout.count(": ok,") == 4, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("value,words", [("0,a,1,1", "give one node number per rank"),
+                                         ("0,1", "names 2 ranks, the job has 4")])
+def test_bad_node_lists_are_refused_in_one_line(heap_dir, value, words):
+    proc = launch([sys.executable, "-m", "hpcckpt", "run", "-n", "4", "--max-restarts", "0", "--", sys.executable,
+                   "-m", "hpcckpt.demo", "--steps", "2", "--redundancy", "partner", "--root", heap_dir],
+                  {"HPCCKPT_NODE_OF_RANK": value})
+    assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_an_unknown_redundancy_is_refused():
+    import hpcckpt
+    with pytest.raises(ValueError, match="redundancy must be 'none' or 'partner'"):
+        hpcckpt.open("t", comm=None, redundancy="sometimes")

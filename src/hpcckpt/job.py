@@ -102,12 +102,12 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     to resume.  `export_every=K` exports every K-th committed epoch in the background.  A
     `root` containing ``{node}`` gets each node's number there (one directory per node).
     """
-    if comm is None:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
     check_job_name(name)
     if redundancy not in ("none", "partner"):
         raise ValueError(f"redundancy must be 'none' or 'partner', got {redundancy!r}")
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     root = root or default_root()
     nodes = None
