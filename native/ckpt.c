@@ -220,22 +220,33 @@ static void ckpt_count(hk_heap *h, const struct unit *x, uint64_t *last_page, ui
     *last_obj = obj;
 }
 
-/* ckpt_copy -- copy every queued unit into its free shadow slot, checksumming it on the
- * way (one read of the source), and tag it. */
-static void ckpt_copy(hk_heap *h, uint64_t n)
+/* One checkpoint's copy, cut into parts that run side by side (par_run): each part
+ * takes a contiguous range of the work list and keeps its own share of the digest. */
+struct copy_job {
+    hk_heap *h;
+    uint64_t n;
+    uint64_t digest[PAR_MAX], units[PAR_MAX];
+};
+
+#define COPY_GRAIN (256u << 10)   /* bytes per part at least: a thread costs tens of microseconds */
+
+/* ckpt_copy_part -- copy part `part` of the queued units into their free shadow slots,
+ * checksumming each on the way (one read of the source), and tag them. */
+static int ckpt_copy_part(void *ctx, unsigned part, unsigned nparts)
 {
-    struct hk_stats *s = &h->stats;
-    uint64_t last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
-    atomic_store(&h->prog_total, h->work.n);
-    for (size_t i = 0; i < h->work.n; i++) {
+    struct copy_job *job = ctx;
+    hk_heap *h = job->h;
+    uint64_t n = job->n, digest = 0, units = 0;
+    size_t lo = h->work.n * part / nparts, hi = h->work.n * (part + 1) / nparts;
+    for (size_t i = lo; i < hi; i++) {
         if (i % 4096 == 0)
-            atomic_store(&h->prog_done, i);
-        if (i + 16 < h->work.n) {   /* units are scattered: fetch their data and tags ahead */
+            atomic_fetch_add(&h->prog_done, i + 4096 <= hi ? 4096 : hi - i);
+        if (i + 16 < hi) {   /* units are scattered: fetch their data and tags ahead */
             const struct unit *y = &h->work.v[i + 16];
             __builtin_prefetch(y->src ? y->src : h->data + y->off, 0, 0);
             __builtin_prefetch(heap_tag(h, &h->cat[y->entry], y->u), 1, 0);
         }
-        if (i + 8 < h->work.n && h->work.v[i + 8].len % 64) {   /* and the slot of what cannot stream */
+        if (i + 8 < hi && h->work.v[i + 8].len % 64) {   /* and the slot of what cannot stream */
             const struct unit *y = &h->work.v[i + 8];
             uint32_t ly = heap_tag(h, &h->cat[y->entry], y->u)->latest;
             __builtin_prefetch(h->raw + h->sb->off_shadow[ly == 0 ? 0 : !tag_slot_at(ly, h->committed)] + y->off, 1, 0);
@@ -247,24 +258,48 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
         uint32_t l = t->latest, slot = l == 0 ? 0 : !tag_slot_at(l, h->committed);
         if (HK_EPOCH_BORN(h->cat[x->entry].epochs) <= h->committed) {   /* its committed copy leaves the digest */
             uint32_t old = tag_slot_at(l, h->committed);
-            h->next_digest ^= state_unit_hash(x->entry, x->u, old, t->crc[old]);
+            digest ^= state_unit_hash(x->entry, x->u, old, t->crc[old]);
         } else {
-            h->next_units++;
+            units++;
         }
         uint8_t *dst = h->raw + h->sb->off_shadow[slot] + x->off;
         uint32_t crc = crc_copy(dst, x->src ? x->src : h->data + x->off, x->len);
         persist_flush(h, dst, x->len);
-        h->next_digest ^= state_unit_hash(x->entry, x->u, slot, crc);
+        digest ^= state_unit_hash(x->entry, x->u, slot, crc);
         t->crc[slot] = crc;
         __atomic_store_n(&t->latest, (uint32_t)n | slot << 31, __ATOMIC_RELEASE);
         persist_flush(h, t, sizeof *t);
-        ckpt_count(h, x, &last_page, &last_entry, &last_obj);
     }
     crc_fence();   /* a tag may become visible before its streamed copy: harmless, the epoch is
                     * not prepared until persist_drain, and restores never read its slot before */
+    job->digest[part] = digest;
+    job->units[part] = units;
+    return 0;
+}
+
+/* ckpt_copy -- copy every queued unit (on several threads when there is enough of it), then
+ * count what was copied, in address order. */
+static void ckpt_copy(hk_heap *h, uint64_t n)
+{
+    struct hk_stats *s = &h->stats;
+    uint64_t bytes = 0, last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
+    for (size_t i = 0; i < h->work.n; i++)
+        bytes += h->work.v[i].len;
+    atomic_store(&h->prog_total, h->work.n);
+    atomic_store(&h->prog_done, 0);
+    struct copy_job job = {.h = h, .n = n};
+    unsigned parts = par_parts(h, bytes, COPY_GRAIN);
+    par_run(parts, ckpt_copy_part, &job);   /* the parts cannot fail */
+    for (unsigned p = 0; p < parts; p++) {
+        h->next_digest ^= job.digest[p];
+        h->next_units += job.units[p];
+    }
+    for (size_t i = 0; i < h->work.n; i++)
+        ckpt_count(h, &h->work.v[i], &last_page, &last_entry, &last_obj);
     s->units_dirty = h->work.n;
     s->bytes_dirty = s->bytes_copied;
     s->bytes_page_baseline = s->pages_dirty * HK_PAGE;
+    s->copy_threads = parts;
 }
 
 /* ckpt_write_record -- persist "prepared = n" with the user's metadata and the epoch's digest. */
@@ -640,6 +675,12 @@ void ckpt_set_nvm(hk_heap *h, double write_gbps, double flush_latency_ns)
 {
     h->nvm_gbps = write_gbps;
     h->nvm_lat_ns = flush_latency_ns;
+}
+
+/* ckpt_set_threads -- threads one checkpoint may copy on. */
+void ckpt_set_threads(hk_heap *h, int threads)
+{
+    h->threads = threads < 1 ? 1 : threads > PAR_MAX ? PAR_MAX : threads;
 }
 
 /* ckpt_read_epoch -- copy units [u0, u1) of entry `index` as committed at epoch E into dst,

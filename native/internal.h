@@ -91,6 +91,7 @@ struct hk_heap {
     int crash_point;
     uint64_t crash_epoch;
     double nvm_gbps, nvm_lat_ns;
+    int threads;                    /* for the copy of one checkpoint (par.c) */
 };
 
 /* tracker interface: attach after the views exist, arm to protect all,
@@ -186,6 +187,11 @@ int alloc_dram(hk_heap *h);
 void alloc_free_dram(hk_heap *h);
 int alloc_check_zero(hk_heap *h, uint64_t off, uint64_t len);
 int alloc_entry_is_zero(const struct hk_entry *e);
+
+/* par.c */
+#define PAR_MAX 8
+int par_run(unsigned n, int (*fn)(void *ctx, unsigned part, unsigned nparts), void *ctx);
+unsigned par_parts(const hk_heap *h, uint64_t work, uint64_t grain);
 
 /* ckpt.c */
 int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u);

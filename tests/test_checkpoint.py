@@ -191,11 +191,13 @@ CHILD = """
 import numpy as np, hpcckpt
 heap = hpcckpt.Heap.create({path!r}, "32MiB", tracker={tracker!r})   # HPCCKPT_CRASH_AT=<point>@2
 grid, parts = heap.array("grid", (128, 128)), heap.pool("parts", "f8", 20000)
-grid[:] = 1.0
+big = heap.array("big", 1 << 18)   # 2 MiB: with HPCCKPT_THREADS=2 the copy is shared by two threads
+grid[:] = big[:] = 1.0
 for i in range(0, 20000, 3):
     parts[i][()] = 1.0
 heap.checkpoint(step=1)
-grid[:] = 2.0
+assert heap.stats["copy_threads"] == 2, heap.stats
+grid[:] = big[:] = 2.0
 for i in range(0, 20000, 3):
     parts[i][()] = 2.0
 heap.array("born", 100)[:] = 5
@@ -207,16 +209,42 @@ print("survived")
 @pytest.mark.parametrize("tracker", KERNEL_TRACKERS + ["hash"])
 @pytest.mark.parametrize("point", ["before-copy", "mid-copy", "after-copy", "after-prepare"])
 def test_restart_after_crash_at_each_point_of_the_protocol(heap_path, tracker, point):
-    proc = run_python(CHILD.format(path=heap_path, tracker=tracker), env={"HPCCKPT_CRASH_AT": f"{point}@2"})
+    proc = run_python(CHILD.format(path=heap_path, tracker=tracker),
+                      env={"HPCCKPT_CRASH_AT": f"{point}@2", "HPCCKPT_THREADS": "2"})
     assert proc.returncode == -9, proc.stderr
     with hpcckpt.Heap.open(heap_path, tracker=tracker) as heap:
         value = 2.0 if point == "after-prepare" else 1.0
         assert heap.restored and heap.epoch == (2 if point == "after-prepare" else 1)
-        assert (heap["grid"] == value).all()
+        assert (heap["grid"] == value).all() and (heap["big"] == value).all()
         parts = heap["parts"]
         assert all(float(parts[i]) == value for i in range(0, 20000, 3))
         assert ("born" in heap) == (point == "after-prepare")
         assert heap.verify() > 0
+
+
+def test_a_copy_shared_among_threads_copies_the_same_and_checks_out(heap_path):
+    heap = hpcckpt.Heap.create(heap_path, "64MiB")
+    a, p = heap.array("a", 1 << 20), heap.pool("p", REC, 50000)
+    figures = []
+    for threads in (1, 2, 3):
+        heap.set_threads(threads)
+        a[::3] += threads
+        for i in range(threads, 50000, 7):
+            p[i]["x"] = threads
+        heap.checkpoint()
+        s = heap.stats
+        figures.append((s["copy_threads"], s["bytes_copied"], s["units_dirty"], s["pages_dirty"], s["objects_dirty"]))
+        assert heap.verify() > 0
+    assert [f[0] for f in figures] == [1, 2, 3]
+    assert len({f[1:] for f in figures[1:]}) == 1   # the same units, whoever copies them
+    heap.set_threads(2)
+    a[:] = 7.0
+    heap.checkpoint()
+    crash(heap)
+    with hpcckpt.Heap.open(heap_path) as heap:
+        assert heap.restored and (heap["a"] == 7.0).all() and float(heap["p"][3]["x"]) == 3
+        with pytest.raises(ValueError, match="from 1 to 8"):
+            heap.set_threads(0)
 
 
 def test_crash_hook_from_the_environment_kills_at_that_epoch(heap_path):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 NATIVE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native")
-PREFIXES = ("heap_", "ckpt_", "crc_", "alias_", "alloc_", "state_", "track_", "persist_", "vec_", "delta_", "hk_")
+PREFIXES = ("heap_", "ckpt_", "crc_", "alias_", "alloc_", "state_", "track_", "persist_", "vec_", "delta_", "par_", "hk_")
 
 
 def test_the_core_exports_only_its_own_prefixes_and_nothing_of_libpmem(tmp_path):

@@ -64,6 +64,7 @@ struct hk_info {
 struct hk_stats {
     uint64_t epoch, objects_dirty, units_dirty, bytes_dirty, bytes_copied, bytes_meta;
     uint64_t bytes_page_baseline, pages_dirty, views_degraded, faults;
+    uint64_t copy_threads;              /* threads the copy ran on */
     double t_scan, t_copy, t_flush, t_commit, t_nvm_delay;
 };
 
@@ -125,6 +126,8 @@ int ckpt_stats(hk_heap *h, struct hk_stats *out);
 int ckpt_verify(hk_heap *h, uint64_t *units_checked);
 void ckpt_set_crash(hk_heap *h, int point, uint64_t epoch);
 void ckpt_set_nvm(hk_heap *h, double write_gbps, double flush_latency_ns);
+/* ckpt_set_threads -- threads that may copy one checkpoint (1: this one only). */
+void ckpt_set_threads(hk_heap *h, int threads);
 
 #ifdef __cplusplus
 }

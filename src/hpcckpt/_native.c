@@ -385,11 +385,12 @@ static PyObject *nh_stats(NativeHeap *self, PyObject *unused)
     if (!live(self))
         return NULL;
     ckpt_stats(self->h, &s);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:d,s:d,s:d,s:d,s:d}", "epoch", s.epoch,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:d,s:d,s:d,s:d,s:d}", "epoch", s.epoch,
                          "objects_dirty", s.objects_dirty, "units_dirty", s.units_dirty, "bytes_dirty",
                          s.bytes_dirty, "bytes_copied", s.bytes_copied, "bytes_meta", s.bytes_meta,
                          "bytes_page_baseline", s.bytes_page_baseline, "pages_dirty", s.pages_dirty,
-                         "views_degraded", s.views_degraded, "faults", s.faults, "t_scan", s.t_scan, "t_copy",
+                         "views_degraded", s.views_degraded, "faults", s.faults,
+                         "copy_threads", s.copy_threads, "t_scan", s.t_scan, "t_copy",
                          s.t_copy, "t_flush", s.t_flush, "t_commit", s.t_commit, "t_nvm_delay", s.t_nvm_delay);
 }
 
@@ -417,6 +418,15 @@ static PyObject *nh_set_crash(NativeHeap *self, PyObject *args)
     if (!live(self) || !PyArg_ParseTuple(args, "iK", &point, &epoch))
         return NULL;
     ckpt_set_crash(self->h, point, epoch);
+    Py_RETURN_NONE;
+}
+
+static PyObject *nh_set_threads(NativeHeap *self, PyObject *args)
+{
+    int n;
+    if (!live(self) || !PyArg_ParseTuple(args, "i", &n))
+        return NULL;
+    ckpt_set_threads(self->h, n);
     Py_RETURN_NONE;
 }
 
@@ -466,6 +476,7 @@ static PyMethodDef nh_methods[] = {
     {"verify", (PyCFunction)nh_verify, METH_NOARGS, "check every committed copy -> units checked"},
     {"set_crash", (PyCFunction)nh_set_crash, METH_VARARGS, "set_crash(point, epoch): test hook"},
     {"set_nvm", (PyCFunction)nh_set_nvm, METH_VARARGS, "set_nvm(write_gbps, flush_latency_ns)"},
+    {"set_threads", (PyCFunction)nh_set_threads, METH_VARARGS, "set_threads(n)"},
     {NULL}};
 
 static PyTypeObject NativeHeapType = {

@@ -37,6 +37,7 @@ _CRASH_POINTS = {"before-copy": _native.CRASH_BEFORE_COPY, "mid-copy": _native.C
                  "after-copy": _native.CRASH_AFTER_COPY, "after-prepare": _native.CRASH_AFTER_PREPARE,
                  "mid-restore": _native.CRASH_MID_RESTORE}
 NAME_MAX = 63
+THREADS_MAX = 8   # PAR_MAX of the core
 LAYOUT_OBJECT = "/layout"   # hidden object: JSON of the distributed declarations (a user name cannot hold "/")
 
 
@@ -54,6 +55,28 @@ def resolve_tracker(tracker: str) -> str:
         raise HeapError("tracker 'uffd' needs userfaultfd async write-protect (Linux >= 6.7); "
                         "use tracker='auto' or 'mprotect'")
     return tracker
+
+
+def default_threads(ranks_here: int = 1) -> int:
+    """Threads a checkpoint may use: ``$HPCCKPT_THREADS``, else this process's share of the
+    CPUs it may run on (all of them when bound to a subset; split among the `ranks_here`
+    ranks of the node when free to run anywhere), 1 to 8.
+
+    >>> 1 <= default_threads() <= THREADS_MAX
+    True
+    """
+    env = os.environ.get("HPCCKPT_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= THREADS_MAX:
+            raise ValueError(f"HPCCKPT_THREADS={env!r}: give a whole number of threads from 1 to {THREADS_MAX}")
+        return n
+    mine = len(os.sched_getaffinity(0))
+    share = mine // max(1, ranks_here) if mine >= (os.cpu_count() or mine) else mine
+    return max(1, min(THREADS_MAX, share))
 
 
 def crash_hook(rank: int) -> tuple[str, int] | None:
@@ -279,6 +302,7 @@ class Heap:
         self._capacity = info["capacity"]   # one view's length: pool slot arrays stay inside one
         self._report_repairs(info)
         self._load_names()
+        self.set_threads(default_threads())
         hook = crash_hook(info["rank"])
         if hook and hook[0] in _CRASH_POINTS:
             native.set_crash(_CRASH_POINTS[hook[0]], hook[1])
@@ -626,6 +650,28 @@ class Heap:
         s["tracker"] = self.tracker
         return s
 
+    @property
+    def threads(self) -> int:
+        """Threads each checkpoint may copy on (see `set_threads`)."""
+        return self._threads
+
+    def set_threads(self, n: int) -> None:
+        """Let each checkpoint share its copy among up to `n` threads (1 to 8), each taking
+        at least 256 KiB; smaller checkpoints copy on the calling thread.  The threads live for
+        one checkpoint only.  The default is ``$HPCCKPT_THREADS``, else this process's CPUs (at
+        most 8); ``hpcckpt.open`` gives each rank its share of its node's CPUs.
+
+        >>> import tempfile, os
+        >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "t.heap"), "4MiB")
+        >>> h.set_threads(1); h.threads
+        1
+        >>> h.close()
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= THREADS_MAX:
+            raise ValueError(f"threads must be a whole number from 1 to {THREADS_MAX}, got {n!r}")
+        self._native.set_threads(n)
+        self._threads = n
+
     def set_nvm_model(self, write_gbps: float = 0.0, flush_latency_ns: float = 0.0) -> None:
         """Slow checkpoint writes down as NVM with this write bandwidth and flush latency would."""
         self._native.set_nvm(float(write_gbps), float(flush_latency_ns))
@@ -711,7 +757,7 @@ class Heap:
           classes, pages of large objects), ``bytes_dirty``, ``bytes_copied``, ``bytes_meta``
           (tags, catalog entries, the epoch record), ``bytes_page_baseline`` (what a
           page-grained tracker would have copied), ``pages_dirty``, ``views_degraded``,
-          ``faults``;
+          ``faults``, ``copy_threads`` (the threads this rank's copy ran on);
         - times in seconds (floats): ``t_scan``, ``t_copy``, ``t_flush``, ``t_commit``,
           ``t_nvm_delay`` (the NVM model's added delay);
         - ``tracker``; ``total`` and ``max``: the same counters and times summed and maximised

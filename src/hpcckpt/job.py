@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import CorruptHeapError, HeapError, RepairWarning
 from .export import Exporter, ExportHandle
-from .heap import Heap, _check_name, crash_hook, locked
+from .heap import Heap, _check_name, crash_hook, default_threads, locked
 from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
 from .mpi import (agree, coordinated_checkpoint, default_root, error_class, error_text, first_error, private_dir,
                   reduce_max)
@@ -285,6 +285,7 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
 
 def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None, partner: PartnerLevel | None = None) -> JobHeap:
     heap.comm, heap.job, heap.exporter, heap.partner = comm, name, exporter, partner
+    heap.set_threads(default_threads(_ranks_on_my_node(comm)))
     if partner is not None:
         partner.settle(heap._info()["committed"])
     if exporter is not None:
@@ -313,6 +314,15 @@ def fs_type(path: str) -> str:
     except (OSError, IndexError):
         pass
     return kind
+
+
+def _ranks_on_my_node(comm) -> int:
+    """How many ranks of `comm` share this rank's node (its shared-memory group)."""
+    from mpi4py import MPI
+    shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    n = shared.Get_size()
+    shared.Free()
+    return n
 
 
 def _say_where(heap: JobHeap, name: str) -> None:
