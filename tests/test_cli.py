@@ -174,3 +174,18 @@ def test_a_long_checkpoint_shows_progress_on_a_terminal_and_nothing_otherwise(he
     piped = subprocess.run([sys.executable, "-c", PROGRESS, heap_path], capture_output=True, text=True, env=env,
                            timeout=120)
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+
+
+def test_a_bad_thread_count_in_the_environment_is_one_line_for_a_command_and_a_job(heap_dir):
+    from mpijobs import launch
+
+    path = os.path.join(heap_dir, "rank0.heap")
+    hpcckpt.Heap.create(path, "4MiB").close()
+    for value in ("x", "0", "99"):
+        out = subprocess.run([sys.executable, "-m", "hpcckpt", "info", path], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "HPCCKPT_THREADS": value})
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1 and "HPCCKPT_THREADS" in out.stderr and "from 1 to 8" in out.stderr
+    job = launch([sys.executable, "-m", "hpcckpt", "run", "-n", "2", "--max-restarts", "0", "--", sys.executable,
+                  "-m", "hpcckpt.demo", "--steps", "2", "--root", heap_dir], {"HPCCKPT_THREADS": "x"})
+    assert job.returncode != 0 and "HPCCKPT_THREADS='x'" in job.stderr and "Traceback" not in job.stderr, job.stderr

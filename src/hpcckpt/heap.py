@@ -72,7 +72,7 @@ def default_threads(ranks_here: int = 1) -> int:
         except ValueError:
             n = 0
         if not 1 <= n <= THREADS_MAX:
-            raise ValueError(f"HPCCKPT_THREADS={env!r}: give a whole number of threads from 1 to {THREADS_MAX}")
+            raise HeapError(f"HPCCKPT_THREADS={env!r}: give a whole number of threads from 1 to {THREADS_MAX}")
         return n
     mine = len(os.sched_getaffinity(0))
     share = mine // max(1, ranks_here) if mine >= (os.cpu_count() or mine) else mine
@@ -282,7 +282,7 @@ class Heap:
     - ``restored_from``: ``"local"``, ``"export"`` or None (nothing restored, or a fresh job).
     """
 
-    def __init__(self, native: Any, path: str, tracker: str):
+    def __init__(self, native: Any, path: str, tracker: str, threads: int = 1):
         self._lock = threading.RLock()
         self._native, self.path, self.tracker = native, path, tracker
         self._names: dict[str, int] = {}
@@ -302,7 +302,7 @@ class Heap:
         self._capacity = info["capacity"]   # one view's length: pool slot arrays stay inside one
         self._report_repairs(info)
         self._load_names()
-        self.set_threads(default_threads())
+        self.set_threads(threads)
         hook = crash_hook(info["rank"])
         if hook and hook[0] in _CRASH_POINTS:
             native.set_crash(_CRASH_POINTS[hook[0]], hook[1])
@@ -361,11 +361,12 @@ class Heap:
                 world_size: int | None = None) -> Heap:
         """Open without recovery; a heap of another owner is refused before anything is written."""
         name = tracker if tracker == "read-only" else resolve_tracker(tracker)
+        threads = default_threads()   # a bad $HPCCKPT_THREADS is refused before the file is touched
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such heap; create it with hpcckpt.Heap.create()")
         native = _call(_native.open, path, TRACKERS.get(name, _native.TRACK_NONE), job, -1 if rank is None else rank,
                        -1 if world_size is None else world_size)
-        return cls(native, path, name)
+        return cls(native, path, name, threads)
 
     def _report_repairs(self, info: dict | None = None) -> None:
         """Warn once for every repair the core made since the last report (open, alloc)."""

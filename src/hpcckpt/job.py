@@ -105,6 +105,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     check_job_name(name)
     if redundancy not in ("none", "partner"):
         raise ValueError(f"redundancy must be 'none' or 'partner', got {redundancy!r}")
+    default_threads()   # a bad $HPCCKPT_THREADS is refused on every rank alike, before MPI is touched
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
