@@ -277,25 +277,23 @@ static int ckpt_copy_part(void *ctx, unsigned part, unsigned nparts)
     return 0;
 }
 
-/* ckpt_copy -- copy every queued unit (on several threads when there is enough of it), then
- * count what was copied, in address order. */
+/* ckpt_copy -- count the queued units in address order (which sizes the parts), then copy
+ * them, on several threads when there is enough to copy. */
 static void ckpt_copy(hk_heap *h, uint64_t n)
 {
     struct hk_stats *s = &h->stats;
-    uint64_t bytes = 0, last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
+    uint64_t last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
     for (size_t i = 0; i < h->work.n; i++)
-        bytes += h->work.v[i].len;
+        ckpt_count(h, &h->work.v[i], &last_page, &last_entry, &last_obj);
     atomic_store(&h->prog_total, h->work.n);
     atomic_store(&h->prog_done, 0);
     struct copy_job job = {.h = h, .n = n};
-    unsigned parts = par_parts(h, bytes, COPY_GRAIN);
+    unsigned parts = par_parts(h, s->bytes_copied, COPY_GRAIN);
     par_run(parts, ckpt_copy_part, &job);   /* the parts cannot fail */
     for (unsigned p = 0; p < parts; p++) {
         h->next_digest ^= job.digest[p];
         h->next_units += job.units[p];
     }
-    for (size_t i = 0; i < h->work.n; i++)
-        ckpt_count(h, &h->work.v[i], &last_page, &last_entry, &last_obj);
     s->units_dirty = h->work.n;
     s->bytes_dirty = s->bytes_copied;
     s->bytes_page_baseline = s->pages_dirty * HK_PAGE;

@@ -73,7 +73,7 @@ int par_run(unsigned n, int (*fn)(void *ctx, unsigned part, unsigned nparts), vo
  * the heap's threads. */
 unsigned par_parts(const hk_heap *h, uint64_t work, uint64_t grain)
 {
-    uint64_t n = grain ? work / grain : 1;
+    uint64_t n = work / grain;
     unsigned t = h->threads > 0 ? (unsigned)h->threads : 1;
     return n < 1 ? 1 : n < t ? (unsigned)n : t;
 }
