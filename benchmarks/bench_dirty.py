@@ -125,7 +125,7 @@ def part_scale(work: str, small: int, large: int, steps: int) -> tuple[dict, lis
         times = {}
         for n in (small, large):
             t = Table(work, n, writes)
-            times[n] = med([t.step(dirty(rng, n, 1000), s, direct) for s in range(steps)])
+            times[n] = med([t.step(dirty(rng, n, 1000), s + 1.0, direct) for s in range(steps)])
             t.close()
         ratio = times[large] / times[small]
         out[mode] = {"small_ms": times[small] * 1e3, "large_ms": times[large] * 1e3, "ratio": ratio}
@@ -264,6 +264,7 @@ def part_elements(work: str, n: int) -> tuple[dict, list]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not the figures")
+    ap.add_argument("--only", nargs="+", metavar="PART", help="run only these parts (gather, scale, ...)")
     args = ap.parse_args(argv)
     n, large, mib, steps = (100_000, 400_000, 64, 3) if args.quick else (1_000_000, 16_000_000, 1024, 7)
     work = tempfile.mkdtemp(prefix="hpcckpt-dirty-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                          ("full", lambda: part_full(work, mib // 4)),
                          ("scatter", lambda: part_scatter(work, mib)),
                          ("elements", lambda: part_elements(work, n))):
+            if args.only and name not in args.only:
+                continue
             print(f"{name}:")
             res[name], g = fn()
             goals += g

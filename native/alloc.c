@@ -448,6 +448,7 @@ void alloc_free_dram(hk_heap *h)
     free(h->putonly);
     free(h->dmask);
     free(h->dpages.v);
+    free(h->sift.v);
     free(h->work.v);
 }
 

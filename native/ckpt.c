@@ -38,6 +38,93 @@ static int ckpt_mark(hk_heap *h, uint64_t page, uint32_t slot)
     return 0;
 }
 
+/* ckpt_owner -- the live entry and unit number of (page, slot), or -1. */
+static int64_t ckpt_owner(hk_heap *h, uint64_t page, uint32_t slot, uint64_t *u)
+{
+    unsigned pc = h->pcls[page];
+    if (pc == HK_PAGE_FREE || pc == HK_PAGE_TAGS || !((h->pmask[page] >> slot) & 1))
+        return -1;
+    uint32_t own = h->powner[page], idx = own;
+    *u = 0;
+    if (pc == HK_PAGE_CLASS)
+        *u = page - h->cat[idx].first_page;
+    else if (own & HK_ROW_FLAG)
+        idx = h->slotowner[(size_t)(own & ~HK_ROW_FLAG) * 64 + slot];
+    else
+        *u = (page - h->cat[idx].first_page) * (HK_PAGE / heap_class_size[pc]) + slot;
+    return entry_alive(&h->cat[idx]) ? (int64_t)idx : -1;
+}
+
+/* ckpt_same -- are len bytes (a multiple of 8) at a and b equal? */
+static inline int ckpt_same(const uint8_t *a, const uint8_t *b, uint32_t len)
+{
+    uint64_t d = 0;
+    for (uint32_t i = 0; i < len; i += 8) {
+        uint64_t x, y;
+        memcpy(&x, a + i, 8);
+        memcpy(&y, b + i, 8);
+        d |= x ^ y;
+    }
+    return d == 0;
+}
+
+/* ckpt_unchanged -- is unit u of e, at data offset off, equal to its committed copy?  Not
+ * when it was never copied, was born in the open epoch, or its newest copy is not committed
+ * (a withdrawn epoch's: the retry must copy it again). */
+static inline int ckpt_unchanged(hk_heap *h, const struct hk_entry *e, const struct hk_tag *t, uint64_t off,
+                                 uint32_t len)
+{
+    uint32_t l = t->latest;
+    return l && HK_TAG_EPOCH(l) <= h->committed && HK_EPOCH_BORN(e->epochs) <= h->committed &&
+           ckpt_same(h->data + off, h->raw + h->sb->off_shadow[HK_TAG_SLOT(l)] + off, len);
+}
+
+/* ckpt_sift -- of the used slots m of a written small-class page, those whose object
+ * changed: one write fault names the page, the comparison names the objects. */
+static uint64_t ckpt_sift(hk_heap *h, uint64_t page, uint64_t m)
+{
+    uint32_t own = h->powner[page], size = heap_class_size[h->pcls[page]];
+    uint64_t off = page * HK_PAGE;
+    if (!(own & HK_ROW_FLAG) && heap_units(&h->cat[own]) > 1) {   /* one multi-unit object: tags in a row */
+        struct hk_entry *e = &h->cat[own];
+        const struct hk_tag *t = heap_tag(h, e, (page - e->first_page) * (HK_PAGE / size));
+        for (uint64_t b = m; b; b &= b - 1) {
+            uint32_t j = (uint32_t)__builtin_ctzll(b);
+            if (ckpt_unchanged(h, e, &t[j], off + (uint64_t)j * size, size))
+                m &= ~(b & -b);
+        }
+        return m;
+    }
+    for (uint64_t b = m; b; b &= b - 1) {
+        uint32_t j = (uint32_t)__builtin_ctzll(b);
+        uint64_t u;
+        int64_t idx = ckpt_owner(h, page, j, &u);
+        if (idx >= 0 && ckpt_unchanged(h, &h->cat[idx], heap_tag(h, &h->cat[idx], u), off + (uint64_t)j * size, size))
+            m &= ~(b & -b);
+    }
+    return m;
+}
+
+#define SIFT_GRAIN (1u << 20)   /* bytes read per part at least (a page and its copy: 8 KiB) */
+
+/* ckpt_sift_part -- part `part` of the written shared pages: mark the objects that changed. */
+static int ckpt_sift_part(void *ctx, unsigned part, unsigned nparts)
+{
+    hk_heap *h = ctx;
+    size_t lo = h->sift.n * part / nparts, hi = h->sift.n * (part + 1) / nparts;
+    for (size_t i = lo; i < hi; i++) {
+        if (i + 2 < hi) {   /* pages are scattered: start on the next ones' lines */
+            uint64_t off = (uint64_t)h->sift.v[i + 2] * HK_PAGE;
+            __builtin_prefetch(h->data + off, 0, 0);
+            __builtin_prefetch(h->raw + h->sb->off_shadow[0] + off, 0, 0);
+            __builtin_prefetch(h->raw + h->sb->off_shadow[1] + off, 0, 0);
+        }
+        uint32_t p = h->sift.v[i];
+        h->dmask[p] |= ckpt_sift(h, p, h->pmask[p]);   /* parts own distinct pages */
+    }
+    return 0;
+}
+
 /* ckpt_emit -- tracker callback: (view, page) written -> mark the units it names. */
 static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
 {
@@ -48,15 +135,19 @@ static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
         return 0;
     if (pc == HK_PAGE_CLASS)
         return view == 0 ? ckpt_mark(h, page, 0) : 0;
-    if (view == 0 && !h->aliased) {   /* page-grained: every object on the page is dirty */
-        if (h->dmask[page] == 0 && h->pmask[page]) {
+    if (view == 0 && !h->aliased) {   /* one view: the objects on the page it names */
+        uint64_t m = h->pmask[page];
+        if (h->dmask[page] == 0 && m) {
             int rc = vec_push32(&h->dpages, (uint32_t)page);
             if (rc) {
                 h->all_dirty = 1;
                 return rc;
             }
         }
-        h->dmask[page] |= h->pmask[page];
+        /* several objects share it (not under `page`): ckpt_sift_part names those that changed;
+         * should the list not grow, the whole page is taken */
+        if (h->tracker == HK_TRACK_PAGE || !(m & (m - 1)) || vec_push32(&h->sift, (uint32_t)page))
+            h->dmask[page] |= m;
         return 0;
     }
     unsigned cls = pc;
@@ -99,23 +190,6 @@ static int ckpt_mark_entry(hk_heap *h, uint32_t idx, int by_hash)
             return rc;
     }
     return 0;
-}
-
-/* ckpt_owner -- the live entry and unit number of (page, slot), or -1. */
-static int64_t ckpt_owner(hk_heap *h, uint64_t page, uint32_t slot, uint64_t *u)
-{
-    unsigned pc = h->pcls[page];
-    if (pc == HK_PAGE_FREE || pc == HK_PAGE_TAGS || !((h->pmask[page] >> slot) & 1))
-        return -1;
-    uint32_t own = h->powner[page], idx = own;
-    *u = 0;
-    if (pc == HK_PAGE_CLASS)
-        *u = page - h->cat[idx].first_page;
-    else if (own & HK_ROW_FLAG)
-        idx = h->slotowner[(size_t)(own & ~HK_ROW_FLAG) * 64 + slot];
-    else
-        *u = (page - h->cat[idx].first_page) * (HK_PAGE / heap_class_size[pc]) + slot;
-    return entry_alive(&h->cat[idx]) ? (int64_t)idx : -1;
 }
 
 /* ckpt_open_pages -- make an exposed object's pages writable in the views it is seen through. */
@@ -176,8 +250,12 @@ static int ckpt_collect(hk_heap *h, int by_hash)
     h->work.n = 0;
     int everything = h->tracker == HK_TRACK_FULL || h->tracker == HK_TRACK_HASH || h->all_dirty;
     by_hash |= h->tracker == HK_TRACK_HASH && !h->all_dirty;
+    h->sift.n = 0;
     if (h->ops)
         rc = h->ops->collect(h, ckpt_emit);
+    if (!rc && h->sift.n)   /* read-only work, after the scan: no page changes protection now */
+        par_run(par_parts(h, (uint64_t)h->sift.n * 2 * HK_PAGE, SIFT_GRAIN), ckpt_sift_part, h);
+    h->sift.n = 0;
     for (size_t i = 0; !rc && i < h->exposed.n; i++)   /* re-protected by collect: open them again */
         if (!(rc = ckpt_mark_entry(h, h->exposed.v[i], 0)))
             rc = ckpt_open_pages(h, h->exposed.v[i]);

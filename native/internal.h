@@ -85,6 +85,7 @@ struct hk_heap {
     int forked;                     /* this is a forked child's copy: detached, never written */
     uint64_t *dmask;                /* dirty units of each page, one bit per slot, since the last prepare */
     struct u32vec dpages;           /* pages whose dmask is not zero */
+    struct u32vec sift;             /* written pages several objects share, to compare (ckpt.c) */
     struct unitvec work;
     struct hk_stats stats;
     _Atomic uint64_t prog_done, prog_total;   /* of the long call running now (heap_progress) */

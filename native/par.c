@@ -1,7 +1,7 @@
-/* par.c -- run the independent parts of one checkpoint's copy on several threads.  Workers
- * live for one call and are joined before it returns, so no thread of ours outlives a
- * checkpoint (fork stays safe), and they run with the asynchronous signals blocked, so that
- * those still reach the application's threads.  The scan of the views is not shared: a
+/* par.c -- run the independent parts of one checkpoint's comparison or copy on several
+ * threads.  Workers live for one call and are joined before it returns, so no thread of ours
+ * outlives a checkpoint (fork stays safe), and they run with the asynchronous signals
+ * blocked, so that those still reach the application's threads.  The scan is not shared: a
  * second thread in the address space turns every write-protect of PAGEMAP_SCAN into a TLB
  * shootdown to the other CPU, and measured 2x slower (README "Decisions"). */
 #define _GNU_SOURCE
