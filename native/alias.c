@@ -1,8 +1,9 @@
 /* alias.c -- the views: one address-space reservation holding the raw file
  * mapping and then the views of the data area.  View 0 serves slot 0 of every
- * class and whole-page objects; with aliasing, class size s gets views for
- * slots 1..k-1 (k = 4096/s), so the object in slot j of page p sits at
- * view(j) + p*4096 + j*s, alone on its virtual page. */
+ * class and whole-page objects; a viewed class of size s gets views for slots
+ * 1..k-1 (k = 4096/s), so the object in slot j of page p sits at view(j) +
+ * p*4096 + j*s, alone on its virtual page.  Which classes are viewed is the
+ * tracker's choice (h->viewed). */
 #define _GNU_SOURCE
 #include <string.h>
 #include <sys/mman.h>
@@ -14,7 +15,7 @@ static void alias_layout(hk_heap *h)
     uint32_t g = 1;
     for (unsigned c = 0; c < HK_NCLASSES; c++) {
         h->first_view[c] = g;
-        if (h->aliased && c < HK_PAGE_CLASS)
+        if (alias_viewed(h, c))
             g += HK_PAGE / heap_class_size[c] - 1;
     }
     h->nviews = g;
@@ -63,7 +64,7 @@ void alias_release(hk_heap *h)
 /* alias_view_of -- the view through which slot `slot` of class `cls` is reached. */
 uint32_t alias_view_of(const hk_heap *h, unsigned cls, uint32_t slot)
 {
-    return (!h->aliased || slot == 0 || cls >= HK_PAGE_CLASS) ? 0 : h->first_view[cls] + slot - 1;
+    return (slot == 0 || !alias_viewed(h, cls)) ? 0 : h->first_view[cls] + slot - 1;
 }
 
 /* alias_unit_of -- invert alias_view_of for a view > 0. */

@@ -135,7 +135,7 @@ static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
         return 0;
     if (pc == HK_PAGE_CLASS)
         return view == 0 ? ckpt_mark(h, page, 0) : 0;
-    if (view == 0 && !h->aliased) {   /* one view: the objects on the page it names */
+    if (view == 0 && !alias_viewed(h, pc)) {   /* no views: the objects on the page it names */
         uint64_t m = h->pmask[page];
         if (h->dmask[page] == 0 && m) {
             int rc = vec_push32(&h->dpages, (uint32_t)page);
@@ -200,7 +200,7 @@ static int ckpt_open_pages(hk_heap *h, uint32_t idx)
         uint64_t off;
         uint32_t len;
         heap_unit_place(h, e, u, &off, &len);
-        uint32_t view = e->cls == HK_PAGE_CLASS || !h->aliased ? 0
+        uint32_t view = e->cls == HK_PAGE_CLASS ? 0
                         : alias_view_of(h, e->cls, (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls]);
         uint8_t *page = h->views + (size_t)view * h->data_len + off - off % HK_PAGE;
         if (mprotect(page, HK_PAGE, PROT_READ | PROT_WRITE) != 0)

@@ -151,7 +151,7 @@ static int file_check_super(const char *path, int fd, struct hk_super *sb, int *
 static int file_set_tracker(hk_heap *h, int tracker)
 {
     h->tracker = tracker;
-    h->aliased = tracker == HK_TRACK_MPROTECT;
+    h->viewed = tracker == HK_TRACK_MPROTECT ? ALIAS_ALL_CLASSES : tracker == HK_TRACK_UFFD ? ALIAS_UFFD_CLASSES : 0;
     h->ops = NULL;
     if (tracker == HK_TRACK_UFFD || (tracker == HK_TRACK_PAGE && track_uffd_supported()))
         h->ops = &track_uffd_ops;

@@ -34,7 +34,7 @@ struct hk_heap {
     int readonly;                   /* tracker HK_TRACK_NONE or PEEK: inspect only, never write */
     int peek;                       /* HK_TRACK_PEEK: no lock, no allocator, no views */
     int tracker;
-    int aliased;                    /* views per slot (uffd, mprotect) or one view */
+    uint32_t viewed;                /* bit c: class c has a view per slot (alias.c), else view 0 only */
     const struct track_ops *ops;
     void *track;                    /* tracker private state */
 
@@ -157,6 +157,15 @@ double persist_now(void);
 void persist_delay(double seconds);
 
 /* alias.c */
+#define ALIAS_UFFD_CLASSES 0x3cu   /* uffd: views for 256..2048 B; 64 and 128 B are compared (ckpt.c) */
+#define ALIAS_ALL_CLASSES  0x3fu   /* mprotect: a fault names one object in every sub-page class */
+
+/* alias_viewed -- does class cls have a view per slot? */
+static inline int alias_viewed(const hk_heap *h, unsigned cls)
+{
+    return cls < HK_PAGE_CLASS && ((h->viewed >> cls) & 1);
+}
+
 int alias_reserve(hk_heap *h, size_t file_len);
 int alias_map_views(hk_heap *h, int private_copy);
 void alias_release(hk_heap *h);

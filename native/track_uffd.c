@@ -1,9 +1,10 @@
 /* track_uffd.c -- userfaultfd asynchronous write-protect tracker.  Writes to a
  * protected page resolve in the kernel (no signal, no VMA split) and mark the
  * PTE written; PAGEMAP_SCAN reads the written pages and re-protects them in one
- * ioctl.  It watches each physical page once, in view 0 (no aliasing): which
- * objects of a written page changed, ckpt.c finds by comparison.  Needs Linux
- * >= 6.7; the constants are defined here for older headers. */
+ * ioctl.  It watches every page in view 0 and the pages of viewed classes
+ * (alias.c) in their views too; which objects of a written page of the other
+ * classes changed, ckpt.c finds by comparison.  Needs Linux >= 6.7; the
+ * constants are defined here for older headers. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -43,7 +44,7 @@ struct uffd_runs { struct uffd_run *v; size_t n, cap; };
 struct uffd_state {
     int uffd, pagemap;
     uint64_t runs_gen;                      /* h->layout_gen the runs were built for, +1 */
-    struct uffd_runs runs;                  /* the watched pages */
+    struct uffd_runs runs[HK_NCLASSES];     /* watched pages of class c's views; [HK_PAGE_CLASS]: view 0 */
     struct uffd_page_region vec[UFFD_VEC_LEN];
 };
 
@@ -131,14 +132,17 @@ static int uffd_runs_build(hk_heap *h, struct uffd_state *s)
 {
     if (s->runs_gen == h->layout_gen + 1)
         return 0;
-    s->runs.n = 0;
+    for (unsigned c = 0; c < HK_NCLASSES; c++)
+        s->runs[c].n = 0;
     uint64_t lo, hi;
     alias_view_span(h, 0, &lo, &hi);
     for (uint64_t p = lo; p < hi; p++) {
         unsigned pc = h->pcls[p];
         if (pc == HK_PAGE_FREE || pc == HK_PAGE_TAGS || heap_page_put_only(h, p))
             continue;
-        int rc = uffd_run_add(&s->runs, p);
+        int rc = uffd_run_add(&s->runs[HK_PAGE_CLASS], p);
+        if (!rc && alias_viewed(h, pc))
+            rc = uffd_run_add(&s->runs[pc], p);
         if (rc)
             return rc;
     }
@@ -146,13 +150,14 @@ static int uffd_runs_build(hk_heap *h, struct uffd_state *s)
     return 0;
 }
 
-/* uffd_scan -- PAGEMAP_SCAN pages [lo, hi): emit written pages (emit may be NULL) and
- * write-protect them.  Never-touched pages count as written, so the first scan of a page
- * arms it; pages outside the runs are never touched. */
-static int uffd_scan(hk_heap *h, uint64_t lo, uint64_t hi, int (*emit)(hk_heap *, uint32_t, uint64_t))
+/* uffd_scan -- PAGEMAP_SCAN pages [lo, hi) of one view: emit written pages (emit may be
+ * NULL) and write-protect them.  Never-touched pages count as written, so the first scan
+ * of a page arms it; pages outside the runs are never touched. */
+static int uffd_scan(hk_heap *h, uint32_t view, uint64_t lo, uint64_t hi,
+                     int (*emit)(hk_heap *, uint32_t, uint64_t))
 {
     struct uffd_state *s = h->track;
-    uint64_t base = (uintptr_t)h->views;
+    uint64_t base = (uintptr_t)h->views + (uint64_t)view * h->data_len;
     uint64_t start = base + lo * HK_PAGE, end = base + hi * HK_PAGE;
     while (start < end) {
         struct uffd_scan_arg a = {
@@ -164,7 +169,7 @@ static int uffd_scan(hk_heap *h, uint64_t lo, uint64_t hi, int (*emit)(hk_heap *
             return hk_fail(errno, "%s: PAGEMAP_SCAN failed: %s", h->path, strerror(errno));
         for (long i = 0; emit && i < n; i++)
             for (uint64_t va = s->vec[i].start; va < s->vec[i].end; va += HK_PAGE) {
-                int rc = emit(h, 0, (va - base) / HK_PAGE);
+                int rc = emit(h, view, (va - base) / HK_PAGE);
                 if (rc)
                     return rc;
             }
@@ -175,13 +180,20 @@ static int uffd_scan(hk_heap *h, uint64_t lo, uint64_t hi, int (*emit)(hk_heap *
     return 0;
 }
 
-/* uffd_collect -- emit every written page of the watched runs and re-protect it. */
+/* uffd_collect -- emit every written (view, page) of the watched runs and re-protect it. */
 static int uffd_collect(hk_heap *h, int (*emit)(hk_heap *, uint32_t, uint64_t))
 {
     struct uffd_state *s = h->track;
     int rc = uffd_runs_build(h, s);
-    for (size_t i = 0; !rc && i < s->runs.n; i++)
-        rc = uffd_scan(h, s->runs.v[i].lo, s->runs.v[i].hi, emit);
+    for (uint32_t g = 0; !rc && g < h->nviews; g++) {
+        unsigned cls = HK_PAGE_CLASS;
+        uint32_t slot;
+        if (g > 0)
+            alias_unit_of(h, g, &cls, &slot);
+        const struct uffd_runs *r = &s->runs[cls];
+        for (size_t i = 0; !rc && i < r->n; i++)
+            rc = uffd_scan(h, g, r->v[i].lo, r->v[i].hi, emit);
+    }
     return rc;
 }
 
@@ -197,7 +209,8 @@ static void uffd_detach(hk_heap *h)
     struct uffd_state *s = h->track;
     close(s->pagemap);
     close(s->uffd);
-    free(s->runs.v);
+    for (unsigned c = 0; c < HK_NCLASSES; c++)
+        free(s->runs[c].v);
     free(s);
     h->track = NULL;
 }
