@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     res, goals = {}, []
     try:
         for name, fn in (("gather", lambda: part_gather(work, n, steps, [0.001, 0.01, 0.1])),
-                         ("scale", lambda: part_scale(work, n, large, steps)),
+                         ("scale", lambda: part_scale(work, n, large, 2 * steps + 1)),   # a cheap part: more steps
                          ("warmup", lambda: part_warmup(work, n)),
                          ("full", lambda: part_full(work, mib // 4)),
                          ("scatter", lambda: part_scatter(work, mib)),
