@@ -55,28 +55,15 @@ static int64_t ckpt_owner(hk_heap *h, uint64_t page, uint32_t slot, uint64_t *u)
     return entry_alive(&h->cat[idx]) ? (int64_t)idx : -1;
 }
 
-/* ckpt_same -- are len bytes (a multiple of 8) at a and b equal? */
-static inline int ckpt_same(const uint8_t *a, const uint8_t *b, uint32_t len)
-{
-    uint64_t d = 0;
-    for (uint32_t i = 0; i < len; i += 8) {
-        uint64_t x, y;
-        memcpy(&x, a + i, 8);
-        memcpy(&y, b + i, 8);
-        d |= x ^ y;
-    }
-    return d == 0;
-}
-
-/* ckpt_unchanged -- is unit u of e, at data offset off, equal to its committed copy?  Not
- * when it was never copied, was born in the open epoch, or its newest copy is not committed
- * (a withdrawn epoch's: the retry must copy it again). */
-static inline int ckpt_unchanged(hk_heap *h, const struct hk_entry *e, const struct hk_tag *t, uint64_t off,
-                                 uint32_t len)
+/* ckpt_unchanged -- is unit u of e, at data offset off, equal to its committed copy (the
+ * object's bytes: the copy writes no more)?  Not when it was never copied, was born in the
+ * open epoch, or its newest copy is not committed (a withdrawn epoch's: the retry must copy
+ * it again). */
+static inline int ckpt_unchanged(hk_heap *h, const struct hk_entry *e, const struct hk_tag *t, uint64_t off)
 {
     uint32_t l = t->latest;
     return l && HK_TAG_EPOCH(l) <= h->committed && HK_EPOCH_BORN(e->epochs) <= h->committed &&
-           ckpt_same(h->data + off, h->raw + h->sb->off_shadow[HK_TAG_SLOT(l)] + off, len);
+           memcmp(h->data + off, h->raw + h->sb->off_shadow[HK_TAG_SLOT(l)] + off, e->obj_size) == 0;
 }
 
 /* ckpt_sift -- of the used slots m of a written small-class page, those whose object
@@ -90,7 +77,7 @@ static uint64_t ckpt_sift(hk_heap *h, uint64_t page, uint64_t m)
         const struct hk_tag *t = heap_tag(h, e, (page - e->first_page) * (HK_PAGE / size));
         for (uint64_t b = m; b; b &= b - 1) {
             uint32_t j = (uint32_t)__builtin_ctzll(b);
-            if (ckpt_unchanged(h, e, &t[j], off + (uint64_t)j * size, size))
+            if (ckpt_unchanged(h, e, &t[j], off + (uint64_t)j * size))
                 m &= ~(b & -b);
         }
         return m;
@@ -99,7 +86,7 @@ static uint64_t ckpt_sift(hk_heap *h, uint64_t page, uint64_t m)
         uint32_t j = (uint32_t)__builtin_ctzll(b);
         uint64_t u;
         int64_t idx = ckpt_owner(h, page, j, &u);
-        if (idx >= 0 && ckpt_unchanged(h, &h->cat[idx], heap_tag(h, &h->cat[idx], u), off + (uint64_t)j * size, size))
+        if (idx >= 0 && ckpt_unchanged(h, &h->cat[idx], heap_tag(h, &h->cat[idx], u), off + (uint64_t)j * size))
             m &= ~(b & -b);
     }
     return m;

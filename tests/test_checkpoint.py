@@ -322,6 +322,24 @@ def test_of_objects_sharing_a_page_only_those_written_and_changed_are_copied(hea
         assert np.array_equal(heap["p"].take(np.arange(640)), want)
 
 
+def test_objects_smaller_than_their_slot_are_compared_on_their_own_bytes(heap_path):
+    heap = hpcckpt.Heap.create(heap_path, "16MiB")
+    xs = [heap.array(f"x{i}", 8, "f8") for i in range(4)]   # 64 B each, one page
+    for x in xs:
+        x[:] = -1
+    heap.checkpoint()
+    del heap["x1"], x
+    xs[1] = None
+    heap.checkpoint()                       # x1's slot is free; its copy still holds -1s
+    y = heap.array("y", 5, "f8")            # 40 B, in x1's slot
+    y[:] = 3
+    heap.checkpoint()
+    xs[0][0] = 5                            # writes the page y shares
+    heap.checkpoint()
+    assert heap.stats["units_dirty"] == 1 and heap.stats["bytes_copied"] == 64, heap.stats
+    heap.close()
+
+
 def test_recovery_to_the_previous_epoch_when_another_rank_did_not_prepare(heap_path):
     heap = hpcckpt.Heap.create(heap_path, "4MiB")
     a, p = heap.array("a", 1000), heap.pool("p", "f8", 100)
