@@ -70,21 +70,10 @@ static inline int ckpt_unchanged(hk_heap *h, const struct hk_entry *e, const str
  * changed: one write fault names the page, the comparison names the objects. */
 static uint64_t ckpt_sift(hk_heap *h, uint64_t page, uint64_t m)
 {
-    uint32_t own = h->powner[page], size = heap_class_size[h->pcls[page]];
-    uint64_t off = page * HK_PAGE;
-    if (!(own & HK_ROW_FLAG) && heap_units(&h->cat[own]) > 1) {   /* one multi-unit object: tags in a row */
-        struct hk_entry *e = &h->cat[own];
-        const struct hk_tag *t = heap_tag(h, e, (page - e->first_page) * (HK_PAGE / size));
-        for (uint64_t b = m; b; b &= b - 1) {
-            uint32_t j = (uint32_t)__builtin_ctzll(b);
-            if (ckpt_unchanged(h, e, &t[j], off + (uint64_t)j * size))
-                m &= ~(b & -b);
-        }
-        return m;
-    }
+    uint64_t off = page * HK_PAGE, u;
+    uint32_t size = heap_class_size[h->pcls[page]];
     for (uint64_t b = m; b; b &= b - 1) {
         uint32_t j = (uint32_t)__builtin_ctzll(b);
-        uint64_t u;
         int64_t idx = ckpt_owner(h, page, j, &u);
         if (idx >= 0 && ckpt_unchanged(h, &h->cat[idx], heap_tag(h, &h->cat[idx], u), off + (uint64_t)j * size))
             m &= ~(b & -b);
@@ -237,7 +226,6 @@ static int ckpt_collect(hk_heap *h, int by_hash)
     h->work.n = 0;
     int everything = h->tracker == HK_TRACK_FULL || h->tracker == HK_TRACK_HASH || h->all_dirty;
     by_hash |= h->tracker == HK_TRACK_HASH && !h->all_dirty;
-    h->sift.n = 0;
     if (h->ops)
         rc = h->ops->collect(h, ckpt_emit);
     if (!rc && h->sift.n)   /* read-only work, after the scan: no page changes protection now */
