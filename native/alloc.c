@@ -374,7 +374,7 @@ int alloc_rebuild(hk_heap *h)
     for (uint64_t i = heap_hwm(h); i-- > 0;) {
         struct hk_entry *e = &h->cat[i];
         uint32_t born = HK_EPOCH_BORN(e->epochs), dead = HK_EPOCH_DEAD(e->epochs);
-        int bad = e->kind > HK_KIND_POOL || (e->kind != HK_KIND_FREE && heap_entry_crc(e) != e->crc);
+        int bad = e->kind > HK_KIND_MAX || (e->kind != HK_KIND_FREE && heap_entry_crc(e) != e->crc);
         if (bad && born <= h->prepared && born != 0 && !(dead && dead <= h->prepared))
             return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (checksum mismatch)", h->path,
                            (unsigned long)i);

@@ -101,6 +101,13 @@ static int ckpt_sift_part(void *ctx, unsigned part, unsigned nparts)
     return 0;
 }
 
+/* ckpt_table_page -- does page p belong to a table (reached through view 0 only, its units compared)? */
+static inline int ckpt_table_page(const hk_heap *h, uint64_t page)
+{
+    uint32_t own = h->powner[page];
+    return !(own & HK_ROW_FLAG) && h->cat[own].kind == HK_KIND_TABLE;
+}
+
 /* ckpt_emit -- tracker callback: (view, page) written -> mark the units it names. */
 static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
 {
@@ -111,7 +118,8 @@ static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
         return 0;
     if (pc == HK_PAGE_CLASS)
         return view == 0 ? ckpt_mark(h, page, 0) : 0;
-    if (view == 0 && !alias_viewed(h, pc)) {   /* no views: the objects on the page it names */
+    int table = view == 0 && ckpt_table_page(h, page);
+    if (view == 0 && (!alias_viewed(h, pc) || table)) {   /* no views: the objects on the page it names */
         uint64_t m = h->pmask[page];
         if (h->dmask[page] == 0 && m) {
             int rc = vec_push32(&h->dpages, (uint32_t)page);
@@ -122,7 +130,7 @@ static int ckpt_emit(hk_heap *h, uint32_t view, uint64_t page)
         }
         /* several objects share it (not under `page`): ckpt_sift_part names those that changed;
          * should the list not grow, the whole page is taken */
-        if (h->tracker == HK_TRACK_PAGE || !(m & (m - 1)) || vec_push32(&h->sift, (uint32_t)page))
+        if ((h->tracker == HK_TRACK_PAGE && !table) || !(m & (m - 1)) || vec_push32(&h->sift, (uint32_t)page))
             h->dmask[page] |= m;
         return 0;
     }
@@ -141,19 +149,27 @@ int ckpt_mark_unit(hk_heap *h, uint32_t idx, uint64_t u)
     uint64_t off;
     uint32_t len;
     heap_unit_place(h, e, u, &off, &len);
-    if (h->tracker == HK_TRACK_PAGE)
+    if (h->tracker == HK_TRACK_PAGE && e->kind != HK_KIND_TABLE)   /* a table's units are compared instead */
         return ckpt_emit(h, 0, off / HK_PAGE);
     return ckpt_mark(h, off / HK_PAGE, (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls]);
 }
 
-/* ckpt_mark_entry -- mark every unit of a live entry (hash: only the changed ones). */
+/* ckpt_mark_entry -- mark every unit of a live entry (hash: only the changed ones; a table's
+ * units are compared with their committed copies under every tracker). */
 static int ckpt_mark_entry(hk_heap *h, uint32_t idx, int by_hash)
 {
     struct hk_entry *e = &h->cat[idx];
     if (!entry_alive(e) || (by_hash && h->putonly && h->putonly[idx]))   /* put marks what it writes */
         return 0;
+    int table = e->kind == HK_KIND_TABLE && !by_hash;
     for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
-        if (by_hash) {
+        if (table) {
+            uint64_t off;
+            uint32_t len;
+            heap_unit_place(h, e, u, &off, &len);
+            if (ckpt_unchanged(h, e, heap_tag(h, e, u), off))
+                continue;
+        } else if (by_hash) {
             uint64_t off;
             uint32_t len;
             heap_unit_place(h, e, u, &off, &len);
@@ -176,7 +192,7 @@ static int ckpt_open_pages(hk_heap *h, uint32_t idx)
         uint64_t off;
         uint32_t len;
         heap_unit_place(h, e, u, &off, &len);
-        uint32_t view = e->cls == HK_PAGE_CLASS ? 0
+        uint32_t view = e->cls == HK_PAGE_CLASS || e->kind == HK_KIND_TABLE ? 0
                         : alias_view_of(h, e->cls, (uint32_t)(off % HK_PAGE) / heap_class_size[e->cls]);
         uint8_t *page = h->views + (size_t)view * h->data_len + off - off % HK_PAGE;
         if (mprotect(page, HK_PAGE, PROT_READ | PROT_WRITE) != 0)

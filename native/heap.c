@@ -176,7 +176,12 @@ int heap_alloc(hk_heap *h, const struct hk_desc *d, uint64_t *index)
         return hk_fail(EINVAL, "at most %d dimensions, got %u", HK_NDIM_MAX, d->ndim);
     unsigned cls = heap_class_of(d->obj_size);
     uint64_t count = d->count ? d->count : 1, bytes, npages = 0, units = 1;
-    int pooled = d->kind == HK_KIND_POOL && count > 1;
+    int table = d->kind == HK_KIND_TABLE, pooled = (d->kind == HK_KIND_POOL && count > 1) || table;
+    if (table && (d->obj_size != 64 || count % (HK_PAGE / 64)))
+        return hk_fail(EINVAL, "'%s': a table is whole pages of 64-byte units (got %lu units of %lu bytes)",
+                       d->name, (unsigned long)count, (unsigned long)d->obj_size);
+    if (d->kind < HK_KIND_ARRAY || d->kind > HK_KIND_MAX)
+        return hk_fail(EINVAL, "'%s': unknown object kind %d", d->name, d->kind);
     int too_big = __builtin_mul_overflow(count, d->obj_size, &bytes) || bytes > h->sb->capacity;
     if (!too_big && cls == HK_PAGE_CLASS)
         units = npages = count * ((d->obj_size + HK_PAGE - 1) / HK_PAGE);

@@ -95,7 +95,10 @@ struct hk_state {
 };
 
 /* Entry kinds. */
-enum { HK_KIND_FREE = 0, HK_KIND_ARRAY = 1, HK_KIND_POOL = 2 };
+/* A table (HK_KIND_TABLE) is laid out as a pool of 64-byte units on whole pages of its own,
+ * so its bytes are contiguous in the data area: a 64-byte header (length, ...) then the rows.
+ * Its units are compared with their committed copies (ckpt.c): only changed ones are copied. */
+enum { HK_KIND_FREE = 0, HK_KIND_ARRAY = 1, HK_KIND_POOL = 2, HK_KIND_TABLE = 3, HK_KIND_MAX = 3 };
 
 /* hk_tag -- where the newest copy of a unit is, and the checksums of both copies.
  * `latest` = epoch of the newest copy | slot << 31; 0 = never copied.  A copy is

@@ -213,11 +213,11 @@ int state_check(hk_heap *h, uint64_t E)
     for (uint64_t i = 0; i < hwm; i++) {
         struct hk_entry *e = &h->cat[i];
         if (!state_alive_at(e, E)) {
-            beyond += e->kind == HK_KIND_ARRAY || e->kind == HK_KIND_POOL ? HK_EPOCH_BORN(e->epochs) > E : 0;
+            beyond += e->kind != HK_KIND_FREE && e->kind <= HK_KIND_MAX ? HK_EPOCH_BORN(e->epochs) > E : 0;
             continue;
         }
         int pending = h->was_clean && E == h->prepared && HK_EPOCH_DEAD(e->epochs);   /* a clean heap has none */
-        if (pending || e->kind > HK_KIND_POOL || e->crc != heap_entry_crc(e) || !heap_entry_sane(h, e))
+        if (pending || e->kind > HK_KIND_MAX || e->crc != heap_entry_crc(e) || !heap_entry_sane(h, e))
             return hk_fail(EBADMSG, "%s: catalog entry %lu is corrupt (file bytes %lu..%lu)", h->path,
                            (unsigned long)i, (unsigned long)(h->sb->off_catalog + i * sizeof *e),
                            (unsigned long)(h->sb->off_catalog + (i + 1) * sizeof *e));

@@ -39,7 +39,7 @@ struct hk_desc {
     uint64_t shape[8];
     uint64_t obj_size;      /* bytes per object */
     uint64_t count;         /* 1 for an array, n for a pool */
-    int kind;               /* 1 array, 2 pool */
+    int kind;               /* 1 array, 2 pool, 3 table (count 64-byte units, a multiple of 64) */
 };
 
 struct hk_info {

@@ -28,11 +28,12 @@ from . import _native
 from ._progress import watch
 from ._units import parse_size
 from .errors import CorruptHeapError, HeapError, HeapFullError, RepairWarning, translate
+from .table import Table
 
 TRACKERS = {"uffd": _native.TRACK_UFFD, "mprotect": _native.TRACK_MPROTECT, "page": _native.TRACK_PAGE,
             "hash": _native.TRACK_HASH, "full": _native.TRACK_FULL}
 _TRACKER_NAMES = {v: k for k, v in TRACKERS.items()}
-_KIND_ARRAY, _KIND_POOL = 1, 2
+_KIND_ARRAY, _KIND_POOL, _KIND_TABLE = 1, 2, 3
 _CRASH_POINTS = {"before-copy": _native.CRASH_BEFORE_COPY, "mid-copy": _native.CRASH_MID_COPY,
                  "after-copy": _native.CRASH_AFTER_COPY, "after-prepare": _native.CRASH_AFTER_PREPARE,
                  "mid-restore": _native.CRASH_MID_RESTORE}
@@ -508,6 +509,27 @@ class Heap:
             self.put_only(name)
         return pool
 
+    def table(self, name: str, dtype: Any, *, distributed: bool = False, route: Any = None,
+              capacity: int | None = None) -> Table:
+        """A table of records whose length changes (see :mod:`hpcckpt.table`): the one the heap
+        holds, or a new empty one with room for `capacity` rows (it grows by itself).
+
+        `distributed=True` makes each rank's table part of one global table (exported as one
+        dataset, rows in rank order; declaring it is collective).  After a restore from an export
+        the rows are split evenly in global order (at the same rank count each rank gets its own
+        back); `route`, a function of a block of rows returning each one's rank, sends every row
+        to its rank instead, in one exchange, at this declaration.
+
+        >>> import tempfile, os
+        >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "t.heap"), "8MiB")
+        >>> t = h.table("events", [("t", "f8"), ("id", "i8")])
+        >>> t.append([(0.5, 1), (0.7, 2)]); len(h["events"])
+        2
+        >>> h.close()
+        """
+        from .table import declare
+        return declare(self, name, dtype, distributed, route, capacity)
+
     def _redeclare(self, name: str, dt: np.dtype, shape: tuple, count: int, kind: int, layout: dict):
         """A distributed object declared again: the same layout returns it, another re-blocks or fails."""
         held = self.describe(name)
@@ -591,7 +613,7 @@ class Heap:
             arrays.append(a)
         return k, arrays
 
-    def __getitem__(self, name: str) -> np.ndarray | Pool:
+    def __getitem__(self, name: str) -> np.ndarray | Pool | Table:
         index = self._names.get(name)
         if index is None:
             raise KeyError(f"{self.path}: no object named {name!r}")
@@ -599,6 +621,8 @@ class Heap:
         dt = _dtype_parse(dtype)
         if kind == _KIND_POOL:
             return Pool(self, index, name, dt, tuple(shape), count)
+        if kind == _KIND_TABLE:
+            return Table(self, name, dt)
         return self._view(index, 0, tuple(shape), dt)
 
     @locked
