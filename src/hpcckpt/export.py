@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _native
+from . import _native, deadline
 from .h5io import write_master, write_rank_file
 from .heap import Heap, crash_hook
 from .manifest import ExportError, Manifest, export_paths, tidy, write_durably, write_latest
@@ -231,12 +231,13 @@ class ExportHandle:
         ex = self.exporter
         if self.state == "writing":
             self._take_local()
-            errors = ex.comm.allgather(self.error)
+            errors = deadline.allgather(ex.comm, self.error, f"the export of epoch {self.epoch} (every rank's file)")
             self.finalize([r for r, e in enumerate(errors) if e])
             self.error = self.error or next((e for e in errors if e), None)
         if ex.comm.Get_rank() == 0:
             self.settle(block=True)
-        self.state, self.path, self.error = ex.comm.bcast((self.state, self.path, self.error), root=0)
+        self.state, self.path, self.error = deadline.bcast(ex.comm, (self.state, self.path, self.error),
+                                                           f"the export of epoch {self.epoch} (rank 0's master)")
         if ex.inflight is self:
             ex.inflight = None
         if self in ex.finishing:

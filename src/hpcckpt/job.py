@@ -21,9 +21,11 @@ import sys
 import warnings
 from typing import Any
 
-from .errors import CorruptHeapError, HeapError, RepairWarning
+from . import deadline
+from .errors import CorruptHeapError, HeapBusyError, HeapError, RepairWarning
 from .export import Exporter, ExportHandle
 from .heap import Heap, _check_name, crash_hook, default_threads, locked
+from .locks import holder, refuse_if_running
 from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
 from .mpi import (agree, coordinated_checkpoint, default_root, error_class, error_text, first_error, private_dir,
                   reduce_max)
@@ -91,7 +93,8 @@ def check_job_name(name: str) -> None:
 
 def open(name: str, comm: Any = None, root: str | None = None, capacity: int | str = "1GiB",
          tracker: str = "auto", max_objects: int | None = None, preallocate: bool = False,
-         export_dir: str | None = None, export_every: int = 0, redundancy: str = "none") -> JobHeap:
+         export_dir: str | None = None, export_every: int = 0, redundancy: str = "none",
+         timeout: float | None = None, abort_on_error: bool = True) -> JobHeap:
     """Open or create this rank's heap `<root>/<name>/rank<r>.heap`, collectively.
 
     Restores the last epoch every rank can reach: from the local heaps if all are there at
@@ -101,7 +104,19 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     ``"partner"``, ``"export"`` or None (fresh), and ``heap.epoch`` and ``heap.meta`` say where
     to resume.  `export_every=K` exports every K-th committed epoch in the background.  A
     `root` containing ``{node}`` gets each node's number there (one directory per node).
+
+    A job whose heaps a live process holds (the same job name, running) is refused before
+    anything is created, restored or deleted.  Every collective of hpcckpt waits at most
+    `timeout` seconds (default ``$HPCCKPT_TIMEOUT``, else 600; 0: no deadline), then aborts the
+    job saying what it waited for.  With `abort_on_error` (the default) an uncaught exception on
+    any rank prints its traceback and ends the whole job with ``MPI_Abort``, so that no rank
+    waits forever for one that died; ``abort_on_error=False`` leaves ``sys.excepthook`` alone.
     """
+    if abort_on_error:
+        deadline.install_abort_hook()
+    if timeout is not None:
+        deadline.set_timeout(timeout)
+    deadline.timeout()   # a bad $HPCCKPT_TIMEOUT is refused on every rank alike, before MPI is touched
     check_job_name(name)
     if redundancy not in ("none", "partner"):
         raise ValueError(f"redundancy must be 'none' or 'partner', got {redundancy!r}")
@@ -120,6 +135,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     err = None
     try:
         private_dir(directory)
+        refuse_if_running(directory, name)
     except (OSError, HeapError) as e:
         err = error_text(e)
     agree(comm, err)
@@ -162,7 +178,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
                 heap.restored_from = "local" if heap._info()["committed"] else None   # clean reopen included
                 return _ready(heap, comm, name, exporter, partner)
         elif not exports and (view["broken"] or view["newest"]):
-            states = comm.allgather(mine)
+            states = deadline.allgather(comm, mine, "the ranks' agreement at open")
             missing = [r for r, s in enumerate(states) if not s[0]]
             broken = [(r, s[1]) for r, s in enumerate(states) if s[1]]
             why = (f"rank {broken[0][0]} cannot open its heap: {broken[0][1]}" if broken else
@@ -184,8 +200,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         heap._native.abandon()
     err, heap = None, None
     try:
-        if os.path.exists(path):
-            os.unlink(path)
+        _unlink_heap(path)
         heap = JobHeap.create(path, capacity, tracker=tracker, max_objects=max_objects, job=name, rank=rank,
                               world_size=size, preallocate=preallocate)
     except (OSError, HeapError, ValueError) as e:
@@ -228,7 +243,8 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
     newest every surviving rank can restore.  None when no rank lost its heap, or when an
     export is newer or must be used; an error naming the ranks and levels when nothing can help."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    states = comm.allgather((mine[0], mine[1] is not None, mine[2], mine[3], partner.probes()))
+    states = deadline.allgather(comm, (mine[0], mine[1] is not None, mine[2], mine[3], partner.probes()),
+                                "the ranks' agreement on the partner level at open")
     newest = max(s[2] for s in states)
     lost = [r for r, s in enumerate(states) if not s[0] or s[1] or (s[2] == 0 and newest > 0)]
     if not lost or newest == 0:
@@ -254,8 +270,7 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
                 partner.serve(w, epoch)
         if rank in lost:
             got = partner.receive()
-            if os.path.exists(path):
-                os.unlink(path)
+            _unlink_heap(path)
             heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
                                   job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
             hook = crash_hook(rank)
@@ -267,9 +282,9 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
             info = heap._info()
             if not (info["was_clean"] and info["committed"] == epoch == info["good_epoch"] == info["prepared"]):
                 heap._recover(epoch)
-    except (OSError, HeapError, ValueError) as e:
+    except Exception as e:   # any failure is a vote: no rank leaves the others waiting
         err = error_text(e)
-    failed = first_error(comm, err)
+    failed = first_error(comm, err, "the rebuild from partner copies")
     if failed:
         if heap is not None:
             heap._native.abandon()
@@ -320,6 +335,7 @@ def fs_type(path: str) -> str:
 def _ranks_on_my_node(comm) -> int:
     """How many ranks of `comm` share this rank's node (its shared-memory group)."""
     from mpi4py import MPI
+    deadline.arrive(comm, "the grouping of ranks by node at open")
     shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
     n = shared.Get_size()
     shared.Free()
@@ -357,7 +373,9 @@ def _list_exports(comm, exporter: Exporter | None) -> list[int]:
                               "incomplete and are not used", RuntimeWarning, stacklevel=3)
         except OSError as e:
             err = f"{exporter.job_dir}: {e.strerror}"
-    found, err = comm.bcast((found, err), root=0)
+        except Exception as e:   # rank 0 tells the others whatever happened, never dies before it
+            err = f"{exporter.job_dir}: {error_text(e)}"
+    found, err = deadline.bcast(comm, (found, err), "the list of exports at open (from rank 0)")
     if err:
         raise HeapError(f"export directory {err}")
     return found
@@ -395,15 +413,14 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
             m = load_manifest(exporter.job_dir, epoch)
             if m.job != name:
                 raise ExportError(f"{exporter.job_dir}: export of epoch {epoch} belongs to job {m.job!r}")
-            if os.path.exists(path):
-                os.unlink(path)
+            _unlink_heap(path)
             heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
                                   job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
             reader = fill_from_export(heap, exporter.job_dir, m, rank, size)
             heap._native.rebase(epoch - 1)
-        except (OSError, HeapError, ValueError) as e:
+        except Exception as e:   # bad input of any kind makes this export unusable on every rank alike
             err = str(e) if isinstance(e, ExportError) else error_text(e)
-        first = first_error(comm, err)
+        first = first_error(comm, err, f"the restore of the export of epoch {epoch}")
         if first:
             if reader is not None:
                 reader.close()
@@ -425,9 +442,20 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
                       "the local heaps are gone or out of step, so the job cannot restart")
 
 
+def _unlink_heap(path: str) -> None:
+    """Remove this rank's old heap file before a new heap takes its place; never one that a live
+    process holds (a job of the same name started meanwhile)."""
+    pid = holder(path)
+    if pid is not None:
+        raise HeapBusyError(f"{path} is held by process {pid or '(another namespace)'}: a job of the same name is "
+                            "running; nothing was replaced")
+    if os.path.exists(path):
+        os.unlink(path)
+
+
 def _remove_stale(comm, directory: str, size: int) -> None:
     """Rank 0 removes heaps of ranks beyond the job's size (left by a larger run)."""
-    comm.Barrier()
+    deadline.arrive(comm, "the end of the open")
     if comm.Get_rank() == 0:
         for entry in os.listdir(directory):
             if entry.startswith("rank") and entry.endswith(".heap") and entry[4:-5].isdigit() and \

@@ -113,11 +113,14 @@ def read_latest(job_dir: str) -> int | None:
     try:
         with open(path) as f:
             d = json.load(f)
-        return int(d["epoch"])
+        epoch = d["epoch"]
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError, OSError):
+    except (ValueError, KeyError, TypeError, OSError, RecursionError):
         return None
+    if type(epoch) is not int or not 0 < epoch < 1 << 62:   # 1e999, -3, 0, "7", true: no marker
+        return None
+    return epoch
 
 
 def write_latest(job_dir: str, epoch: int) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import CheckpointError, HeapError, OwnerMismatchError
+from . import deadline
 from ._progress import watch
 from .heap import Heap, block_shape, crash_hook, _call
 
@@ -36,39 +37,39 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def agree(comm, ok_or_error: str | None, cls: type[Exception] = HeapError) -> None:
+def agree(comm, ok_or_error: str | None, cls: type[Exception] = HeapError, what: str = "the ranks' agreement at open") -> None:
     """Raise the same error on every rank if any rank reported one (an ``error_text``).
 
     When every failed rank raised the same hpcckpt error class (or FileNotFoundError,
     PermissionError, ValueError), every rank raises that class, so ``except`` works under MPI.
     """
-    if not any_rank(comm, ok_or_error is not None):   # one fixed-size reduction; texts only on failure
+    if not any_rank(comm, ok_or_error is not None, what):   # one fixed-size reduction; texts only on failure
         return
-    errors = comm.allgather(ok_or_error)
+    errors = deadline.allgather(comm, ok_or_error, what)
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         ranks = ", ".join(str(r) for r, _ in failed)
         raise error_class([e for _, e in failed], cls)(f"on rank(s) {ranks}: {failed[0][1]}")
 
 
-def any_rank(comm, flag: bool) -> bool:
+def any_rank(comm, flag: bool, what: str = "the ranks' agreement at open") -> bool:
     """True on every rank if `flag` is true on any: one Allreduce of one value."""
-    return bool(reduce_max(comm, [float(flag)])[0])
+    return bool(reduce_max(comm, [float(flag)], what)[0])
 
 
-def first_error(comm, err: str | None) -> str | None:
+def first_error(comm, err: str | None, what: str = "the ranks' agreement at open") -> str | None:
     """The first rank's error text if any rank has one (texts travel only then), else None."""
-    if not any_rank(comm, err is not None):
+    if not any_rank(comm, err is not None, what):
         return None
-    return next(e for e in comm.allgather(err) if e)
+    return next(e for e in deadline.allgather(comm, err, what) if e)
 
 
-def reduce_max(comm, values: list[float]) -> np.ndarray:
+def reduce_max(comm, values: list[float], what: str = "the ranks' agreement at open") -> np.ndarray:
     """Element-wise maximum over the ranks (a minimum travels negated): O(log N) time, the same
-    bytes per rank at any rank count."""
+    bytes per rank at any rank count; aborts the job past the deadline (`what` names it)."""
     from mpi4py import MPI   # here, not at import: a single-process user never initialises MPI
     out = np.empty(len(values))
-    comm.Allreduce(np.asarray(values, dtype=float), out, op=MPI.MAX)
+    deadline.allreduce(comm, np.asarray(values, dtype=float), out, MPI.MAX, what)
     return out
 
 
@@ -84,7 +85,8 @@ def _max_then_sum(inbuf, inout, datatype) -> None:
     b[m:] += a[m:]
 
 
-def reduce_max_sum(comm, maxima: list[float], sums: list[float]) -> tuple[np.ndarray, np.ndarray]:
+def reduce_max_sum(comm, maxima: list[float], sums: list[float],
+                   what: str = "a checkpoint's vote") -> tuple[np.ndarray, np.ndarray]:
     """Element-wise maximum of `maxima` and sum of `sums` over the ranks, in one Allreduce (a
     commutative user op): one round of messages, the same bytes per rank at any N."""
     global _MAX_SUM
@@ -93,7 +95,7 @@ def reduce_max_sum(comm, maxima: list[float], sums: list[float]) -> tuple[np.nda
         _MAX_SUM = MPI.Op.Create(_max_then_sum, commute=True)
     send = np.asarray([len(maxima), *maxima, *sums], dtype=float)
     out = np.empty_like(send)
-    comm.Allreduce(send, out, op=_MAX_SUM)
+    deadline.allreduce(comm, send, out, _MAX_SUM, what)
     return out[1:1 + len(maxima)], out[1 + len(maxima):]
 
 
@@ -163,7 +165,7 @@ def check_tiling(comm, heap: Heap) -> str | None:
     for name, lay in heap._layouts.items():
         d = heap.describe(name)
         mine[name] = (lay, d["dtype"], block_shape(d))
-    tables = comm.allgather(mine)
+    tables = deadline.allgather(comm, mine, "the check that distributed objects tile their global shapes")
     names = sorted({n for t in tables for n in t})
     for name in names:
         holders = [(r, t[name]) for r, t in enumerate(tables) if name in t]
@@ -236,8 +238,9 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
     flags = [p.vote() for p in participants]
     numbers = [float(local.get(k, 0)) for k in _NUMERIC]
     # the vote: one reduction, maxima (minima travel negated) then the sums of the stats
+    what = f"the vote of checkpoint {epoch or '?'} (heap.checkpoint)"
     high, sums = reduce_max_sum(comm, [err is not None, epoch, -epoch, layout_changed, *flags,
-                                       *(-f for f in flags), *numbers], numbers)
+                                       *(-f for f in flags), *numbers], numbers, what)
     hook = crash_hook(comm.Get_rank())
     if hook and hook[0] == "after-allreduce" and hook[1] in (0, epoch):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -255,7 +258,7 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
                 withdraw_err = f"withdrawing it failed too: {error_text(e)}"
         if partner is not None:
             partner.finish(False)
-        said = comm.allgather(err) if any_failed else []   # every rank, or none
+        said = deadline.allgather(comm, err, what) if any_failed else []   # every rank, or none
         failed = [r for r, e in enumerate(said) if e]
         if any_failed:
             message = next(e for e in said if e)
@@ -279,7 +282,7 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
     heap._stats = local
     for i, p in enumerate(participants):   # a participant sees every rank's vote only when one is 2 (failed)
         low, most = -high[4 + k + i], high[4 + i]
-        p.after_commit(heap, np.array(comm.allgather(flags[i])) if most == 2 else np.array([low]))
+        p.after_commit(heap, np.array(deadline.allgather(comm, flags[i], what)) if most == 2 else np.array([low]))
     return epoch
 
 

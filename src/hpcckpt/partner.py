@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _native
+from . import _native, deadline
 from .errors import HeapError
 from .heap import Heap
 from .mpi import error_text
@@ -43,10 +43,11 @@ def nodes_of_ranks(comm) -> list[int]:
             raise HeapError(f"HPCCKPT_NODE_OF_RANK names {len(nodes)} ranks, the job has {comm.Get_size()}")
     else:
         from mpi4py import MPI
+        deadline.arrive(comm, "the grouping of ranks by node at open")
         shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
         leader = shared.bcast(comm.Get_rank(), root=0)
         shared.Free()
-        nodes = comm.allgather(leader)
+        nodes = deadline.allgather(comm, leader, "the grouping of ranks by node at open")
     order = sorted(set(nodes))
     return [order.index(n) for n in nodes]
 
@@ -172,13 +173,30 @@ def _message(header: dict, entries: bytes = b"", units: bytes = b"", data: bytes
 
 
 def _recv_bytes(comm, source: int, tag: int, into: bytearray | None = None) -> bytearray:
+    """One message from `source`, waited for under the deadline (matched probe, then receive)."""
     from mpi4py import MPI
+    what = f"the partner copy from rank {source}"
+    if deadline.timeout() > 0:
+        deadline.wait(_Probe(comm, source, tag), what)
     st = MPI.Status()
-    comm.Probe(source=source, tag=tag, status=st)
+    msg = comm.Mprobe(source=source, tag=tag, status=st)
     n = st.Get_count(MPI.BYTE)
     buf = into if into is not None and len(into) == n else bytearray(n)
-    comm.Recv(buf, source=source, tag=tag)
+    deadline.wait(msg.Irecv(buf), what)
     return buf
+
+
+class _Probe:
+    """A message that has arrived, as a request ``deadline.wait`` can test."""
+
+    def __init__(self, comm, source: int, tag: int):
+        self.comm, self.source, self.tag = comm, source, tag
+
+    def Test(self) -> bool:
+        return self.comm.Iprobe(source=self.source, tag=self.tag)
+
+    def Wait(self) -> None:
+        self.comm.Probe(source=self.source, tag=self.tag)
 
 
 class Mirror:
@@ -316,7 +334,7 @@ class PartnerLevel:
                 except (OSError, HeapError, ValueError) as e:
                     err = f"keeping the partner copy of rank {w}: {error_text(e)}"
         for r in sends:
-            r.Wait()
+            deadline.wait(r, f"the partner copy's send to rank {self.partner}")
         self.figures = {"bytes_sent": len(head) + len(gaps) + len(data), "data_bytes_sent": len(data),
                         "full": bool(header.get("full")), "t_partner": time.perf_counter() - t0}
         return err
@@ -346,7 +364,7 @@ class PartnerLevel:
                     pass
             if not ok[w]:
                 m.drop()
-        held = self.comm.allgather(ok)
+        held = deadline.allgather(self.comm, ok, "the partner level's agreement at open")
         self.synced = held[self.partner].get(self.comm.Get_rank(), False)
         self.sent_catalog = None
 
@@ -361,10 +379,11 @@ class PartnerLevel:
         except (OSError, HeapError, ValueError) as e:
             head, gaps = _message({"ok": False, "error": f"rank {self.comm.Get_rank()}: {error_text(e)}"})
             data = None
-        self.comm.Send(head, dest=ward, tag=_HEADER)
+        sends = [self.comm.Isend(head, dest=ward, tag=_HEADER)]
         if data is not None:
-            self.comm.Send(gaps, dest=ward, tag=_META)
-            self.comm.Send(data, dest=ward, tag=_DATA)
+            sends += [self.comm.Isend(gaps, dest=ward, tag=_META), self.comm.Isend(data, dest=ward, tag=_DATA)]
+        for r in sends:
+            deadline.wait(r, f"the rebuild of rank {ward} from its partner copy")
 
     def receive(self) -> tuple[dict, bytearray, bytearray]:
         """What my partner sends by ``serve``: (header, gaps, data); an error header raises."""

@@ -1,0 +1,163 @@
+"""Deadlines for hpcckpt's collectives, and the end of a job whose rank failed.
+
+No collective of ours waits forever: each one is nonblocking and tested in a loop that backs
+off to short sleeps (so a waiting rank leaves the CPU to the application's threads and to the
+export helper); past the deadline the job is aborted with one message saying what it waited
+for.  An uncaught exception on any rank ends the whole job: the traceback first, then
+``MPI_Abort`` (as ``python -m mpi4py`` does), so ``mpiexec`` and ``srun`` return and
+``hpcckpt run`` can relaunch.
+
+>>> import hpcckpt.deadline as d
+>>> d.parse_timeout("90")
+90.0
+>>> d.parse_timeout("0")      # 0 turns deadlines off: plain blocking collectives
+0.0
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any
+
+DEFAULT_TIMEOUT = 600.0
+EXIT_DEADLINE = 124       # the job's exit status when a deadline passed (as timeout(1) uses)
+_SPIN = 200e-6            # test without sleeping this long first: a vote in step completes in it
+_MAX_PAUSE = 0.002        # the longest sleep between two tests
+
+
+def parse_timeout(text: str | float | None, where: str = "HPCCKPT_TIMEOUT") -> float:
+    """Seconds from `text` (None: the default); a bad value is refused in one line."""
+    if text is None or text == "":
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}={text!r}: give the seconds a collective of hpcckpt may wait, "
+                         f"e.g. {int(DEFAULT_TIMEOUT)} (0 turns the deadline off)")
+    return value
+
+
+_timeout: float | None = None
+
+
+def timeout() -> float:
+    """The deadline of every collective in seconds: ``hpcckpt.open(timeout=)``, else
+    ``$HPCCKPT_TIMEOUT``, else 600; 0 means none."""
+    return _timeout if _timeout is not None else parse_timeout(os.environ.get("HPCCKPT_TIMEOUT"))
+
+
+def set_timeout(seconds: float | None) -> None:
+    """Set the process's deadline (None: back to ``$HPCCKPT_TIMEOUT`` or the default)."""
+    global _timeout
+    _timeout = None if seconds is None else parse_timeout(seconds, "timeout")
+
+
+def wait(request: Any, what: str) -> None:
+    """Complete `request` (an MPI request) or abort the job once the deadline has passed.
+
+    Tests without sleeping for 0.2 ms, then sleeps between tests, up to 2 ms at a time: MPI
+    progresses a nonblocking collective only inside a test, so a collective whose last rank
+    arrives late completes within about 2 ms of its arrival.
+    """
+    limit = timeout()
+    if limit <= 0:
+        request.Wait()
+        return
+    t0 = time.monotonic()
+    pause = 0.0
+    while not request.Test():
+        waited = time.monotonic() - t0
+        if waited < _SPIN:
+            continue
+        if waited > limit:
+            expire(what, waited)
+        pause = min(max(pause * 1.5, 20e-6), _MAX_PAUSE)
+        time.sleep(pause)
+
+
+def arrive(comm: Any, what: str) -> None:
+    """Wait (with the deadline) until every rank of `comm` has reached this point: a blocking
+    collective right after it cannot hang on a rank that never comes."""
+    if timeout() > 0:
+        wait(comm.Ibarrier(), what)
+
+
+def allgather(comm: Any, obj: Any, what: str) -> list:
+    """``comm.allgather(obj)`` under the deadline."""
+    arrive(comm, what)
+    return comm.allgather(obj)
+
+
+def bcast(comm: Any, obj: Any, what: str, root: int = 0) -> Any:
+    """``comm.bcast(obj, root)`` under the deadline."""
+    arrive(comm, what)
+    return comm.bcast(obj, root=root)
+
+
+def allreduce(comm: Any, send: Any, recv: Any, op: Any, what: str) -> None:
+    """``comm.Allreduce(send, recv, op)`` under the deadline (nonblocking, tested)."""
+    if timeout() <= 0:
+        comm.Allreduce(send, recv, op=op)
+        return
+    wait(comm.Iallreduce(send, recv, op=op), what)
+
+
+def expire(what: str, waited: float) -> None:
+    """The deadline of `what` has passed: say so in one line and abort the job."""
+    from mpi4py import MPI
+    rank = MPI.COMM_WORLD.Get_rank()
+    message = (f"hpcckpt: rank {rank} waited {waited:.0f} s for {what} and gives up (the deadline, "
+               f"HPCCKPT_TIMEOUT or hpcckpt.open(timeout=), is {timeout():g} s); ranks that do not report the "
+               "same never arrived: each rank must make the same hpcckpt calls in the same order. Aborting the job")
+    abort(message, EXIT_DEADLINE)
+
+
+def abort(message: str, code: int = 1) -> None:
+    """Print `message`, leave it for ``hpcckpt run`` and end the whole job with ``MPI_Abort``."""
+    print(message, file=sys.stderr, flush=True)
+    _tell_relauncher(message)
+    from mpi4py import MPI
+    MPI.COMM_WORLD.Abort(code)
+
+
+def _tell_relauncher(message: str) -> None:
+    """Under ``hpcckpt run``: the reason this attempt ended, one line in its status file."""
+    status = os.environ.get("HPCCKPT_RUN_STATUS")
+    if status:
+        try:
+            with open(status, "a") as f:
+                f.write("error: " + " ".join(message.split())[:500] + "\n")
+        except OSError:
+            pass
+
+
+def install_abort_hook() -> None:
+    """Make an uncaught exception end the whole job: traceback first, then ``MPI_Abort(1)``.
+
+    Installed by ``hpcckpt.open`` (``abort_on_error=False`` leaves ``sys.excepthook`` alone).
+    Chains to the hook it finds, which prints the traceback.  ``SystemExit`` never reaches a
+    hook: a program that ends one rank on purpose calls ``comm.Abort(code)``.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_hpcckpt", False):
+        return
+
+    def hook(kind: type, value: BaseException, tb: Any) -> None:
+        try:
+            previous(kind, value, tb)
+        finally:
+            sys.stderr.flush()
+            from mpi4py import MPI
+            if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+                _tell_relauncher(f"{kind.__name__}: {value}")
+                MPI.COMM_WORLD.Abort(1)
+    hook._hpcckpt = True   # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+__all__ = ["timeout", "set_timeout", "parse_timeout", "wait", "arrive", "allgather", "bcast", "allreduce",
+           "abort", "install_abort_hook", "DEFAULT_TIMEOUT"]
