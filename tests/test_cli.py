@@ -115,7 +115,7 @@ def test_info_of_a_job_leads_with_its_restart_epoch_and_levels(heap_dir):
     out = cli("info", heap_dir)
     first = out.stdout.splitlines()[0]
     assert first.startswith("job 'j', 2 ranks: restarts at epoch 2 from the local heaps"), out.stdout
-    assert "rank 0 at 3, rank 1 at 2" in first
+    assert "rank 0 at epoch 3, rank 1 at epoch 2" in first
 
 
 def test_rm_removes_a_jobs_heaps_and_refuses_while_one_is_open(heap_dir):

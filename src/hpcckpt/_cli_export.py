@@ -9,14 +9,13 @@ import argparse
 import json
 import os
 import re
-import sys
-import time
+import signal
 
-from .errors import HeapError
+from .errors import HeapBusyError, HeapError
 from .export import build_manifest, finish, rank_request, run_rank_request
 from .h5io import BlockReader
 from ._progress import Progress
-from .heap import Heap, _dtype_parse
+from .heap import Heap, _dtype_parse, check_job
 from .manifest import ExportError, Manifest, complete_exports, load_manifest, read_latest
 
 _MASTER = re.compile(r"^e(\d+)\.(h5|json)$")
@@ -64,12 +63,36 @@ def _nbytes(obj: dict, b: dict) -> int:
     return n
 
 
-def info_export(job_dir: str, epoch: int | None) -> list[dict]:
-    """What `hpcckpt info` shows of an export directory (every complete export) or one export."""
+def missing_files(job_dir: str, m: Manifest) -> list[str]:
+    """The files an export needs (master and every block's rank file) that are not there."""
+    need = [f"e{m.epoch}.h5"] + sorted({b["file"] for o in m.objects.values() for b in o["blocks"]})
+    return [f for f in need if not os.path.isfile(os.path.join(job_dir, f))]
+
+
+def info_export(job_dir: str, epoch: int | None, check: bool = False, quiet: bool = True) -> list[dict]:
+    """What `hpcckpt info` shows of an export directory (every complete export) or one export.
+
+    Each summary says ``problem`` (a missing file, or with `check` a block whose CRC does not
+    match; else None) and ``verified`` (True only when `check` read every block).
+    """
     epochs = [epoch] if epoch is not None else complete_exports(job_dir)
     if not epochs:
         raise ExportError(f"{job_dir}: no complete export (no LATEST marker, or it names nothing)")
-    return [export_summary(job_dir, load_manifest(job_dir, e)) for e in epochs]
+    out = []
+    for e in epochs:
+        m = load_manifest(job_dir, e)
+        s = {**export_summary(job_dir, m), "problem": None, "verified": False}
+        gone = missing_files(job_dir, m)
+        if gone:
+            s["problem"] = f"incomplete: missing {', '.join(gone[:3])}{'...' if len(gone) > 3 else ''}"
+        elif check:
+            try:
+                verify_export(job_dir, e, quiet=quiet)
+                s["verified"] = True
+            except (HeapError, OSError) as err:
+                s["problem"] = f"damaged: {err}"
+        out.append(s)
+    return out
 
 
 def verify_export(job_dir: str, epoch: int | None, quiet: bool = False) -> dict:
@@ -101,13 +124,18 @@ def export(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="hpcckpt export", description="export a job's heaps to HDF5 (offline)")
     ap.add_argument("target", help="job name, directory of rank*.heap, or heap file")
     ap.add_argument("--to", required=True, metavar="DIR", help="export directory (the job's files go in DIR/<job>)")
+    ap.add_argument("--name", metavar="JOB", help="job name of the export (default: the heaps' own)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     paths = heap_files(args.target)
     heaps = []
     try:
         for p in paths:
-            heaps.append(Heap.open(p, readonly=True))
+            try:
+                heaps.append(Heap.open(p, readonly=True))
+            except HeapBusyError:
+                raise HeapBusyError(f"{p}: the job is running; hpcckpt export needs it stopped (a running job "
+                                    "exports itself: hpcckpt.open(..., export_dir=DIR), heap.export())") from None
         infos = [h.info for h in heaps]
         job, size = infos[0]["job"], infos[0]["world_size"]
         ranks = sorted(i["rank"] for i in infos)
@@ -120,7 +148,9 @@ def export(argv: list[str]) -> int:
             raise HeapError(f"{args.target}: the ranks' heaps are at epochs {sorted(epochs)} (a checkpoint was cut "
                             "short); reopen the job once so that it restores its common epoch, then export")
         epoch = epochs.pop()
-        job_dir = os.path.join(os.path.abspath(args.to), job)
+        job = job_name(args.name if args.name is not None else job,
+                       "--name" if args.name is not None else f"{paths[0]}: the heap's job {job!r}")
+        job_dir = os.path.join(os.path.abspath(args.to), job)   # a plain name: nothing lands outside --to
         os.makedirs(job_dir, exist_ok=True)
         meta = heaps[0].meta
         per_rank = [None] * size
@@ -139,45 +169,100 @@ def export(argv: list[str]) -> int:
     return 0
 
 
+MAX_RANKS = 65536   # restore -n: a bound on the heaps one command creates
+
+
+def job_name(name: str, where: str) -> str:
+    """`name` if it is a plain job name (it becomes a directory); else an error naming `where`."""
+    try:
+        check_job(name)
+    except ValueError as e:
+        raise ExportError(f"{where}: {e}; refused (nothing written); give --name NAME to choose the job name") \
+            from None
+    if not name:
+        raise ExportError(f"{where}: no job name (the heaps were created without job=); give --name NAME")
+    return name
+
+
+def _made_dirs(directory: str) -> list[str]:
+    """Create `directory` (0700) and its missing parents; returns those it created, deepest first."""
+    made, d = [], os.path.abspath(directory)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(made):
+        os.mkdir(d, 0o700)
+    return made
+
+
+def _signals_raise() -> dict:
+    """Turn SIGTERM and SIGHUP into SystemExit so that a killed restore cleans up after itself."""
+    def stop(sig, _frame):
+        raise SystemExit(f"hpcckpt restore: stopped by signal {sig}; the heaps it created were removed")
+    return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def restore(argv: list[str]) -> int:
-    """Lay out heaps for M ranks from an export, ahead of a job on M ranks."""
+    """Lay out heaps for M ranks from an export, ahead of a job on M ranks.
+
+    The heaps go in ROOT/<job>/, the job named by the export (a plain name, else refused) or
+    by --name. On failure or SIGINT/SIGTERM/SIGHUP only the heaps this command created are
+    removed, and the directories it created.
+
+    >>> restore(["/scratch/exports/demo", "--to", "/dev/shm/me", "-n", "2"])   # doctest: +SKIP
+    /dev/shm/me/demo: 2 heaps at epoch 12 {"step": 120}
+    """
     from .restore import fill_from_export
 
     ap = argparse.ArgumentParser(prog="hpcckpt restore", description="lay out heaps for M ranks from an export")
     ap.add_argument("export", help="export directory of a job, or a master e<E>.h5")
     ap.add_argument("--to", required=True, metavar="ROOT", help="heap root (the heaps go in ROOT/<job>/)")
-    ap.add_argument("-n", type=int, required=True, metavar="M", help="number of ranks of the new job")
+    ap.add_argument("-n", type=int, required=True, metavar="M", help=f"number of ranks of the new job (1..{MAX_RANKS})")
+    ap.add_argument("--name", metavar="JOB", help="job name of the heaps (default: the export's)")
     ap.add_argument("--capacity", default="1GiB")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    if args.n < 1:
-        ap.error(f"-n must be at least 1, got {args.n}")
+    if not 1 <= args.n <= MAX_RANKS:
+        ap.error(f"-n must be from 1 to {MAX_RANKS}, got {args.n}")
     where = find_export(args.export)
     if where is None:
         raise SystemExit(f"hpcckpt restore: {args.export}: not an export directory or master file")
     m = manifest_of(*where)
-    directory = os.path.join(args.to, m.job)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    existing = [f for f in os.listdir(directory) if f.endswith(".heap")]
-    if existing:
-        raise SystemExit(f"hpcckpt restore: {directory} already holds heaps ({', '.join(sorted(existing)[:3])}...); "
-                         "remove them first")
-    bar = Progress(args.n, f"restore e{m.epoch}", args.json)
-    for r in range(args.n):
-        path = os.path.join(directory, f"rank{r}.heap")
-        heap = Heap.create(path, args.capacity, job=m.job, rank=r, world_size=args.n)
-        try:
-            fill_from_export(heap, where[0], m, r, args.n).close()
-            heap._native.rebase(m.epoch - 1)
-            heap.checkpoint(**m.meta)
-            heap.close()
-        except BaseException:
-            heap._native.abandon()
-            for f in os.listdir(directory):
-                os.unlink(os.path.join(directory, f))
-            raise
-        bar.step()
-    bar.close()
+    job = job_name(args.name if args.name is not None else m.job,
+                   "--name" if args.name is not None else f"{where[0]}: the manifest's job {m.job!r}")
+    directory = os.path.join(args.to, job)
+    if os.path.isdir(directory):
+        existing = [f for f in os.listdir(directory) if f.endswith(".heap")]
+        if existing:
+            raise SystemExit(f"hpcckpt restore: {directory} already holds heaps ({', '.join(sorted(existing)[:3])}"
+                             f"{'...' if len(existing) > 3 else ''}); remove them first (hpcckpt rm {directory})")
+    made, created, old = _made_dirs(directory), [], _signals_raise()
+    bar = Progress(args.n, f"restore e{m.epoch} to {args.n} ranks", args.json)
+    try:
+        for r in range(args.n):
+            path = os.path.join(directory, f"rank{r}.heap")
+            heap = Heap.create(path, args.capacity, job=job, rank=r, world_size=args.n)
+            created.append(path)
+            try:
+                fill_from_export(heap, where[0], m, r, args.n).close()
+                heap._native.rebase(m.epoch - 1)
+                heap.checkpoint(**m.meta)
+                heap.close()
+            except BaseException:
+                heap._native.abandon()
+                raise
+            bar.step()
+    except BaseException:
+        for path in created:
+            os.unlink(path)
+        for d in made:
+            if not os.listdir(d):
+                os.rmdir(d)
+        raise
+    finally:
+        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
     out = {"root": directory, "epoch": m.epoch, "ranks": args.n}
     print(json.dumps(out) if args.json else f"{directory}: {args.n} heaps at epoch {m.epoch} {json.dumps(m.meta)}")
     return 0

@@ -10,11 +10,13 @@ import glob
 import json
 import os
 import sys
+import time
 
-from .errors import HeapError
+from .errors import HeapBusyError, HeapError
 from .heap import Heap, Pool
 from .partner import MirrorHeap, catalog
 from ._cli_export import find_export, info_export, verify_export
+from ._cli_live import age_text, describe_live, epoch_record, export_state, verify_live
 from .mpi import default_root
 
 
@@ -42,17 +44,30 @@ def open_readonly(path: str) -> Heap:
     return kind.open(path, readonly=True)
 
 
+def at(epoch: int | None) -> str:
+    """How every command words a heap's epoch: 'epoch 3', 'empty' (nothing committed), 'damaged'."""
+    return "damaged" if epoch is None else f"epoch {epoch}" if epoch else "empty"
+
+
 def describe(path: str, objects: bool) -> dict:
-    """What `hpcckpt info` shows of one heap, read-only."""
-    with open_readonly(path) as heap:
+    """What `hpcckpt info` shows of one heap, read-only; a heap a running process holds is
+    peeked at without its lock (``hpcckpt._cli_live``)."""
+    try:
+        heap = open_readonly(path)
+    except HeapBusyError:
+        return describe_live(path)
+    with heap:
         i = heap.info
+        epoch = i["prepared"] or None
+        rec = epoch_record(path, epoch) if epoch else None
         out = {"path": path, "job": i["job"], "rank": i["rank"], "world_size": i["world_size"],
                "format": f"{i['major']}.{i['minor']}", "capacity": i["capacity"],
                "used_bytes": i["pages_used"] * i["page_size"],
                "objects": len(catalog(heap)) if isinstance(heap, MirrorHeap) else len(heap),
-               "epoch": i["prepared"] or None, "meta": heap.meta if i["prepared"] else {},
+               "epoch": epoch, "meta": heap.meta if epoch else {}, "running": False,
+               "age_seconds": time.time() - rec["time"] if rec else None,
                "state": "closed cleanly" if i["was_clean"] else
-                        f"not closed cleanly: the next open restores epoch {i['prepared'] or 'none (empty)'}",
+                        f"not closed cleanly: the next open restores {at(i['good_epoch'] if i['good_epoch'] >= 0 else None)}",
                "dax": i["dax"], "restorable": i["good_epoch"] if i["good_epoch"] >= 0 else None,
                "copy": "partner" if os.path.basename(path).startswith("partner-") else "local"}
         if objects:
@@ -65,18 +80,35 @@ def describe(path: str, objects: bool) -> dict:
         return out
 
 
-def job_view(rows: list[dict], export_dir: str | None) -> dict:
-    """The job's restart decision, as hpcckpt.open would take it: which epoch, from which level."""
+def export_level(export_dir: str, job: str, check: bool) -> dict:
+    """The export a restart would use: the newest complete one whose files are all there (and,
+    with `check`, whose every CRC matches); the ones passed over and why."""
+    state = export_state(os.path.join(export_dir, job))
+    passed = []
+    for e in state["complete"]:
+        try:
+            s = info_export(state["dir"], e, check)[0]
+        except HeapError as err:
+            passed.append({"epoch": e, "why": str(err)})
+            continue
+        if s["problem"]:
+            passed.append({"epoch": e, "why": s["problem"]})
+            continue
+        return {**state, "epoch": e, "verified": s["verified"], "passed_over": passed}
+    return {**state, "epoch": None, "verified": False, "passed_over": passed}
+
+
+def job_view(rows: list[dict], export_dir: str | None, check: bool = False) -> dict:
+    """The job's restart decision, as hpcckpt.open would take it: which epoch, from which level;
+    for a running job, its last committed epoch, step and age."""
     job, size = rows[0]["job"], rows[0]["world_size"]
     epochs = {r["rank"]: r["restorable"] for r in rows if r["copy"] == "local"}
     kept = {r["rank"]: (r["restorable"], r["epoch"]) for r in rows if r["copy"] == "partner"}
     missing = [r for r in range(size) if r not in epochs]
     damaged = [r for r, e in epochs.items() if e is None]
     lost = sorted(missing + damaged)
-    newest = None
-    if export_dir:
-        where = find_export(os.path.join(export_dir, job))
-        newest = info_export(*where)[0]["epoch"] if where else None
+    level = export_level(export_dir, job, check) if export_dir else None
+    newest = level["epoch"] if level else None
     local = None if lost else min(epochs.values())
     rebuilt = None
     if lost and len(lost) < size and all(kept.get(r, (None,))[0] for r in lost):
@@ -88,63 +120,104 @@ def job_view(rows: list[dict], export_dir: str | None) -> dict:
     elif rebuilt and (newest is None or rebuilt >= newest):
         decision = f"restarts at epoch {rebuilt}, rebuilding rank(s) {lost} from their partner copies"
     elif newest is not None:
-        decision = f"restarts at epoch {newest} from the export"
+        decision = (f"restarts at epoch {newest} from the export" +
+                    (" (its checksums verified)" if level["verified"] else " (unverified: --check reads its checksums)"))
     else:
         why = f"rank(s) {missing} have no heap" if missing else f"rank(s) {damaged} are damaged"
         decision = (f"cannot restart from local heaps: {why}" + (", nor from partner copies" if kept else "") +
-                    "; give --export-dir if it has exports")
-    levels = ", ".join(f"rank {r} at {e}" for r, e in sorted(epochs.items()))
-    partners = f"; partner copies: {', '.join(f'rank {r} at {e[0]}' for r, e in sorted(kept.items()))}" if kept else ""
-    exports = f"; newest export: epoch {newest}" if export_dir else ""
-    return {"job": job, "world_size": size, "local_epochs": epochs, "partner_epochs": {r: e[0] for r, e in kept.items()},
-            "export_epoch": newest, "decision": decision,
+                    ("; no usable export either" if export_dir else "; give --export-dir if it has exports"))
+    running = [r for r in rows if r.get("running")]
+    if running:   # a live job: what it has committed so far, not what a restart would do
+        mine = [r for r in rows if r["copy"] == "local" and r["restorable"] is not None]
+        last = min(mine, key=lambda r: r["restorable"] or 0) if mine and not lost else None
+        if missing:
+            decision = f"running (rank(s) {missing} not among the heaps given: give the job's directory)"
+        elif last and last["restorable"]:
+            step = f", step {last['meta']['step']}" if "step" in last["meta"] else ""
+            age = f", {age_text(last['age_seconds'])} ago" if last["age_seconds"] is not None else ""
+            decision = f"running: last committed epoch {last['restorable']}{step}{age}"
+        else:
+            decision = "running: no epoch committed by every rank yet"
+    levels = ", ".join(f"rank {r} at {at(e)}" for r, e in sorted(epochs.items()))
+    partners = f"; partner copies: {', '.join(f'rank {r} at {at(e[0])}' for r, e in sorted(kept.items()))}" \
+        if kept else ""
+    exports = ""
+    if level:
+        exports = f"; newest usable export: {at(newest) if newest else 'none'}"
+        exports += (" (verified)" if level["verified"] else " (unverified)") if newest else ""
+        exports += "".join(f" (epoch {p['epoch']} passed over: {p['why']})" for p in level["passed_over"])
+        exports += "".join(f"; export of epoch {e} being written" for e in level["in_progress"])
+    return {"job": job, "world_size": size, "running": bool(running), "local_epochs": epochs,
+            "partner_epochs": {r: e[0] for r, e in kept.items()}, "export_epoch": newest,
+            "export_verified": level["verified"] if level else None, "decision": decision,
+            "passed_over": level["passed_over"] if level else [],
             "summary": f"job {job!r}, {size} ranks: {decision} (local heaps: {levels}{partners}{exports})"}
 
 
 def info(argv: list[str]) -> int:
-    """Print what each heap holds: owner, epoch, meta, state, objects."""
-    ap = argparse.ArgumentParser(prog="hpcckpt info", description="show heaps (read-only)")
-    ap.add_argument("targets", nargs="+", help="heap file, directory of rank*.heap, or job name")
+    """Print what each heap or export holds: owner, epoch, meta, state, objects; exit 1 when an
+    export is incomplete or (with --check) damaged.
+
+    >>> info(["demo", "--export-dir", "/scratch/exports", "--check"])   # doctest: +SKIP
+    job 'demo', 4 ranks: restarts at epoch 12 from the local heaps (local heaps: rank 0 at epoch 12, ...)
+    """
+    ap = argparse.ArgumentParser(prog="hpcckpt info", description="show heaps and exports (read-only)")
+    ap.add_argument("targets", nargs="+", help="heap file, directory of rank*.heap, job name, export directory or "
+                                               "master e<E>.h5")
     ap.add_argument("--objects", action="store_true", help="list the objects with their sizes")
     ap.add_argument("--export-dir", metavar="DIR", help="the job's export directory, to show that level too")
+    ap.add_argument("--check", action="store_true", help="read every block of the exports shown and check its CRC "
+                                                         "(else exports are reported unverified)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     rows, exports, jobs = [], [], []
     for t in args.targets:
         where = find_export(t)
         if where:
-            exports += info_export(*where)
+            exports += info_export(*where, check=args.check, quiet=args.json)
         else:
-            found = [describe(p, args.objects) for p in heap_files(t)]
-            rows += found
+            rows += [describe(p, args.objects) for p in heap_files(t)]
     for job in dict.fromkeys(r["job"] for r in rows):   # one view per job, over every directory given
         mine = [r for r in rows if r["job"] == job]
-        if len(mine) > 1 or mine[0]["world_size"] > 1:
-            jobs.append(job_view(mine, args.export_dir))
+        if len(mine) > 1 or mine[0]["world_size"] > 1 or args.export_dir or mine[0].get("running"):
+            jobs.append(job_view(mine, args.export_dir, args.check))
+    bad = [e for e in exports if e["problem"]]
+    bad += [{"path": os.path.join(args.export_dir, j["job"], f"e{p['epoch']}.h5"), "problem": p["why"]}
+            for j in jobs for p in j["passed_over"]]
     if args.json:
         print(json.dumps(jobs + rows + exports, indent=1))
-        return 0
+        return 1 if bad else 0
     for j in jobs:
         print(j["summary"])
     for e in exports:
+        state = f"PROBLEM: {e['problem']}" if e["problem"] else "verified" if e["verified"] else \
+            "unverified (--check reads every block)"
         print(f"{e['path']}: export of job {e['job']!r}, epoch {e['epoch']} {json.dumps(e['meta'])}, "
-              f"{e['world_size']} ranks{', LATEST' if e['latest'] else ''}, {len(e['objects'])} objects")
+              f"{e['world_size']} ranks{', LATEST' if e['latest'] else ''}, {len(e['objects'])} objects, {state}")
         if args.objects:
             for name, o in e["objects"].items():
                 print(f"    {name}: {o['layout']} {o['kind']} {o['dtype']} {o['shape']}, {o['bytes']} bytes")
     for r in rows:
         whose = f"partner copy of rank {r['rank']}/{r['world_size']}" if r["copy"] == "partner" else \
             f"rank {r['rank']}/{r['world_size']}"
-        print(f"{r['path']}: job {r['job']!r} {whose}, format {r['format']}, "
-              f"{r['objects']} objects, {r['used_bytes'] / 2**20:.1f} of {r['capacity'] / 2**20:.0f} MiB used, "
-              f"epoch {r['epoch']} {json.dumps(r['meta'])}, {r['state']}")
+        used = f"{r['used_bytes'] / 2**20:.1f} of {r['capacity'] / 2**20:.0f} MiB used" \
+            if r["used_bytes"] is not None else f"capacity {r['capacity'] / 2**20:.0f} MiB"
+        print(f"{r['path']}: job {r['job']!r} {whose}, format {r['format']}, {r['objects']} objects, {used}, "
+              f"{at(r['epoch'] or 0)} {json.dumps(r['meta'])}, {r['state']}")
         for line in r.get("objects_list", []):
             print("   ", line)
-    return 0
+    for e in bad:
+        print(f"hpcckpt info: {e['path']}: {e['problem']}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def verify(argv: list[str]) -> int:
-    """Check the checksum of every committed copy; exit 1 naming the first bad heap and object."""
+    """Check the checksum of every committed copy; exit 1 naming the first bad heap and object.
+    A running job's heaps are checked too, through a read-only mapping without their lock.
+
+    >>> verify(["demo"])   # doctest: +SKIP
+    /dev/shm/hpcckpt-me/demo/rank0.heap: ok, epoch 12, 40 committed copies verified
+    """
     ap = argparse.ArgumentParser(prog="hpcckpt verify", description="check checkpoint checksums (read-only)")
     ap.add_argument("targets", nargs="+", help="heap file, directory of heaps, job name, export directory or master")
     ap.add_argument("--json", action="store_true")
@@ -163,9 +236,13 @@ def verify(argv: list[str]) -> int:
             print(f"{path}: FAILED: {e}", file=sys.stderr)
 
     def verify_heap(path: str):
-        with open_readonly(path) as heap:
+        try:
+            heap = open_readonly(path)
+        except HeapBusyError:   # a running job's heap: its committed copies, read without the lock
+            return verify_live(path)
+        with heap:
             n, epoch = heap.verify(), heap.info["prepared"] or None
-        return {"epoch": epoch, "copies": n}, f"epoch {epoch}, {n} committed copies verified"
+        return {"epoch": epoch, "copies": n}, f"{at(epoch or 0)}, {n} committed copies verified"
 
     def verify_one_export(where):
         r = verify_export(*where, quiet=args.json)
@@ -217,23 +294,54 @@ def bench(argv: list[str]) -> int:
     return 0
 
 
+HEAP_MAGIC = b"HHPCCKPT"   # the superblock's first 8 bytes, at page 0 and in its twin at page 5
+
+
+def is_heap_file(fd: int) -> bool:
+    """Does the open file carry a heap's magic in its superblock or the superblock's twin?
+    (The core's own test: a heap with one damaged superblock is still a heap.)"""
+    return any(os.pread(fd, 8, off) == HEAP_MAGIC for off in (0, 5 * 4096))
+
+
 def rm(argv: list[str]) -> int:
-    """Remove a job's heaps (its directory under the root), refusing while a process has one open."""
+    """Remove a job's heaps (its directory under the root), refusing while a process has one open.
+
+    Every file is locked (the lock a running rank holds) and checked to be a heap before
+    anything is removed, and stays locked while it is unlinked: a job starting meanwhile
+    finds its heap busy rather than losing it. A file that is not a heap is never removed.
+
+    >>> rm(["demo"])   # doctest: +SKIP
+    removed 4 heap(s) of /dev/shm/hpcckpt-me/demo
+    """
     import fcntl
-    ap = argparse.ArgumentParser(prog="hpcckpt rm", description="remove a job's heaps")
-    ap.add_argument("job", help="job name (under $HPCCKPT_ROOT or the default root) or its directory")
+    ap = argparse.ArgumentParser(prog="hpcckpt rm", description="remove a job's heaps (refused while it runs)")
+    ap.add_argument("job", help="job name (under $HPCCKPT_ROOT or the default root), its directory, or a heap file")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     files = heap_files(args.job)
-    directory = os.path.dirname(files[0])
-    for path in files:   # the heap's own lock: a running rank holds it exclusively
-        with open(path, "rb") as f:
+    directories = [] if os.path.isfile(args.job) else list(dict.fromkeys(os.path.dirname(f) for f in files))
+    held: list[int] = []
+    try:
+        for path in files:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            held.append(fd)
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise HeapError(f"{path}: open in a running process; stop the job first") from None
-    for path in files:
-        os.unlink(path)
-    if not os.listdir(directory):
-        os.rmdir(directory)
-    print(f"removed {len(files)} heap(s) of {directory}")
+                raise HeapError(f"{path}: open in a running process; stop the job first (nothing was removed)") \
+                    from None
+            if not is_heap_file(fd):
+                raise HeapError(f"{path}: not an hpcckpt heap (no heap magic in page 0 or its twin); nothing was "
+                                "removed: remove it by hand if it is yours to delete")
+        for path in files:   # still locked: nobody opens them between the check and the unlink
+            os.unlink(path)
+    finally:
+        for fd in held:
+            os.close(fd)
+    for d in directories:   # a job's directory goes with its last heap; a file's directory stays
+        if not os.listdir(d):
+            os.rmdir(d)
+    where = ", ".join(directories) or args.job
+    print(json.dumps({"removed": files, "directories": directories}) if args.json
+          else f"removed {len(files)} heap(s) of {where}")
     return 0

@@ -21,7 +21,7 @@ COMMANDS = {
     "export": "export the last committed epoch of a job's heaps to HDF5 (offline)",
     "restore": "lay out heaps for M ranks from an export, ahead of a job",
     "bench": "measure checkpoint cost per tracker",
-    "rm": "remove a job's heaps (refused while the job runs)",
+    "rm": "remove a job's heaps (refused while the job runs, or for a file that is not a heap)",
 }
 
 
@@ -41,7 +41,9 @@ def handler(command: str) -> Callable[[list[str]], int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpcckpt", description="Fine-grained checkpoints for MPI programs.")
+    p = argparse.ArgumentParser(prog="hpcckpt", description="Fine-grained checkpoints for MPI programs.",
+                                epilog="Every command takes --json (one JSON document on stdout) and --help.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="command", required=True)
     for name, text in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -65,3 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except (HeapError, OSError) as e:   # bad input or a damaged file: one line, no traceback
         print(f"hpcckpt {argv[0]}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"hpcckpt {argv[0]}: interrupted", file=sys.stderr)
+        return 130

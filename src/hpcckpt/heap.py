@@ -106,6 +106,18 @@ def _check_name(name: str) -> None:
         raise ValueError(f"object name {name[:20]!r}... is {len(name.encode())} bytes; at most {NAME_MAX}")
 
 
+def check_job(job: str) -> str:
+    """A job name becomes a directory name: '' or a plain name (no '/', not '.' or '..', no NUL).
+
+    >>> check_job("../victim")
+    Traceback (most recent call last):
+    ValueError: job name '../victim' must be a plain name (no '/', not '.' or '..'): it names a directory
+    """
+    if not isinstance(job, str) or "/" in job or "\0" in job or job in (".", ".."):
+        raise ValueError(f"job name {job!r} must be a plain name (no '/', not '.' or '..'): it names a directory")
+    return job
+
+
 def _dtype_str(dtype: np.dtype) -> str:
     if dtype.hasobject:
         raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in a persistent heap; "
@@ -325,7 +337,7 @@ class Heap:
         ('hash', 0)
         >>> h.close()
         """
-        path = os.fspath(path)
+        path, job = os.fspath(path), check_job(job)
         cap = parse_size(capacity)
         maxe = max_objects if max_objects is not None else max(1024, cap // 1024)
         _call(_native.create, path, cap, maxe, job, rank, world_size, preallocate)
