@@ -1,7 +1,6 @@
 """Shared fixtures: every heap lives in a fresh directory under /dev/shm that is removed afterwards."""
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import subprocess
@@ -15,15 +14,6 @@ import hpcckpt
 
 KERNEL_TRACKERS = ["uffd", "mprotect"] if hpcckpt.resolve_tracker("auto") == "uffd" else ["mprotect"]
 ALL_TRACKERS = KERNEL_TRACKERS + ["page", "hash", "full"]
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_mpich_segments():
-    """Ranks killed on purpose leave MPICH's shared-memory files in /dev/shm: remove the new ones."""
-    before = set(glob.glob("/dev/shm/mpich_shm_*"))
-    yield
-    for path in set(glob.glob("/dev/shm/mpich_shm_*")) - before:
-        os.unlink(path)
 
 
 def debian_tool(command: str, packages: str) -> str:

@@ -5,23 +5,36 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
-from hpcckpt.run import kill_tree
+from hpcckpt.run import kill_tree, remove_recorded_segments
 
 DEMO = ["--nx", "96", "--ny", "64", "--particles", "4000", "--steps", "30", "--checkpoint-every", "5",
         "--capacity", "64MiB"]
 
 
 def launch(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on timeout the whole group is killed."""
+    """Run a command in its own process group; on timeout the whole group is killed.
+
+    Its ranks record the MPICH segments they map in a status file of the test's own (as under
+    ``hpcckpt run``, which keeps one per attempt); once the job has ended, those that no live
+    process maps are removed, and nothing else in /dev/shm."""
+    fd, status = tempfile.mkstemp(prefix="hpcckpt-test-", suffix=".status")
+    os.close(fd)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})), start_new_session=True)
+                            env=dict(os.environ, HPCCKPT_RUN_STATUS=status, **(env or {})), start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)   # the ranks too: hydra starts them in sessions of their own
         proc.communicate()
         raise
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+        remove_recorded_segments(status)
+        os.unlink(status)
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 

@@ -4,7 +4,6 @@ run.py is started as a script, so these tests work before the native core is bui
 """
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
@@ -68,24 +67,60 @@ def test_two_attempts_that_die_before_opening_their_heaps_are_not_relaunched_aga
     assert len(lines) == 2 and "attempts 1 and 2 died before opening their heaps" in lines[-1], lines
 
 
-def test_relaunches_after_rank_killed(tmp_path: Path) -> None:
+def test_relaunches_after_rank_killed_and_removes_only_the_segments_its_ranks_recorded(tmp_path: Path) -> None:
     job = script(tmp_path, f"""
         import os, signal
         from mpi4py import MPI
         rank, attempt = MPI.COMM_WORLD.Get_rank(), os.environ["HPCCKPT_ATTEMPT"]
+        maps = [line.split(None, 5) for line in open("/proc/self/maps")]   # as hpcckpt.open records them
+        mine = {{f[5].strip() for f in maps if len(f) == 6 and f[5].startswith("/dev/shm/mpich_")}}
+        open(os.environ["HPCCKPT_RUN_STATUS"], "a").write("".join(f"segment: {{p}}\\n" for p in mine))
+        open(os.path.join({str(tmp_path)!r}, f"segments-{{attempt}}-{{rank}}"), "w").write("\\n".join(mine))
         open(os.path.join({str(tmp_path)!r}, f"ran-{{attempt}}-{{rank}}"), "w").close()
         MPI.COMM_WORLD.Barrier()
         if rank == 1 and attempt == "1":
             os.kill(os.getpid(), signal.SIGKILL)
         MPI.COMM_WORLD.Barrier()
     """)
-    before = set(glob.glob("/dev/shm/mpich_shm_*"))
-    done = relaunch("-n", "2", "--", sys.executable, str(job))
+    # another job's segment that its MPI_Init is creating right now: not mapped yet, never recorded
+    decoy = Path(f"/dev/shm/mpich_shm_hpcckpt_test_decoy_{os.getpid()}")
+    decoy.write_bytes(b"")
+    try:
+        done = relaunch("-n", "2", "--", sys.executable, str(job))
+        assert done.returncode == 0, done.stderr
+        lines = attempt_lines(done.stderr)
+        assert len(lines) == 2 and lines[0].endswith("; relaunching") and lines[1].endswith("succeeded")
+        assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-1-0", "ran-1-1", "ran-2-0", "ran-2-1"]
+        assert decoy.exists()                                    # not ours: never touched
+        recorded = {p for f in tmp_path.glob("segments-*") for p in f.read_text().split()}
+        assert recorded and not any(os.path.exists(p) for p in recorded)   # the killed attempt's segments are gone
+    finally:
+        decoy.unlink(missing_ok=True)
+
+
+def test_attempts_killed_by_a_signal_before_opening_are_relaunched(tmp_path: Path) -> None:
+    job = script(tmp_path, """
+        import os, signal
+        if int(os.environ["HPCCKPT_ATTEMPT"]) <= 3:   # a node lost during start-up, three times
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = relaunch("-n", "1", "--max-restarts", "3", "--", sys.executable, str(job))
     assert done.returncode == 0, done.stderr
+    assert len(attempt_lines(done.stderr)) == 4 and attempt_lines(done.stderr)[-1].endswith("succeeded")
+
+
+def test_the_same_error_twice_from_the_same_checkpoint_stops_relaunching(tmp_path: Path) -> None:
+    job = script(tmp_path, """
+        import os, sys
+        status = os.environ["HPCCKPT_RUN_STATUS"]
+        open(status, "a").write("resumes job 'j' at epoch 3 from the local level\\n")   # as hpcckpt.open does
+        open(status, "a").write("error: KeyError: 'u'\\n")                              # as its excepthook does
+        sys.exit(1)
+    """)
+    done = relaunch("-n", "1", "--max-restarts", "5", "--", sys.executable, str(job))
+    assert done.returncode == 1
     lines = attempt_lines(done.stderr)
-    assert len(lines) == 2 and lines[0].endswith("; relaunching") and lines[1].endswith("succeeded")
-    assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-1-0", "ran-1-1", "ran-2-0", "ran-2-1"]
-    assert set(glob.glob("/dev/shm/mpich_shm_*")) <= before     # the killed attempt's segment is gone too
+    assert len(lines) == 2 and "same error from the same checkpoint (KeyError: 'u')" in lines[-1], lines
 
 
 def test_sigterm_reaches_the_ranks_and_stops_relaunching(tmp_path: Path) -> None:

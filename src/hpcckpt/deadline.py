@@ -126,11 +126,28 @@ def abort(message: str, code: int = 1) -> None:
 
 def _tell_relauncher(message: str) -> None:
     """Under ``hpcckpt run``: the reason this attempt ended, one line in its status file."""
+    _status_lines(["error: " + " ".join(message.split())[:500]])
+
+
+def record_segments() -> None:
+    """Under ``hpcckpt run`` (or a test that gives HPCCKPT_RUN_STATUS): record the MPICH
+    shared-memory segments this rank maps, the proof that they are this job's own, so that
+    the segments a killed attempt leaves behind can be removed and no other job's."""
+    try:
+        with open("/proc/self/maps") as f:
+            fields = [line.split(None, 5) for line in f]
+    except OSError:
+        return
+    mine = sorted({f[5].strip() for f in fields if len(f) == 6 and f[5].startswith("/dev/shm/mpich_")})
+    _status_lines([f"segment: {path}" for path in mine])
+
+
+def _status_lines(lines: list[str]) -> None:
     status = os.environ.get("HPCCKPT_RUN_STATUS")
-    if status:
+    if status and lines:
         try:
             with open(status, "a") as f:
-                f.write("error: " + " ".join(message.split())[:500] + "\n")
+                f.write("".join(line + "\n" for line in lines))
         except OSError:
             pass
 

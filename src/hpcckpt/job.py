@@ -125,6 +125,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    deadline.record_segments()
     root = root or default_root()
     nodes = None
     if redundancy == "partner" or "{node}" in root:

@@ -67,26 +67,48 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-MPICH_SEGMENTS = "/dev/shm/mpich_shm_*"   # MPICH's shared memory: a killed rank leaves its segment
+SEGMENT_PREFIX = "/dev/shm/mpich_"   # MPICH's shared memory: a killed rank leaves its segment behind
+# The status file of an attempt (HPCCKPT_RUN_STATUS), written by the ranks (hpcckpt.deadline):
+# "resumes job ..."/"starts job ..." once rank 0 has opened the heaps, "segment: PATH" for each
+# MPICH segment a rank maps, "error: TEXT" for the error that ended the job.
 
 
-def remove_stale_segments(new: set[str]) -> None:
-    """Remove the segments that appeared during an attempt and that no live process maps
-    (a concurrent job's are mapped by its ranks, so they stay)."""
-    if not new:
-        return
+def remove_recorded_segments(status: str) -> list[str]:
+    """After an attempt has ended: remove the segments its ranks recorded in `status` that no
+    live process maps any more.  Nothing else in /dev/shm is touched (another job's segment,
+    even one whose MPI_Init is creating it now, was never recorded here).  Returns the removed."""
+    try:
+        with open(status) as f:
+            recorded = {line[9:].strip() for line in f if line.startswith("segment: ")}
+    except OSError:
+        return []
+    recorded = {p for p in recorded if p.startswith(SEGMENT_PREFIX) and "/" not in p[len("/dev/shm/"):]}
+    if not recorded:
+        return []
     for maps in glob.glob("/proc/[0-9]*/maps"):
         try:
             with open(maps) as f:
                 text = f.read()
         except OSError:
             continue
-        new -= {path for path in new if path in text}
-    for path in new:
+        recorded -= {path for path in recorded if path in text}
+    removed = []
+    for path in sorted(recorded):
         try:
             os.unlink(path)
+            removed.append(path)
         except OSError:
             pass
+    return removed
+
+
+_KILLED = {signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL}
+
+
+def by_signal(code: int) -> bool:
+    """Did the attempt end by a signal?  Popen says -N; a shell 128+N; hydra gives the signal
+    number of a rank that was killed."""
+    return code < 0 or code > 128 or code in _KILLED
 
 
 def describe(code: int) -> str:
@@ -105,7 +127,7 @@ class Relauncher:
         self.command, self.attempts = command, attempts
         self.child: subprocess.Popen | None = None
         self.stopped_by: signal.Signals | None = None
-        self.status = ""   # hpcckpt.open on rank 0 adds a line once the job's heaps are open
+        self.status = ""   # hpcckpt.open adds lines: where the job resumes, the MPICH segments, an error
 
     def on_signal(self, signum: int, _frame: object) -> None:
         sig = signal.Signals(signum)
@@ -119,13 +141,12 @@ class Relauncher:
         env = {**os.environ, "HPCCKPT_ATTEMPT": str(number), "HPCCKPT_RUN_STATUS": self.status}
         with open(self.status, "w"):
             pass
-        before = set(glob.glob(MPICH_SEGMENTS))
         self.child = subprocess.Popen(self.command, env=env, start_new_session=True)
         try:
             return self.child.wait()
         finally:
             self.reap()
-            remove_stale_segments(set(glob.glob(MPICH_SEGMENTS)) - before)
+            remove_recorded_segments(self.status)
 
     def reap(self) -> None:
         """Kill whatever the attempt left behind in its process group, and wait for it."""
@@ -139,19 +160,24 @@ class Relauncher:
             pass
         self.child = None
 
-    def opened(self) -> bool:
-        """Did the last attempt get as far as opening its heaps?"""
+    def outcome(self) -> tuple[bool, str | None, str | None]:
+        """What the last attempt left in its status file: (did it open its heaps, where it
+        resumed, the error that ended it)."""
         try:
-            return os.path.getsize(self.status) > 0
+            with open(self.status) as f:
+                lines = [line.rstrip("\n") for line in f]
         except OSError:
-            return False
+            lines = []
+        errors = [line[7:] for line in lines if line.startswith("error: ")]
+        where = [line for line in lines if not line.startswith(("error: ", "segment: "))]
+        return bool(where), where[0] if where else None, errors[0] if errors else None
 
     def run(self) -> int:
         old = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS + PASS_SIGNALS}
         fd, self.status = tempfile.mkstemp(prefix="hpcckpt-run-", suffix=".status")
         os.close(fd)
         try:
-            code, unopened = 0, 0
+            code, unopened, last = 0, 0, None
             for number in range(1, self.attempts + 1):
                 if self.stopped_by:
                     break
@@ -160,11 +186,19 @@ class Relauncher:
                 if code == 0:
                     log(f"{head} succeeded")
                     break
-                unopened = 0 if self.opened() else unopened + 1
+                opened, where, error = self.outcome()
+                signalled = by_signal(code) and error is None
+                # only an error status before any heap opened counts: a signal is the node's doing
+                unopened = 0 if opened or signalled else unopened + 1
                 if unopened == 2:   # the same failure before any heap: a restart cannot fix it
                     log(f"{head} exited with {describe(code)}; attempts {number - 1} and {number} died before "
                         "opening their heaps (hpcckpt.open), so relaunching cannot help; giving up")
                     break
+                if error is not None and last == (where, error):
+                    log(f"{head} exited with {describe(code)}; attempts {number - 1} and {number} ended with the "
+                        f"same error from the same checkpoint ({error}), so relaunching cannot help; giving up")
+                    break
+                last = (where, error) if error is not None else None
                 if self.stopped_by:
                     log(f"{head} exited with {describe(code)}; not relaunching after {self.stopped_by.name}")
                 elif number == self.attempts:
