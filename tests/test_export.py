@@ -230,15 +230,17 @@ def test_damaged_rank_file_falls_back_to_the_previous_export_naming_the_file(hea
     assert line == reference(2, heap_dir)
 
 
-def test_export_without_latest_is_never_used(heap_dir):
+def test_exports_without_latest_are_never_used_nor_deleted_and_the_job_does_not_start_fresh(heap_dir):
     exports = os.path.join(heap_dir, "exports")
     assert demo(2, heap_dir, "--steps", "20", "--export-dir", exports, "--export-every", "2")[0].returncode == 0
     os.unlink(os.path.join(exports, "t", "LATEST"))
     shutil.rmtree(os.path.join(heap_dir, "t"))
+    before = sorted(os.listdir(os.path.join(exports, "t")))
     proc, line = demo(2, heap_dir, "--export-dir", exports)
-    assert proc.returncode == 0, proc.stderr
-    assert "started fresh" in proc.stdout and "no LATEST" in proc.stderr and os.path.join(exports, "t") in proc.stderr
-    assert line == reference(2, heap_dir)
+    assert proc.returncode != 0 and line is None
+    assert "started fresh" not in proc.stdout
+    assert "no LATEST marker" in proc.stderr and os.path.join(exports, "t") in proc.stderr and "fresh=True" in proc.stderr
+    assert sorted(os.listdir(os.path.join(exports, "t"))) == before
 
 
 TILING = """

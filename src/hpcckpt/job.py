@@ -94,7 +94,7 @@ def check_job_name(name: str) -> None:
 def open(name: str, comm: Any = None, root: str | None = None, capacity: int | str = "1GiB",
          tracker: str = "auto", max_objects: int | None = None, preallocate: bool = False,
          export_dir: str | None = None, export_every: int = 0, redundancy: str = "none",
-         timeout: float | None = None, abort_on_error: bool = True) -> JobHeap:
+         timeout: float | None = None, abort_on_error: bool = True, fresh: bool = False) -> JobHeap:
     """Open or create this rank's heap `<root>/<name>/rank<r>.heap`, collectively.
 
     Restores the last epoch every rank can reach: from the local heaps if all are there at
@@ -111,6 +111,11 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     job saying what it waited for.  With `abort_on_error` (the default) an uncaught exception on
     any rank prints its traceback and ends the whole job with ``MPI_Abort``, so that no rank
     waits forever for one that died; ``abort_on_error=False`` leaves ``sys.excepthook`` alone.
+
+    Committed state that cannot be used (a ``LATEST`` that names no export, exports without a
+    readable ``LATEST``, local heaps that cannot be read) stops the open with an error naming
+    the files and the choices; nothing is deleted.  ``fresh=True`` starts afresh on purpose,
+    replacing this job's heaps (exports are left where they are).
     """
     if abort_on_error:
         deadline.install_abort_hook()
@@ -148,10 +153,18 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     elif redundancy == "partner":
         partner = PartnerLevel(comm, nodes, directory, name, capacity)
     exporter = Exporter(comm, name, export_dir, export_every) if export_dir else None
-    exports = _list_exports(comm, exporter)
+    exports, problem = _list_exports(comm, exporter)
     opts = dict(capacity=capacity, tracker=tracker, max_objects=max_objects, preallocate=preallocate)
+    if fresh:   # on purpose: no level is looked at, this job's heaps are replaced
+        exports, problem = [], None
+        if rank == 0:
+            warnings.warn(f"hpcckpt: job {name!r} starts afresh (fresh=True); its old heaps are replaced",
+                          RuntimeWarning, stacklevel=2)
+    elif problem and rank == 0:
+        warnings.warn(f"hpcckpt: {problem}; the exports are not used, and nothing is deleted", RuntimeWarning,
+                      stacklevel=2)
 
-    mine = _probe(path, name, rank, size)
+    mine = _probe(path, name, rank, size) if not fresh else (False, None, 0, True, False)
     if partner is not None:
         rebuilt = _partner_level(comm, partner, mine, exports, path, name, opts)
         if rebuilt is not None:
@@ -199,6 +212,11 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     # a fresh start
     if heap is not None:
         heap._native.abandon()
+    if problem:
+        raise ExportError(f"{problem}, and no local heap of job {name!r} can be restored, so the job cannot "
+                          f"restart. Nothing was deleted. Choose: point LATEST at a complete export (`hpcckpt info "
+                          f"{exporter.job_dir}` lists them), remove {exporter.job_dir} to give up its exports, or "
+                          "start afresh on purpose with hpcckpt.open(..., fresh=True)")
     err, heap = None, None
     try:
         _unlink_heap(path)
@@ -359,27 +377,45 @@ def _say_where(heap: JobHeap, name: str) -> None:
             pass
 
 
-def _list_exports(comm, exporter: Exporter | None) -> list[int]:
-    """Rank 0 removes half-written exports and lists the complete ones, newest first."""
+def _list_exports(comm, exporter: Exporter | None) -> tuple[list[int], str | None]:
+    """Rank 0 removes half-written exports and lists the complete ones, newest first; with a
+    problem instead (the same on every rank) when exports are there that LATEST does not
+    explain: then nothing is listed or removed."""
     if exporter is None:
-        return []
-    found, err = None, None
+        return [], None
+    found, problem, err = [], None, None
     if comm.Get_rank() == 0:
         try:
-            os.makedirs(exporter.job_dir, exist_ok=True)
-            tidy(exporter.job_dir, keep=1 << 30)
-            found = complete_exports(exporter.job_dir)
-            if read_latest(exporter.job_dir) is None and any(f.endswith(".json") for f in os.listdir(exporter.job_dir)):
-                warnings.warn(f"hpcckpt: {exporter.job_dir} holds exports but no LATEST marker: they may be "
-                              "incomplete and are not used", RuntimeWarning, stacklevel=3)
+            found, problem = _exports_here(exporter.job_dir)
         except OSError as e:
             err = f"{exporter.job_dir}: {e.strerror}"
         except Exception as e:   # rank 0 tells the others whatever happened, never dies before it
             err = f"{exporter.job_dir}: {error_text(e)}"
-    found, err = deadline.bcast(comm, (found, err), "the list of exports at open (from rank 0)")
+    found, problem, err = deadline.bcast(comm, (found, problem, err), "the list of exports at open (from rank 0)")
     if err:
         raise HeapError(f"export directory {err}")
-    return found
+    return found, problem
+
+
+def _exports_here(job_dir: str) -> tuple[list[int], str | None]:
+    """(complete exports, newest first, after removing half-written ones; None) or ([], the
+    reason the exports here cannot be trusted)."""
+    os.makedirs(job_dir, mode=0o700, exist_ok=True)
+    latest, marker = read_latest(job_dir), os.path.join(job_dir, "LATEST")
+    manifests = sorted((int(f[1:-5]) for f in os.listdir(job_dir)
+                        if f.startswith("e") and f.endswith(".json") and f[1:-5].isdigit()), reverse=True)
+    if latest is None and os.path.exists(marker):
+        return [], f"{marker} is damaged (not a JSON object with a positive integer epoch)" + \
+            (f" and exports of epoch(s) {manifests} are there" if manifests else "")
+    if latest is None:
+        if manifests:
+            return [], f"{job_dir} holds exports of epoch(s) {manifests} but no LATEST marker: they may be incomplete"
+        return [], None
+    if latest not in manifests:
+        return [], (f"{marker} names epoch {latest}, whose manifest e{latest}.json is not there"
+                    + (f" (the exports there are of epoch(s) {manifests})" if manifests else ""))
+    tidy(job_dir, keep=1 << 30)
+    return complete_exports(job_dir), None
 
 
 def _restore_local(heap: JobHeap, comm, view: dict, exports: list[int]) -> bool:
