@@ -23,7 +23,7 @@ from typing import Any
 
 DEFAULT_TIMEOUT = 600.0
 EXIT_DEADLINE = 124       # the job's exit status when a deadline passed (as timeout(1) uses)
-_SPIN = 200e-6            # test without sleeping this long first: a vote in step completes in it
+_SPIN = 0.002             # test without sleeping this long first (yielding the CPU between tests)
 _MAX_PAUSE = 0.002        # the longest sleep between two tests
 
 
@@ -59,9 +59,10 @@ def set_timeout(seconds: float | None) -> None:
 def wait(request: Any, what: str) -> None:
     """Complete `request` (an MPI request) or abort the job once the deadline has passed.
 
-    Tests without sleeping for 0.2 ms, then sleeps between tests, up to 2 ms at a time: MPI
-    progresses a nonblocking collective only inside a test, so a collective whose last rank
-    arrives late completes within about 2 ms of its arrival.
+    Tests for 2 ms yielding the CPU between tests (a vote whose ranks arrive together ends in
+    that time), then sleeps between tests, up to 2 ms at a time: MPI progresses a nonblocking
+    collective only inside a test, so one whose last rank arrives late completes within a few
+    ms of its arrival.
     """
     limit = timeout()
     if limit <= 0:
@@ -72,10 +73,11 @@ def wait(request: Any, what: str) -> None:
     while not request.Test():
         waited = time.monotonic() - t0
         if waited < _SPIN:
+            os.sched_yield()   # a rank sharing this CPU runs now (ranks may outnumber CPUs)
             continue
         if waited > limit:
             expire(what, waited)
-        pause = min(max(pause * 1.5, 20e-6), _MAX_PAUSE)
+        pause = min(max(pause * 1.5, 50e-6), _MAX_PAUSE)
         time.sleep(pause)
 
 
