@@ -77,11 +77,20 @@ def test_sigkill_at_random_instants_restores_exactly_a_committed_epoch(heap_dir,
     rng = random.Random(f"kill-{tracker}")
     epochs_seen = set()
     for round_ in range(12):
+        logged = os.path.getsize(log) if os.path.exists(log) else 0
         child = subprocess.Popen([sys.executable, script, path, tracker, str(round_), log],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.3, 1.2))     # the import and open take ~0.2 s: kills land everywhere
-        child.send_signal(signal.SIGKILL)
-        _, err = child.communicate(timeout=60)
+        try:
+            limit = time.monotonic() + 120     # the event: the heap is open and this round logs its first intent
+            while (not os.path.exists(log) or os.path.getsize(log) == logged) and child.poll() is None:
+                assert time.monotonic() < limit, "the workload never reached its first checkpoint"
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.6))  # not synchronisation: where in the run the kill lands
+            child.send_signal(signal.SIGKILL)
+            _, err = child.communicate(timeout=60)
+        finally:
+            child.kill()
+            child.wait()
         assert child.returncode == -9, err.decode()[-2000:]
         with hpcckpt.Heap.open(path, tracker=tracker) as heap:
             epoch = heap.epoch or 0
