@@ -99,6 +99,13 @@ def build_manifest(job: str, epoch: int, size: int, meta: dict, per_rank: list[l
             for k in ("name", "kind", "dtype", "element_shape"):
                 b.pop(k)
             obj["blocks"].append(b)
+    for obj in objects.values():   # a distributed table: the ranks' rows one after the other, in rank order
+        if obj["kind"] == "table" and obj["distributed"]:
+            start = 0
+            for b in sorted(obj["blocks"], key=lambda b: b["rank"]):
+                b["offset"], b["rows"] = [start], b["shape"][0]
+                start += b["shape"][0]
+            obj["global_shape"] = [start]
     return Manifest(job=job, epoch=epoch, world_size=size, meta=meta, objects=objects)
 
 

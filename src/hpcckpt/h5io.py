@@ -19,7 +19,8 @@ from .heap import _dtype_parse
 from .manifest import ExportError, Manifest, fsync_path
 
 CHUNK_BYTES = 4 << 20
-KIND_NAMES = {1: "array", 2: "pool"}
+KIND_NAMES = {1: "array", 2: "pool", 3: "table"}
+TABLE_HEADER = 64   # a table object: a 64-byte header (magic, length, row size, flags), then the rows
 
 
 def file_dtype(dt: np.dtype) -> np.dtype:
@@ -38,6 +39,15 @@ def committed_rows(read_epoch: Callable, desc: dict, epoch: int, r0: int, r1: in
     `epoch`, and their CRC32C when the units read were exactly those rows (else None)."""
     dt = _dtype_parse(desc["dtype"])
     size, count = desc["obj_size"], desc["count"]
+    if desc["kind"] == 3:                           # a table: rows after its header, 64-byte units
+        lo, hi = TABLE_HEADER + r0 * dt.itemsize, TABLE_HEADER + r1 * dt.itemsize
+        if hi <= lo:
+            return np.empty((r1 - r0,), dt), None
+        u0, u1 = lo // 64, -(-hi // 64)
+        buf = np.empty((u1 - u0) * 64, np.uint8)
+        crc = read_epoch(desc["index"], epoch, u0, u1, buf)
+        exact = lo == u0 * 64 and hi == u1 * 64
+        return buf[lo - u0 * 64:hi - u0 * 64].view(dt), crc if exact else None
     if desc["kind"] == 2:
         full, lo, hi = [count, *desc["shape"]], r0 * size, r1 * size
     else:
@@ -63,8 +73,20 @@ def committed_rows(read_epoch: Callable, desc: dict, epoch: int, r0: int, r1: in
     return buf[lo - base:hi - base].view(dt).reshape(r1 - r0, *full[1:]), crc if exact else None
 
 
+def table_header(read_epoch: Callable, desc: dict, epoch: int) -> tuple[int, int]:
+    """(length, flags) of a table as committed at `epoch` (its header unit, checked)."""
+    buf = np.empty(64, np.uint8)
+    read_epoch(desc["index"], epoch, 0, 1, buf)
+    words = buf.view("<u8")
+    if int(words[0]) != 0x31454C4241544B48 or int(words[2]) != _dtype_parse(desc["dtype"]).itemsize:
+        raise ExportError(f"table {desc['name']!r}: its committed header at epoch {epoch} is damaged")
+    return int(words[1]), int(words[3])
+
+
 def _interior(desc: dict) -> tuple[tuple[slice, ...], list[int]]:
     """Slices of the exported part of the local object, and its shape (halo stripped)."""
+    if desc["kind"] == 3:
+        return (slice(0, desc["length"]),), [desc["length"]]
     if desc["kind"] == 2:
         full = [desc["count"], *desc["shape"]]
         return tuple(slice(0, n) for n in full), full
@@ -108,6 +130,10 @@ def _prefetched(read: Callable, spans: list[tuple[int, int]]):
 
 
 def _write_object(f, crcs_group, rel: str, read_epoch: Callable, epoch: int, d: dict) -> dict:
+    if d["kind"] == 3:   # a table: its committed length; a distributed one is placed by the manifest
+        n, flags = table_header(read_epoch, d, epoch)
+        d = dict(d, length=n, layout={"global_shape": [n], "offset": [0], "halo": [0], "replicated": False,
+                                      "table": True} if flags & 1 else None)
     dt = _dtype_parse(d["dtype"])
     fdt = file_dtype(dt)
     inner, shape = _interior(d)
@@ -161,8 +187,13 @@ def write_master(job_dir: str, m: Manifest) -> str:
                     f.require_group(f"rank{b['rank']}")[name] = h5py.ExternalLink(b["file"], b["dataset"])
                 continue
             fdt = file_dtype(_dtype_parse(obj["dtype"]))
+            if not all(obj["global_shape"]):   # an empty table: nothing to map
+                f.create_dataset(name, shape=tuple(obj["global_shape"]), dtype=fdt)
+                continue
             layout = h5py.VirtualLayout(shape=tuple(obj["global_shape"]), dtype=fdt)
             for b in obj["blocks"]:
+                if not all(b["shape"]):   # a rank that holds no rows of a table
+                    continue
                 src = h5py.VirtualSource(b["file"], b["dataset"], shape=tuple(b["shape"]))
                 layout[tuple(slice(o, o + n) for o, n in zip(b["offset"], b["shape"]))] = src
             f.create_virtual_dataset(name, layout)
@@ -280,4 +311,5 @@ class BlockReader:
         self._files.clear()
 
 
-__all__ = ["write_rank_file", "write_master", "BlockReader", "committed_rows", "file_dtype", "CHUNK_BYTES"]
+__all__ = ["write_rank_file", "write_master", "BlockReader", "committed_rows", "file_dtype", "table_header",
+           "CHUNK_BYTES"]

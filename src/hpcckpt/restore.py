@@ -3,7 +3,9 @@
 Distributed objects are re-blocked: each rank gets the default split of the global shape
 (``numpy.array_split`` along the first axis) and may re-declare another block before its
 first checkpoint; replicated objects go to every rank; rank-private objects need the same
-number of ranks.  Every byte used is checked against its CRC (see :mod:`hpcckpt.h5io`).
+number of ranks.  A distributed table's rows come back to the rank that held them at the same
+rank count, else split evenly in global order; its declaration with ``route=`` then sends each
+row where the route says (:mod:`hpcckpt.route`).  Every byte used is checked against its CRC (see :mod:`hpcckpt.h5io`).
 
 >>> heap = Heap.create("/tmp/r0.heap", "64MiB")                       # doctest: +SKIP
 >>> fill_from_export(heap, "/scratch/exports/demo", load_manifest(d, 7), rank=0, size=2)  # doctest: +SKIP
@@ -44,7 +46,9 @@ def fill_from_export(heap: Heap, job_dir: str, m: Manifest, rank: int, size: int
     for name, obj in sorted(m.objects.items()):
         dt = _dtype_parse(obj["dtype"])
         el = list(obj["element_shape"])
-        if obj["distributed"]:
+        if obj["kind"] == "table":
+            _fill_table(heap, reader, name, obj, dt, rank, size, m.world_size)
+        elif obj["distributed"]:
             rows = obj["global_shape"][:1] if obj["kind"] == "pool" else obj["global_shape"]
             offset, block = default_blocks(rows, size)[rank]
             halo = obj["blocks"][0]["halo"] if obj["kind"] == "array" else None
@@ -67,6 +71,33 @@ def fill_from_export(heap: Heap, job_dir: str, m: Manifest, rank: int, size: int
 
     heap._reblock = reblock
     return reader
+
+
+def _fill_table(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtype, rank: int, size: int,
+                was: int) -> None:
+    """A table's rows for this rank: its own rows at the same rank count, else an even split of
+    the global table in global order; a distributed table is then routed when it is declared."""
+    from .table import F_ROUTE
+    blocks = obj["blocks"]
+    if not obj["distributed"]:
+        mine = [b for b in blocks if b["rank"] == rank]
+        if not mine:
+            return
+        offset, count, blocks = [0], mine[0]["shape"][0], mine
+    elif size == was:
+        b = next(b for b in blocks if b["rank"] == rank)
+        offset, count = list(b["offset"]), b["shape"][0]
+    else:
+        offset, (count,) = default_blocks(obj["global_shape"], size)[rank]
+    t = heap.table(name, dt, distributed=obj["distributed"], capacity=count)
+    parts = pieces(offset, [count], [(b["offset"], b["shape"]) for b in blocks])
+    if not covered([count], parts):
+        raise ExportError(f"{reader.job_dir}: the export's blocks of table {name!r} do not cover rows "
+                          f"{offset[0]}..{offset[0] + count} (manifest damaged or inconsistent)")
+    for p in sorted(parts, key=lambda p: p.dst[0].start):
+        t.append(reader.read(blocks[p.source], dt, p.src))
+    if obj["distributed"]:
+        t._set_flags(t.flags | F_ROUTE)
 
 
 def _allocate(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtype, el: list[int], offset, block,

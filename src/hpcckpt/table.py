@@ -109,6 +109,11 @@ class Table:
         """True for one global table spread over the ranks (exported as one dataset)."""
         return bool(self.flags & F_DISTRIBUTED)
 
+    def _set_flags(self, flags: int) -> None:
+        hdr = self._bind()[0]
+        if int(hdr[_H_FLAGS]) != flags:
+            hdr[_H_FLAGS] = flags
+
     def __len__(self) -> int:
         return int(self._bind()[0][_H_LEN])
 
