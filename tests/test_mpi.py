@@ -134,6 +134,8 @@ except hpcckpt.OwnerMismatchError as e:
     said = "owner"
 except ValueError as e:
     said = "name"
+except hpcckpt.HeapError as e:
+    said = "refused" + (":fresh" if "fresh=True" in str(e) and sys.argv[1] in str(e) else "")
 else:
     said = f"{heap.restored_from}:{heap.epoch}"
     heap.close()
@@ -149,15 +151,43 @@ def open_only(n: int, root: str, name: str) -> list[str]:
     return proc.stdout.split()
 
 
-@pytest.mark.parametrize("left", [None, b"", bytes(100), bytes(8192)])
-def test_a_rank_killed_while_the_heaps_are_created_starts_the_job_afresh(heap_dir, left):
+def test_a_rank_killed_while_the_heaps_are_created_starts_the_job_afresh(heap_dir):
     assert open_only(2, heap_dir, "j") == ["None:None", "None:None"]
     path = os.path.join(heap_dir, "j", "rank1.heap")
-    os.unlink(path)                                           # rank 1 died before, or while, creating its heap
-    if left is not None:
-        with open(path, "wb") as f:
-            f.write(left)
+    os.rename(path, path + ".new999999999")   # rank 1 died before linking its new heap into place
     assert open_only(2, heap_dir, "j") == ["None:None", "None:None"]
+    assert sorted(os.listdir(os.path.join(heap_dir, "j"))) == ["rank0.heap", "rank1.heap"]
+
+
+@pytest.mark.parametrize("left", [b"", bytes(100), bytes(8192), b"not a heap"])
+def test_a_file_named_like_a_heap_that_is_not_one_stops_the_job_and_is_kept(heap_dir, left):
+    assert open_only(2, heap_dir, "j") == ["None:None", "None:None"]
+    path = os.path.join(heap_dir, "j", "rank1.heap")
+    with open(path, "wb") as f:
+        f.write(left)
+    assert open_only(2, heap_dir, "j") == ["refused:fresh", "refused:fresh"]
+    with open(path, "rb") as f:
+        assert f.read() == left                              # never deleted for it
+
+
+@pytest.mark.parametrize("damage", ["zero superblocks", "truncate"])
+def test_every_heap_damaged_and_no_export_is_an_error_not_a_fresh_start(heap_dir, damage):
+    code = OPEN_ONLY.replace('heap.close()', 'heap.array("u", 8)[:] = 1; heap.checkpoint(step=1); heap.close()')
+    proc = launch(["mpiexec", "-n", "2", sys.executable, "-c", textwrap.dedent(code), heap_dir, "j"])
+    assert proc.returncode == 0, proc.stderr
+    sizes = {}
+    for r in range(2):
+        path = os.path.join(heap_dir, "j", f"rank{r}.heap")
+        with open(path, "r+b") as f:
+            if damage == "truncate":
+                f.truncate(0)
+            else:
+                for page in (0, 5):                      # the superblock and its twin
+                    f.seek(page * 4096)
+                    f.write(bytes(4096))
+        sizes[path] = os.path.getsize(path)
+    assert open_only(2, heap_dir, "j") == ["refused:fresh", "refused:fresh"]
+    assert {p: os.path.getsize(p) for p in sizes} == sizes     # nothing deleted or rewritten
 
 
 def test_owner_mismatch_arrives_as_its_own_class_on_every_rank(heap_dir):

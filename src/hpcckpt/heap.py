@@ -17,6 +17,7 @@ import json
 import math
 import operator
 import functools
+import errno
 import os
 import threading
 import warnings
@@ -340,7 +341,17 @@ class Heap:
         path, job = os.fspath(path), check_job(job)
         cap = parse_size(capacity)
         maxe = max_objects if max_objects is not None else max(1024, cap // 1024)
-        _call(_native.create, path, cap, maxe, job, rank, world_size, preallocate)
+        # built under a temporary name and linked into place whole: a file at `path` that is
+        # not a heap is damage (never a create that died half-way), and is never deleted for it
+        tmp = f"{path}.new{os.getpid()}"
+        _call(_native.create, tmp, cap, maxe, job, rank, world_size, preallocate)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"{path}: a file of that name exists; open it, or remove it "
+                                  "first if it is not needed") from None
+        finally:
+            os.unlink(tmp)
         return cls._attach(path, tracker)
 
     @classmethod

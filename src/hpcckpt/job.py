@@ -22,7 +22,7 @@ import warnings
 from typing import Any
 
 from . import deadline
-from .errors import CorruptHeapError, HeapBusyError, HeapError, RepairWarning
+from .errors import HeapBusyError, HeapError, RepairWarning
 from .export import Exporter, ExportHandle
 from .heap import Heap, _check_name, crash_hook, default_threads, locked
 from .locks import holder, refuse_if_running
@@ -142,6 +142,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     try:
         private_dir(directory)
         refuse_if_running(directory, name)
+        _remove_unlinked_creates(path)
     except (OSError, HeapError) as e:
         err = error_text(e)
     agree(comm, err)
@@ -164,13 +165,13 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         warnings.warn(f"hpcckpt: {problem}; the exports are not used, and nothing is deleted", RuntimeWarning,
                       stacklevel=2)
 
-    mine = _probe(path, name, rank, size) if not fresh else (False, None, 0, True, False)
+    mine = _probe(path, name, rank, size) if not fresh else (False, None, 0, True)
     if partner is not None:
         rebuilt = _partner_level(comm, partner, mine, exports, path, name, opts)
         if rebuilt is not None:
             return _ready(rebuilt, comm, name, exporter, partner)
-    present, err, good, clean, unfinished = mine
-    blocking = bool(present and err and not unfinished)
+    present, err, good, clean = mine
+    blocking = bool(present and err)   # a file there that cannot be read is evidence, never "nothing yet"
     v = reduce_max(comm, [not present, err is not None, -good, good, not clean, blocking])
     view = {"absent": bool(v[0]), "broken": bool(v[1]), "common": int(-v[2]), "newest": int(v[3]),
             "unclean": bool(v[4])}   # the whole job in one fixed-size reduction; names only on failure
@@ -199,7 +200,8 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
                    f"rank(s) {missing} have no heap while the others do")
             cls = error_class([e for _, e in broken]) if broken else HeapError
             raise cls(f"{directory}: {why}; the job cannot restart from local heaps (nothing was "
-                      f"overwritten) and no export is given (export_dir=). Remove {directory} to start afresh.")
+                      f"overwritten) and no export is given (export_dir=). Restore it from an export, remove "
+                      f"{directory} (hpcckpt rm), or start afresh on purpose with hpcckpt.open(..., fresh=True).")
         if use_export:   # local heaps missing, damaged, older than the export, or of another rank count
             if heap is not None:
                 heap._native.abandon()
@@ -235,11 +237,12 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
 
 
 def _probe(path: str, name: str, rank: int, size: int) -> tuple:
-    """(present, error, newest restorable epoch, clean, unfinished) of this rank's heap, looked
-    at without writing anything: nothing is touched until the level is chosen.  `unfinished`:
-    the file is not (yet) a heap at all, as when a rank died while creating it."""
+    """(present, error, newest restorable epoch, clean) of this rank's heap, looked at without
+    writing anything: nothing is touched until the level is chosen.  A heap is linked into
+    place only once it is whole (``Heap.create``), so a file there that is not a heap is
+    damage, reported like any other."""
     if not os.path.exists(path):
-        return False, None, 0, True, False
+        return False, None, 0, True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RepairWarning)   # the writable open repairs and says so
@@ -247,12 +250,11 @@ def _probe(path: str, name: str, rank: int, size: int) -> tuple:
         info = probe._info()
         probe._native.abandon()
     except (OSError, HeapError, ValueError) as e:
-        unfinished = isinstance(e, CorruptHeapError) and ("bad magic" in str(e) or "no whole superblock" in str(e))
-        return True, error_text(e), 0, True, unfinished
+        return True, error_text(e), 0, True
     if info["good_epoch"] < 0:
-        return True, f"CorruptHeapError: {info['damage']}", 0, True, False
+        return True, f"CorruptHeapError: {info['damage']}", 0, True
     good = info["good_epoch"]
-    return True, None, good, info["was_clean"] and good == info["prepared"], False
+    return True, None, good, info["was_clean"] and good == info["prepared"]
 
 
 def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int], path: str, name: str,
@@ -477,6 +479,27 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
         return heap
     raise ExportError(f"{exporter.job_dir}: no export can be restored ({'; '.join(reasons)}); "
                       "the local heaps are gone or out of step, so the job cannot restart")
+
+
+def _remove_unlinked_creates(path: str) -> None:
+    """Remove this rank's heaps that a killed ``Heap.create`` left under their temporary name
+    (``rank<r>.heap.new<pid>``): never linked into place, they never held committed state."""
+    directory, base = os.path.split(path)
+    for entry in os.listdir(directory):
+        if entry.startswith(base + ".new") and entry[len(base) + 4:].isdigit():
+            leftover = os.path.join(directory, entry)
+            if holder(leftover) is None and not _alive(int(entry[len(base) + 4:])):
+                os.unlink(leftover)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _unlink_heap(path: str) -> None:
