@@ -12,6 +12,7 @@ and reads the rank files directly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -62,17 +63,56 @@ class Manifest:
         if crc != _crc(d):
             raise ExportError(f"{path}: manifest is damaged (checksum mismatch)")
         try:
-            m = cls(job=str(d["job"]), epoch=int(d["epoch"]), world_size=int(d["world_size"]),
-                    meta=dict(d["meta"]), objects=dict(d["objects"]))
+            m = cls(job=str(d["job"]), epoch=_count(d["epoch"], "epoch", 1), world_size=_count(d["world_size"],
+                    "world_size", 1, 1 << 24), meta=dict(d["meta"]), objects=dict(d["objects"]))
             for name, obj in m.objects.items():
                 for key in ("kind", "dtype", "global_shape", "distributed", "replicated", "blocks"):
                     obj[key]
+                if obj["global_shape"] is not None:
+                    _dims(obj["global_shape"], f"{name}: global_shape")
                 for b in obj["blocks"]:
                     for key in ("rank", "offset", "shape", "file", "dataset", "crc32c", "chunk_rows", "chunks_crc32c"):
                         b[key]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ExportError(f"{path}: manifest is incomplete or malformed (at {e!r})") from None
+                    _check_block(name, b, m.world_size)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ExportError(f"{path}: manifest is incomplete or malformed (at {e!r}); it is not used") from None
         return m
+
+
+def _count(v, what: str, low: int = 0, high: int = 1 << 62) -> int:
+    """`v` if it is an integer (not a bool, not a float) in [low, high), else ValueError."""
+    if type(v) is not int or not low <= v < high:
+        raise ValueError(f"{what} {v!r} is not an integer in [{low}, {high})")
+    return v
+
+
+def _dims(v, what: str, low: int = 0) -> list[int]:
+    """A shape or offset: a list of integers of at most 32 dimensions, no larger than 2^62 in all."""
+    if not isinstance(v, list) or len(v) > 32:
+        raise ValueError(f"{what} {v!r} is not a list of integers")
+    out = [_count(x, what, low) for x in v]
+    if low >= 0 and math.prod(out) >= 1 << 62:
+        raise ValueError(f"{what} {v!r} is too large")
+    return out
+
+
+def _check_block(name: str, b: dict, world_size: int) -> None:
+    """The values of a block that decide what a restore reads: integers in range, a file path
+    inside the export's directory; anything else makes the whole export unusable."""
+    _count(b["rank"], f"{name}: rank", 0, world_size)
+    shape = _dims(b["shape"], f"{name}: shape")
+    _dims(b["offset"], f"{name}: offset", -(1 << 62))
+    if "halo" in b:
+        _dims(b["halo"], f"{name}: halo")
+    _count(b["crc32c"], f"{name}: crc32c", 0, 1 << 32)
+    _count(b["chunks_crc32c"], f"{name}: chunks_crc32c", 0, 1 << 32)
+    rows = _count(b["chunk_rows"], f"{name}: chunk_rows", 1)
+    if "nchunks" in b and shape:
+        _count(b["nchunks"], f"{name}: nchunks", -(-shape[0] // rows), -(-shape[0] // rows) + 1)
+    f, ds = b["file"], b["dataset"]
+    if not isinstance(f, str) or not isinstance(ds, str) or "\0" in f + ds or os.path.isabs(f) or \
+            os.path.normpath(f).startswith("..") or ".." in f.split("/"):
+        raise ValueError(f"{name}: file {f!r} / dataset {ds!r} is not a path inside the export")
 
 
 def _crc(body: dict) -> int:
