@@ -207,7 +207,7 @@ def test_heap_of_another_owner_is_refused_before_anything_is_written(heap_path):
 
 def test_heap_open_twice_is_refused(heap_path):
     heap = hpcckpt.Heap.create(heap_path, "1MiB")
-    with pytest.raises(hpcckpt.HeapBusyError, match="open in another process"):
+    with pytest.raises(hpcckpt.HeapBusyError, match="already open in this process"):
         hpcckpt.Heap.open(heap_path)
     heap.close()
 

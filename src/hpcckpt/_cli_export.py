@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -170,6 +171,7 @@ def export(argv: list[str]) -> int:
 
 
 MAX_RANKS = 65536   # restore -n: a bound on the heaps one command creates
+_STOPS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 def job_name(name: str, where: str) -> str:
@@ -195,11 +197,34 @@ def _made_dirs(directory: str) -> list[str]:
     return made
 
 
-def _signals_raise() -> dict:
-    """Turn SIGTERM and SIGHUP into SystemExit so that a killed restore cleans up after itself."""
-    def stop(sig, _frame):
-        raise SystemExit(f"hpcckpt restore: stopped by signal {sig}; the heaps it created were removed")
-    return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+class _Stop:
+    """SIGTERM, SIGHUP and SIGINT end a restore with SystemExit (so that it cleans up after itself),
+    except inside ``with stop.held():``, where a signal waits until the block is done (a heap is
+    then created and recorded, or neither)."""
+
+    def __init__(self) -> None:
+        self.holding, self.pending = False, 0
+        self.old = {s: signal.signal(s, self) for s in _STOPS}
+
+    def __call__(self, sig: int, _frame) -> None:
+        if self.holding:
+            self.pending = sig
+        else:
+            raise SystemExit(f"hpcckpt restore: stopped by signal {sig}; the heaps it created were removed")
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            self(self.pending, None)
+
+    def restore(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
 
 def restore(argv: list[str]) -> int:
@@ -236,13 +261,16 @@ def restore(argv: list[str]) -> int:
         if existing:
             raise SystemExit(f"hpcckpt restore: {directory} already holds heaps ({', '.join(sorted(existing)[:3])}"
                              f"{'...' if len(existing) > 3 else ''}); remove them first (hpcckpt rm {directory})")
-    made, created, old = _made_dirs(directory), [], _signals_raise()
+    made, created, stop = [], [], _Stop()
     bar = Progress(args.n, f"restore e{m.epoch} to {args.n} ranks", args.json)
     try:
+        with stop.held():
+            made = _made_dirs(directory)
         for r in range(args.n):
             path = os.path.join(directory, f"rank{r}.heap")
-            heap = Heap.create(path, args.capacity, job=job, rank=r, world_size=args.n)
-            created.append(path)
+            with stop.held():   # created and recorded, or neither
+                heap = Heap.create(path, args.capacity, job=job, rank=r, world_size=args.n)
+                created.append(path)
             try:
                 fill_from_export(heap, where[0], m, r, args.n).close()
                 heap._native.rebase(m.epoch - 1)
@@ -253,6 +281,7 @@ def restore(argv: list[str]) -> int:
                 raise
             bar.step()
     except BaseException:
+        stop.holding = True   # a second signal does not cut the cleanup short
         for path in created:
             os.unlink(path)
         for d in made:
@@ -261,8 +290,7 @@ def restore(argv: list[str]) -> int:
         raise
     finally:
         bar.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+        stop.restore()
     out = {"root": directory, "epoch": m.epoch, "ranks": args.n}
     print(json.dumps(out) if args.json else f"{directory}: {args.n} heaps at epoch {m.epoch} {json.dumps(m.meta)}")
     return 0

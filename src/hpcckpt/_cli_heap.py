@@ -14,6 +14,7 @@ import time
 
 from .errors import HeapBusyError, HeapError
 from .heap import Heap, Pool
+from .locks import holder
 from .partner import MirrorHeap, catalog
 from ._cli_export import find_export, info_export, verify_export
 from ._cli_live import age_text, describe_live, epoch_record, export_state, verify_live
@@ -328,8 +329,9 @@ def rm(argv: list[str]) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise HeapError(f"{path}: open in a running process; stop the job first (nothing was removed)") \
-                    from None
+                pid = holder(path)
+                raise HeapBusyError(f"{path}: open in a running process{f' (PID {pid})' if pid else ''}; stop the "
+                                    "job first (nothing was removed)") from None
             if not is_heap_file(fd):
                 raise HeapError(f"{path}: not an hpcckpt heap (no heap magic in page 0 or its twin); nothing was "
                                 "removed: remove it by hand if it is yours to delete")

@@ -28,7 +28,7 @@ import numpy as np
 from . import _native
 from ._progress import watch
 from ._units import parse_size
-from .errors import CorruptHeapError, HeapError, HeapFullError, RepairWarning, translate
+from .errors import CorruptHeapError, HeapBusyError, HeapError, HeapFullError, RepairWarning, translate
 from .table import Table
 
 TRACKERS = {"uffd": _native.TRACK_UFFD, "mprotect": _native.TRACK_MPROTECT, "page": _native.TRACK_PAGE,
@@ -388,8 +388,16 @@ class Heap:
         threads = default_threads()   # a bad $HPCCKPT_THREADS is refused before the file is touched
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such heap; create it with hpcckpt.Heap.create()")
-        native = _call(_native.open, path, TRACKERS.get(name, _native.TRACK_NONE), job, -1 if rank is None else rank,
-                       -1 if world_size is None else world_size)
+        try:
+            native = _call(_native.open, path, TRACKERS.get(name, _native.TRACK_NONE), job,
+                           -1 if rank is None else rank, -1 if world_size is None else world_size)
+        except HeapBusyError as e:   # say who holds it: this very process is a different mistake
+            from .locks import holder
+            pid = holder(path)
+            if pid == os.getpid():
+                raise HeapBusyError(f"{path}: heap is already open in this process; use that Heap, or close it "
+                                    "first") from None
+            raise HeapBusyError(f"{e} (PID {pid})" if pid else str(e)) from None
         return cls(native, path, name, threads)
 
     def _report_repairs(self, info: dict | None = None) -> None:
