@@ -229,8 +229,9 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     try:
         agree(comm, err)
     except BaseException:
-        if heap is not None:
+        if heap is not None:   # a refused open leaves no empty heap behind
             heap._native.abandon()
+            os.unlink(path)
         raise
     _remove_stale(comm, directory, size)
     return _ready(heap, comm, name, exporter, partner)
@@ -445,14 +446,16 @@ def _restore_local(heap: JobHeap, comm, view: dict, exports: list[int]) -> bool:
 def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Exporter, opts: dict) -> JobHeap:
     """Fresh heaps filled from the newest export every rank can read; older ones on failure."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    reasons = []
+    reasons, aside = [], None
     for epoch in exports:
         heap, err, reader = None, None, None
         try:
             m = load_manifest(exporter.job_dir, epoch)
             if m.job != name:
                 raise ExportError(f"{exporter.job_dir}: export of epoch {epoch} belongs to job {m.job!r}")
-            _unlink_heap(path)
+            if aside is None:
+                aside = _set_aside(path)
+            _unlink_heap(path)   # only a heap this open created for an export that failed
             heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
                                   job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
             reader = fill_from_export(heap, exporter.job_dir, m, rank, size)
@@ -475,16 +478,41 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
         coordinated_checkpoint(heap, comm, json.dumps(m.meta, sort_keys=True).encode(), layout_changed=True)
         heap._reblock, heap._layout_dirty = reblock, False
         heap.restored, heap.restored_from = True, "export"
+        if aside:
+            os.unlink(aside)
         _remove_stale(comm, os.path.dirname(path), size)
         return heap
+    _unlink_heap(path)
+    if aside:
+        os.rename(aside, path)   # the local heap as it was: nothing is lost by a failed restore
     raise ExportError(f"{exporter.job_dir}: no export can be restored ({'; '.join(reasons)}); "
                       "the local heaps are gone or out of step, so the job cannot restart")
 
 
+def _set_aside(path: str) -> str | None:
+    """Move this rank's old heap to ``<path>.aside`` while a restore from an export builds a new
+    one: it is removed once the new heap has committed, and put back if no export can be restored."""
+    if not os.path.exists(path):
+        return None
+    if holder(path) is not None:
+        _unlink_heap(path)   # refuses, naming the holder
+    os.rename(path, path + ".aside")
+    return path + ".aside"
+
+
 def _remove_unlinked_creates(path: str) -> None:
-    """Remove this rank's heaps that a killed ``Heap.create`` left under their temporary name
-    (``rank<r>.heap.new<pid>``): never linked into place, they never held committed state."""
+    """Finish what a killed open left: a heap a killed ``Heap.create`` left under its temporary
+    name (``rank<r>.heap.new<pid>``: never linked into place, it never held committed state) is
+    removed; a heap set aside by a restore from an export is put back, unless the new heap
+    committed (then it is the one to keep)."""
     directory, base = os.path.split(path)
+    if os.path.exists(path + ".aside"):
+        if os.path.exists(path) and _probe(path, None, None, None)[2] == 0 and holder(path) is None:
+            os.unlink(path)   # the restore died before its heap committed anything
+        if os.path.exists(path):
+            os.unlink(path + ".aside")
+        else:
+            os.rename(path + ".aside", path)
     for entry in os.listdir(directory):
         if entry.startswith(base + ".new") and entry[len(base) + 4:].isdigit():
             leftover = os.path.join(directory, entry)

@@ -1,0 +1,47 @@
+"""Trust in the restart: a failed restore from an export, or a refused open, loses nothing and
+leaves nothing behind.  Under the real mpiexec, through the application of test_hang."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+import pytest
+from mpijobs import launch
+from test_hang import answer, expected, run_app
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_a_restore_from_exports_that_all_fail_puts_the_local_heaps_back(heap_dir):
+    exports = os.path.join(heap_dir, "exports")
+    assert run_app(heap_dir, 2, steps=4, env={"EXPORTS": exports}).returncode == 0
+    job = os.path.join(heap_dir, "heaps", "app")
+    assert launch([sys.executable, "-m", "hpcckpt", "export", job, "--to", exports]).returncode == 0
+    kept = os.path.join(job, "rank0.heap")
+    os.unlink(os.path.join(job, "rank1.heap"))          # rank 1's node is gone: the export must serve
+    for entry in os.listdir(os.path.join(exports, "app", "e2")):
+        with open(os.path.join(exports, "app", "e2", entry), "r+b") as f:
+            f.truncate(100)                             # and the export is damaged
+    before = digest(kept)
+    proc = run_app(heap_dir, 2, steps=6, env={"EXPORTS": exports})
+    assert proc.returncode != 0 and "no export can be restored" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(os.listdir(job)) == ["rank0.heap"] and digest(kept) == before   # rank 0's heap as it was
+
+
+def test_a_restore_killed_after_setting_the_heap_aside_resumes_from_the_local_level(heap_dir):
+    exports = os.path.join(heap_dir, "exports")
+    assert run_app(heap_dir, 2, steps=4, env={"EXPORTS": exports}).returncode == 0
+    job = os.path.join(heap_dir, "heaps", "app")
+    for r in range(2):                                  # as a killed restore leaves it: set aside, new heap empty
+        os.rename(os.path.join(job, f"rank{r}.heap"), os.path.join(job, f"rank{r}.heap.aside"))
+    proc = run_app(heap_dir, 2, steps=8)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumes job 'app' at epoch 2 (step 4) from the local level" in proc.stderr
+    assert answer(proc) == expected(2, 8)
+    assert sorted(os.listdir(job)) == ["rank0.heap", "rank1.heap"]
