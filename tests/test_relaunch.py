@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 RUN_PY = Path(__file__).resolve().parents[1] / "src" / "hpcckpt" / "run.py"
+sys.path.insert(0, str(RUN_PY.parent))
+from run import kill_tree  # noqa: E402  (run.py stands alone: these tests work before the core is built)
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -25,8 +27,17 @@ def script(tmp_path: Path, body: str) -> Path:
 
 
 def relaunch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``hpcckpt run ARGS`` to completion; a hang fails the test instead of stalling it."""
-    return subprocess.run([sys.executable, str(RUN_PY), *args], capture_output=True, text=True, timeout=timeout)
+    """``hpcckpt run ARGS`` to completion; a hang fails the test instead of stalling it, and
+    everything it started (mpiexec, its proxy, the ranks) is killed by PID."""
+    proc = subprocess.Popen([sys.executable, str(RUN_PY), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def attempt_lines(stderr: str) -> list[str]:

@@ -31,8 +31,9 @@ def test_demo_sbatch_requeues_and_resumes_to_the_failure_free_answer(mode):
         out, err = proc.communicate(timeout=120)
         pytest.fail(f"the Slurm self-test ({mode}) did not end in 1000 s: {out[-3000:]}{err[-2000:]}")
     finally:
-        kill_tree(proc.pid)                   # whatever is left of it, daemons included, by PID
-        proc.wait()
+        if proc.poll() is None:
+            kill_tree(proc.pid)               # whatever is left of it, daemons included, by PID
+            proc.wait()
     proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     script = "partner.sbatch" if mode == "partner" else "demo.sbatch"
     assert proc.returncode == 0 and f"PASS: jobs/{script} under Slurm ({mode} mode" in proc.stdout, \
