@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -132,3 +133,37 @@ def test_opening_a_heap_twice_in_one_process_says_so(heap_path):
         code = f"import hpcckpt; hpcckpt.Heap.open({heap_path!r})"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert "open in another process" in out.stderr and f"(PID {os.getpid()})" in out.stderr, out.stderr
+
+
+def test_info_and_verify_of_a_job_running_under_mpiexec_with_partner_copies(heap_dir):
+    """A real job on two 'nodes' (one rank each, partner copies on the other node), looked at
+    while it computes: info shows the committed epoch, its step and age, and the partner
+    copies; verify checks every rank's and every mirror's committed copies."""
+    from hpcckpt.run import kill_tree
+
+    root = os.path.join(heap_dir, "n{node}")
+    cmd = [sys.executable, "-m", "hpcckpt", "run", "-n", "2", "--max-restarts", "0", "--", sys.executable, "-m",
+           "hpcckpt.demo", "--nx", "96", "--ny", "64", "--particles", "4000", "--steps", "100000000",
+           "--checkpoint-every", "5", "--capacity", "64MiB", "--root", root, "--name", "live",
+           "--redundancy", "partner", "--quiet"]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, HPCCKPT_NODE_OF_RANK="0,1"), start_new_session=True)
+    target = os.path.join(root, "live")
+    try:
+        deadline, view = time.monotonic() + 120, {}
+        while not (view.get("running") and "last committed epoch" in view.get("decision", "")):
+            assert job.poll() is None, job.stderr.read()
+            assert time.monotonic() < deadline, view
+            out = cli("info", target, "--json")
+            view = json.loads(out.stdout)[0] if out.returncode == 0 and out.stdout.startswith("[") else {}
+        out = cli("info", target)
+        first = out.stdout.splitlines()[0]
+        assert out.returncode == 0 and "running: last committed epoch" in first and "step" in first, out.stdout
+        assert "partner copies: rank 0 at epoch" in first and "rank 1 at epoch" in first
+        out = cli("verify", target)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count(": ok, running, epoch") == 4, out.stdout   # two heaps, two mirrors
+        assert job.poll() is None                                           # the job never noticed
+    finally:
+        kill_tree(job.pid)
+        job.wait(timeout=60)
