@@ -94,8 +94,11 @@ def _fill_table(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dt
     if not covered([count], parts):
         raise ExportError(f"{reader.job_dir}: the export's blocks of table {name!r} do not cover rows "
                           f"{offset[0]}..{offset[0] + count} (manifest damaged or inconsistent)")
-    for p in sorted(parts, key=lambda p: p.dst[0].start):
-        t.append(reader.read(blocks[p.source], dt, p.src))
+    for p in parts:   # straight into the table where the kernel may write there, checked in place
+        view = t._view(p.dst[0].start, p.dst[0].stop)
+        if not (heap.kernel_writable and reader.read_into(blocks[p.source], dt, p.src, view)):
+            view[...] = reader.read(blocks[p.source], dt, p.src)
+    t._set_len(count)
     if obj["distributed"]:
         t._set_flags(t.flags | F_ROUTE)
 

@@ -54,14 +54,16 @@ def route_rows(heap: Any, table: Any) -> None:
             err = str(e)
         _agree(comm, err, HeapError)
         order = np.argsort(dest, kind="stable")
-        send = np.ascontiguousarray(table.rows[order])
-        got = np.empty(need, table.dtype)
+        send = rows[order]   # a copy: the rows may be received over the table
+        direct = heap.kernel_writable   # MPI may write into heap memory (not under mprotect)
+        got = table._view(0, need) if direct else np.empty(need, table.dtype)
         if comm is None:
             got[...] = send
         else:
             _alltoallv(comm, send, counts, got, incoming, table.dtype.itemsize)
-        table.resize(need)
-        table.rows[...] = got
+        if not direct:
+            table._view(0, need)[...] = got
+        table._set_len(need)
         table._set_flags(table.flags & ~F_ROUTE)
 
 
