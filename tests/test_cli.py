@@ -134,7 +134,8 @@ def test_rm_removes_a_jobs_heaps_and_refuses_while_one_is_open(heap_dir):
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(["info", "verify", "export", "restore", "bench", "rm", "run", "nosuch"]),
        st.lists(st.sampled_from(["--json", "--objects", "-n", "0", "-1", "x", "--to", "/nonexistent", "--",
-                                 "--count", "--fraction", "2", "", "/", "--capacity", "1ZiB"]), max_size=5))
+                                 "--count", "--fraction", "2", "", "/", "--capacity", "1ZiB", "--check", "--name",
+                                 "../x", "--export-dir", "70000", "--version"]), max_size=5))
 def test_fuzzed_command_lines_never_print_a_traceback(command, args):
     out = subprocess.run([sys.executable, "-m", "hpcckpt", command, *args], capture_output=True, text=True,
                          timeout=120, cwd="/tmp", stdin=subprocess.DEVNULL)
