@@ -26,7 +26,8 @@ import os, signal, sys, numpy as np, hpcckpt
 from mpi4py import MPI
 comm = MPI.COMM_WORLD; r, n = comm.rank, comm.size
 root, steps = sys.argv[1], int(sys.argv[2])
-heap = hpcckpt.open("app", comm, root=root, capacity="16MiB", export_dir=os.environ.get("EXPORTS") or None)
+heap = hpcckpt.open("app", comm, root=root, capacity="16MiB", export_dir=os.environ.get("EXPORTS") or None,
+                    fresh=bool(os.environ.get("FRESH")))
 u = heap.array("u", (8,), "f8", global_shape=(8 * n,), offset=(8 * r,))
 start = heap.meta["step"] if heap.epoch is not None else 0
 if start == 0:

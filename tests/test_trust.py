@@ -45,3 +45,30 @@ def test_a_restore_killed_after_setting_the_heap_aside_resumes_from_the_local_le
     assert "resumes job 'app' at epoch 2 (step 4) from the local level" in proc.stderr
     assert answer(proc) == expected(2, 8)
     assert sorted(os.listdir(job)) == ["rank0.heap", "rank1.heap"]
+
+
+def test_fresh_true_starts_afresh_and_moves_the_old_exports_aside(heap_dir):
+    exports = os.path.join(heap_dir, "exports")
+    assert run_app(heap_dir, 2, steps=8, env={"EXPORTS": exports}).returncode == 0
+    job = os.path.join(heap_dir, "heaps", "app")
+    assert launch([sys.executable, "-m", "hpcckpt", "export", job, "--to", exports]).returncode == 0
+    old = sorted(os.listdir(os.path.join(exports, "app")))
+    with open(os.path.join(exports, "app", "LATEST"), "w") as f:
+        f.write("garbage")                               # with the local heaps gone, the job refuses to start
+    for entry in os.listdir(job):
+        os.unlink(os.path.join(job, entry))
+    refused = run_app(heap_dir, 2, steps=8, env={"EXPORTS": exports})
+    assert refused.returncode != 0 and "fresh=True" in refused.stderr
+    proc = run_app(heap_dir, 2, steps=8, env={"EXPORTS": exports, "FRESH": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert answer(proc) == expected(2, 8) and "starts afresh (fresh=True)" in proc.stderr
+    aside = [d for d in os.listdir(exports) if d.startswith("app.before-fresh-")]
+    assert len(aside) == 1 and sorted(os.listdir(os.path.join(exports, aside[0]))) == old
+
+
+def test_latest_only_moves_forward(tmp_path):
+    from hpcckpt.manifest import read_latest, write_latest
+    assert write_latest(str(tmp_path), 7) and read_latest(str(tmp_path)) == 7
+    assert not write_latest(str(tmp_path), 3) and read_latest(str(tmp_path)) == 7
+    assert write_latest(str(tmp_path), 9) and read_latest(str(tmp_path)) == 9
+    assert sorted(os.listdir(tmp_path)) == ["LATEST"]    # no temporary file left

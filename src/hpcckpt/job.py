@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -154,14 +155,16 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     elif redundancy == "partner":
         partner = PartnerLevel(comm, nodes, directory, name, capacity)
     exporter = Exporter(comm, name, export_dir, export_every) if export_dir else None
-    exports, problem = _list_exports(comm, exporter)
     opts = dict(capacity=capacity, tracker=tracker, max_objects=max_objects, preallocate=preallocate)
     if fresh:   # on purpose: no level is looked at, this job's heaps are replaced
         exports, problem = [], None
+        moved = _move_exports_aside(comm, exporter) if exporter is not None else None
         if rank == 0:
-            warnings.warn(f"hpcckpt: job {name!r} starts afresh (fresh=True); its old heaps are replaced",
-                          RuntimeWarning, stacklevel=2)
-    elif problem and rank == 0:
+            warnings.warn(f"hpcckpt: job {name!r} starts afresh (fresh=True); its old heaps are replaced"
+                          + (f", its old exports moved to {moved}" if moved else ""), RuntimeWarning, stacklevel=2)
+    else:
+        exports, problem = _list_exports(comm, exporter)
+    if problem and rank == 0:
         warnings.warn(f"hpcckpt: {problem}; the exports are not used, and nothing is deleted", RuntimeWarning,
                       stacklevel=2)
 
@@ -398,6 +401,22 @@ def _list_exports(comm, exporter: Exporter | None) -> tuple[list[int], str | Non
     if err:
         raise HeapError(f"export directory {err}")
     return found, problem
+
+
+def _move_exports_aside(comm, exporter: Exporter) -> str | None:
+    """A fresh start keeps the old exports, out of the way (their LATEST would name epochs the
+    new run reaches later): rank 0 renames ``<dir>/<job>`` to ``<dir>/<job>.before-fresh-<time>``."""
+    moved, err = None, None
+    if comm.Get_rank() == 0 and os.path.isdir(exporter.job_dir) and os.listdir(exporter.job_dir):
+        moved = f"{exporter.job_dir}.before-fresh-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            os.rename(exporter.job_dir, moved)
+        except OSError as e:
+            err = f"{exporter.job_dir}: cannot move the old exports aside: {e.strerror}"
+    moved, err = deadline.bcast(comm, (moved, err), "the fresh start's move of old exports (from rank 0)")
+    if err:
+        raise HeapError(err)
+    return moved
 
 
 def _exports_here(job_dir: str) -> tuple[list[int], str | None]:

@@ -139,11 +139,18 @@ def fsync_path(path: str) -> None:
 def write_durably(path: str, data: bytes) -> None:
     """Write `path` atomically: a temporary file, fsync, rename, fsync the directory."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)   # a failed write (a full file system) leaves no temporary file behind
+        except OSError:
+            pass
+        raise
     fsync_path(os.path.dirname(path) or ".")
 
 
@@ -163,9 +170,15 @@ def read_latest(job_dir: str) -> int | None:
     return epoch
 
 
-def write_latest(job_dir: str, epoch: int) -> None:
+def write_latest(job_dir: str, epoch: int) -> bool:
+    """Point LATEST at `epoch`, only forward: an export of an older epoch (an offline export of
+    older heaps) is written beside the newer ones and LATEST stays.  Returns whether it moved."""
+    current = read_latest(job_dir)
+    if current is not None and current > epoch:
+        return False
     write_durably(os.path.join(job_dir, "LATEST"),
                   json.dumps({"format": FORMAT, "epoch": epoch, "manifest": f"e{epoch}.json"}).encode())
+    return True
 
 
 def complete_exports(job_dir: str) -> list[int]:
