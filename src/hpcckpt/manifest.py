@@ -74,15 +74,19 @@ class Manifest:
                     for key in ("rank", "offset", "shape", "file", "dataset", "crc32c", "chunk_rows", "chunks_crc32c"):
                         b[key]
                     _check_block(name, b, m.world_size)
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise ExportError(f"{path}: manifest is incomplete or malformed (at {e!r}); it is not used") from None
+        except KeyError as e:
+            raise ExportError(f"{path}: manifest is incomplete (no {e}); it is not used") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ExportError(f"{path}: manifest is malformed ({e}); it is not used") from None
         return m
 
 
 def _count(v, what: str, low: int = 0, high: int = 1 << 62) -> int:
     """`v` if it is an integer (not a bool, not a float) in [low, high), else ValueError."""
     if type(v) is not int or not low <= v < high:
-        raise ValueError(f"{what} {v!r} is not an integer in [{low}, {high})")
+        bound = lambda x: f"2^{x.bit_length() - 1}" if abs(x) >= 1 << 32 else str(x)   # noqa: E731
+        low_s = f"-{bound(-low)}" if low < 0 else bound(low)
+        raise ValueError(f"{what} {repr(v)[:40]} is not an integer from {low_s} to below {bound(high)}")
     return v
 
 
