@@ -59,7 +59,7 @@ def describe(path: str, objects: bool) -> dict:
         return describe_live(path)
     with heap:
         i = heap.info
-        epoch = i["prepared"] or None
+        epoch, good = i["prepared"] or None, i["good_epoch"] if i["good_epoch"] >= 0 else None
         rec = epoch_record(path, epoch) if epoch else None
         out = {"path": path, "job": i["job"], "rank": i["rank"], "world_size": i["world_size"],
                "format": f"{i['major']}.{i['minor']}", "capacity": i["capacity"],
@@ -68,8 +68,8 @@ def describe(path: str, objects: bool) -> dict:
                "epoch": epoch, "meta": heap.meta if epoch else {}, "running": False,
                "age_seconds": time.time() - rec["time"] if rec else None,
                "state": "closed cleanly" if i["was_clean"] else
-                        f"not closed cleanly: the next open restores {at(i['good_epoch'] if i['good_epoch'] >= 0 else None)}",
-               "dax": i["dax"], "restorable": i["good_epoch"] if i["good_epoch"] >= 0 else None,
+                        f"not closed cleanly: the next open restores {at(good)}",
+               "dax": i["dax"], "restorable": good,
                "copy": "partner" if os.path.basename(path).startswith("partner-") else "local"}
         if objects:
             out["objects_list"] = []
@@ -99,6 +99,20 @@ def export_level(export_dir: str, job: str, check: bool) -> dict:
     return {**state, "epoch": None, "verified": False, "passed_over": passed}
 
 
+def running_decision(rows: list[dict], missing: list[int], lost: list[int]) -> str:
+    """A running job's line: the epoch every rank has committed (the oldest newest epoch over
+    the ranks: a rank ahead may be in the middle of the next checkpoint), its step and age."""
+    if missing:
+        return f"running (rank(s) {missing} not among the heaps given: give the job's directory)"
+    mine = [r for r in rows if r["copy"] == "local" and r["restorable"] is not None]
+    last = min(mine, key=lambda r: r["restorable"] or 0) if mine and not lost else None
+    if not (last and last["restorable"]):
+        return "running: no epoch committed by every rank yet"
+    step = f", step {last['meta']['step']}" if "step" in last["meta"] else ""
+    age = f", {age_text(last['age_seconds'])} ago" if last["age_seconds"] is not None else ""
+    return f"running: last committed epoch {last['restorable']}{step}{age}"
+
+
 def job_view(rows: list[dict], export_dir: str | None, check: bool = False) -> dict:
     """The job's restart decision, as hpcckpt.open would take it: which epoch, from which level;
     for a running job, its last committed epoch, step and age."""
@@ -122,23 +136,15 @@ def job_view(rows: list[dict], export_dir: str | None, check: bool = False) -> d
         decision = f"restarts at epoch {rebuilt}, rebuilding rank(s) {lost} from their partner copies"
     elif newest is not None:
         decision = (f"restarts at epoch {newest} from the export" +
-                    (" (its checksums verified)" if level["verified"] else " (unverified: --check reads its checksums)"))
+                    (" (its checksums verified)" if level["verified"] else
+                     " (unverified: --check reads its checksums)"))
     else:
         why = f"rank(s) {missing} have no heap" if missing else f"rank(s) {damaged} are damaged"
         decision = (f"cannot restart from local heaps: {why}" + (", nor from partner copies" if kept else "") +
                     ("; no usable export either" if export_dir else "; give --export-dir if it has exports"))
-    running = [r for r in rows if r.get("running")]
+    running = any(r.get("running") for r in rows)
     if running:   # a live job: what it has committed so far, not what a restart would do
-        mine = [r for r in rows if r["copy"] == "local" and r["restorable"] is not None]
-        last = min(mine, key=lambda r: r["restorable"] or 0) if mine and not lost else None
-        if missing:
-            decision = f"running (rank(s) {missing} not among the heaps given: give the job's directory)"
-        elif last and last["restorable"]:
-            step = f", step {last['meta']['step']}" if "step" in last["meta"] else ""
-            age = f", {age_text(last['age_seconds'])} ago" if last["age_seconds"] is not None else ""
-            decision = f"running: last committed epoch {last['restorable']}{step}{age}"
-        else:
-            decision = "running: no epoch committed by every rank yet"
+        decision = running_decision(rows, missing, lost)
     levels = ", ".join(f"rank {r} at {at(e)}" for r, e in sorted(epochs.items()))
     partners = f"; partner copies: {', '.join(f'rank {r} at {at(e[0])}' for r, e in sorted(kept.items()))}" \
         if kept else ""
@@ -148,7 +154,7 @@ def job_view(rows: list[dict], export_dir: str | None, check: bool = False) -> d
         exports += (" (verified)" if level["verified"] else " (unverified)") if newest else ""
         exports += "".join(f" (epoch {p['epoch']} passed over: {p['why']})" for p in level["passed_over"])
         exports += "".join(f"; export of epoch {e} being written" for e in level["in_progress"])
-    return {"job": job, "world_size": size, "running": bool(running), "local_epochs": epochs,
+    return {"job": job, "world_size": size, "running": running, "local_epochs": epochs,
             "partner_epochs": {r: e[0] for r, e in kept.items()}, "export_epoch": newest,
             "export_verified": level["verified"] if level else None, "decision": decision,
             "passed_over": level["passed_over"] if level else [],
