@@ -72,3 +72,34 @@ def test_latest_only_moves_forward(tmp_path):
     assert not write_latest(str(tmp_path), 3) and read_latest(str(tmp_path)) == 7
     assert write_latest(str(tmp_path), 9) and read_latest(str(tmp_path)) == 9
     assert sorted(os.listdir(tmp_path)) == ["LATEST"]    # no temporary file left
+
+
+TILING_KILLED = """
+import os, sys, numpy as np, hpcckpt
+from mpi4py import MPI
+comm = MPI.COMM_WORLD; r = comm.rank
+heap = hpcckpt.open("tile", comm, root=sys.argv[1], capacity="16MiB")
+u = heap.array("u", (4,), global_shape=(8,), offset=(4 * r,))
+if heap.epoch is None:
+    u[:] = r + 1
+    heap.checkpoint(step=1)
+    u[:] = 100
+    bad = heap.array("bad", (4,), global_shape=(8,), offset=(0,))   # every rank claims the same block
+    os.environ["HPCCKPT_CRASH_AT"] = "after-allreduce@2"   # the job dies after the vote, before the withdraw
+    heap.checkpoint(step=2)
+print("resumed", r, heap.epoch, heap.meta, "bad" in heap, u.tolist(), flush=True)
+heap.close()
+"""
+
+
+def test_a_job_killed_between_the_vote_and_the_withdraw_of_a_refused_tiling_never_restores_that_epoch(heap_dir):
+    script = os.path.join(heap_dir, "tile.py")
+    with open(script, "w") as f:
+        f.write(TILING_KILLED)
+    first = launch(["mpiexec", "-n", "2", sys.executable, script, heap_dir])
+    assert first.returncode != 0 and "resumed" not in first.stdout
+    again = launch(["mpiexec", "-n", "2", sys.executable, script, heap_dir])
+    assert again.returncode == 0, again.stderr[-2000:]
+    lines = sorted(line for line in again.stdout.splitlines() if line.startswith("resumed"))
+    assert lines == ["resumed 0 1 {'step': 1} False [1.0, 1.0, 1.0, 1.0]",
+                     "resumed 1 1 {'step': 1} False [2.0, 2.0, 2.0, 2.0]"]

@@ -54,15 +54,22 @@ class JobHeap(Heap):
         Distributed objects declared since the last checkpoint are checked to tile their
         global shapes; every K-th epoch is exported when the heap was opened with export_every=K.
         """
+        dirty = self._layout_dirty
+        if dirty:   # its tiling is checked after the vote: see _undecided
+            meta = {**meta, TILING_MARK: 1}
         blob = json.dumps(meta, sort_keys=True).encode()
         parts = [self.exporter] if self.exporter else []
-        epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=self._layout_dirty,
-                                       partner=self.partner)
+        epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=dirty, partner=self.partner)
         self._layout_dirty = False
         self._reblock = None
         if self.exporter is not None:
             self._stats["export"] = self.exporter.figures()
         return epoch
+
+    @property
+    def meta(self) -> dict:
+        """The metadata saved with the last committed epoch ({} before the first)."""
+        return {k: v for k, v in super().meta.items() if k != TILING_MARK}
 
     @locked
     def export(self, wait: bool = True) -> ExportHandle:
@@ -83,6 +90,20 @@ class JobHeap(Heap):
         super().close()
         if self.partner is not None and os.getpid() == self._pid:
             self.partner.close()
+
+
+TILING_MARK = "__hpcckpt_tiling__"
+
+
+def _undecided(probe: Any) -> bool:
+    """Was the newest epoch of this heap prepared after new declarations (its meta carries the
+    mark)?  Their tiling is checked after the vote, so a job killed between the vote and the
+    withdraw of a refused epoch leaves every rank prepared at it; the open takes such an epoch
+    only when some rank holds a newer one (which proves it committed), else it goes back one."""
+    try:
+        return TILING_MARK in json.loads(probe._native.meta() or b"{}")
+    except (ValueError, OSError, HeapError):
+        return False
 
 
 def check_job_name(name: str) -> None:
@@ -168,16 +189,18 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         warnings.warn(f"hpcckpt: {problem}; the exports are not used, and nothing is deleted", RuntimeWarning,
                       stacklevel=2)
 
-    mine = _probe(path, name, rank, size) if not fresh else (False, None, 0, True)
+    mine = _probe(path, name, rank, size) if not fresh else (False, None, 0, True, False)
     if partner is not None:
         rebuilt = _partner_level(comm, partner, mine, exports, path, name, opts)
         if rebuilt is not None:
             return _ready(rebuilt, comm, name, exporter, partner)
-    present, err, good, clean = mine
+    present, err, good, clean, _ = mine
     blocking = bool(present and err)   # a file there that cannot be read is evidence, never "nothing yet"
-    v = reduce_max(comm, [not present, err is not None, -good, good, not clean, blocking])
+    v = reduce_max(comm, [not present, err is not None, -good, good, not clean, blocking, mine[4]])
     view = {"absent": bool(v[0]), "broken": bool(v[1]), "common": int(-v[2]), "newest": int(v[3]),
             "unclean": bool(v[4])}   # the whole job in one fixed-size reduction; names only on failure
+    if view["common"] == view["newest"] > 0 and v[6]:   # its tiling check may have refused it (_undecided)
+        view["common"], view["unclean"] = view["common"] - 1, True
     if view["newest"] == 0 and not v[5]:   # nothing was ever committed anywhere: start afresh
         view = {"absent": True, "broken": False, "common": 0, "newest": 0, "unclean": False}
     common = view["common"]
@@ -194,6 +217,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         if heap is not None:
             if _restore_local(heap, comm, view, exports):
                 heap.restored_from = "local" if heap._info()["committed"] else None   # clean reopen included
+                heap._layout_dirty = not heap._info()["committed"]   # a committed epoch's tiling was checked
                 return _ready(heap, comm, name, exporter, partner)
         elif not exports and (view["broken"] or view["newest"]):
             states = deadline.allgather(comm, mine, "the ranks' agreement at open")
@@ -241,24 +265,26 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
 
 
 def _probe(path: str, name: str, rank: int, size: int) -> tuple:
-    """(present, error, newest restorable epoch, clean) of this rank's heap, looked at without
+    """(present, error, newest restorable epoch, clean, undecided) of this rank's heap, looked at without
     writing anything: nothing is touched until the level is chosen.  A heap is linked into
     place only once it is whole (``Heap.create``), so a file there that is not a heap is
     damage, reported like any other."""
     if not os.path.exists(path):
-        return False, None, 0, True
+        return False, None, 0, True, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RepairWarning)   # the writable open repairs and says so
             probe = JobHeap.open(path, job=name, rank=rank, world_size=size, readonly=True)
         info = probe._info()
+        clean = info["was_clean"] and info["good_epoch"] == info["prepared"]   # a close sealed it: decided
+        undecided = not clean and info["good_epoch"] == info["prepared"] and _undecided(probe)
         probe._native.abandon()
     except (OSError, HeapError, ValueError) as e:
-        return True, error_text(e), 0, True
+        return True, error_text(e), 0, True, False
     if info["good_epoch"] < 0:
-        return True, f"CorruptHeapError: {info['damage']}", 0, True
+        return True, f"CorruptHeapError: {info['damage']}", 0, True, False
     good = info["good_epoch"]
-    return True, None, good, info["was_clean"] and good == info["prepared"]
+    return True, None, good, info["was_clean"] and good == info["prepared"], undecided
 
 
 def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int], path: str, name: str,
@@ -320,7 +346,7 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
             return None
         raise HeapError(f"rank(s) {lost} lost their heaps and rebuilding them from partner copies failed: {failed}; "
                         "no export is given (export_dir=)")
-    heap.restored, heap.restored_from = True, "partner"
+    heap.restored, heap.restored_from, heap._layout_dirty = True, "partner", False
     return heap
 
 
