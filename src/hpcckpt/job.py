@@ -520,7 +520,8 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
             continue
         heap.comm = comm
         reblock = heap._reblock
-        coordinated_checkpoint(heap, comm, json.dumps(m.meta, sort_keys=True).encode(), layout_changed=True)
+        meta = {k: v for k, v in m.meta.items() if k != TILING_MARK}   # the export's epoch was decided
+        coordinated_checkpoint(heap, comm, json.dumps(meta, sort_keys=True).encode(), layout_changed=True)
         heap._reblock, heap._layout_dirty = reblock, False
         heap.restored, heap.restored_from = True, "export"
         if aside:
