@@ -89,6 +89,16 @@ def test_rm_refuses_a_file_that_is_not_a_heap_and_removes_nothing(heap_dir, cont
     assert tree(heap_dir) == before
 
 
+def test_rm_refuses_a_symbolic_link_and_removes_nothing(heap_dir):
+    job, elsewhere = os.path.join(heap_dir, "j"), os.path.join(heap_dir, "elsewhere")
+    make_job(job)
+    make_job(elsewhere, job="other", ranks=1)
+    os.symlink(os.path.join(elsewhere, "rank0.heap"), os.path.join(job, "rank2.heap"))
+    before = tree(heap_dir)
+    one_line_error(cli("rm", job), "rank2.heap", "symbolic link")
+    assert tree(heap_dir) == before
+
+
 def test_rm_removes_a_heap_whose_first_superblock_is_damaged(heap_dir):
     job = os.path.join(heap_dir, "j")
     make_job(job, ranks=1)

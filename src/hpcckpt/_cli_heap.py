@@ -330,6 +330,8 @@ def rm(argv: list[str]) -> int:
     held: list[int] = []
     try:
         for path in files:
+            if os.path.islink(path):
+                raise HeapError(f"{path}: a symbolic link, not a heap; nothing was removed")
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             held.append(fd)
             try:
