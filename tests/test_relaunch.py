@@ -4,6 +4,7 @@ run.py is started as a script, so these tests work before the native core is bui
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +176,18 @@ def test_a_command_that_cannot_be_executed_is_not_relaunched() -> None:
     proc = relaunch("-n", "2", "--", "no-such-program-here")
     assert proc.returncode == 2 and "no-such-program-here: no such program" in proc.stderr
     assert "attempt" not in proc.stderr
+
+
+def test_json_reports_every_attempt(tmp_path: Path) -> None:
+    job = script(tmp_path, """
+        import os, signal, sys
+        if os.environ["HPCCKPT_ATTEMPT"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = relaunch("-n", "1", "--json", "--", sys.executable, str(job))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])   # the last line: mpiexec may print before it
+    assert report["exit"] == 0 and [a["exit"] for a in report["attempts"]][1] == 0
+    assert report["attempts"][0]["by_signal"] and report["attempts"][0]["opened"] is False
+    bad = relaunch("-n", "1", "--json")
+    assert bad.returncode == 2 and "put the command after --" in bad.stderr and "-- --json" not in bad.stderr

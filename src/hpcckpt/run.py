@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import signal
@@ -128,6 +129,7 @@ class Relauncher:
         self.child: subprocess.Popen | None = None
         self.stopped_by: signal.Signals | None = None
         self.status = ""   # hpcckpt.open adds lines: where the job resumes, the MPICH segments, an error
+        self.history: list[dict] = []   # one record per attempt, for --json
 
     def on_signal(self, signum: int, _frame: object) -> None:
         sig = signal.Signals(signum)
@@ -183,10 +185,13 @@ class Relauncher:
                     break
                 code = self.attempt(number)
                 head = f"hpcckpt run: attempt {number}/{self.attempts}"
+                opened, where, error = self.outcome()
+                self.history.append({"attempt": number, "exit": code, "exit_text": describe(code),
+                                     "by_signal": code != 0 and by_signal(code) and error is None,
+                                     "opened": opened, "resumed": where, "error": error})
                 if code == 0:
                     log(f"{head} succeeded")
                     break
-                opened, where, error = self.outcome()
                 signalled = by_signal(code) and error is None
                 # only an error status before any heap opened counts: a signal is the node's doing
                 unopened = 0 if opened or signalled else unopened + 1
@@ -219,7 +224,7 @@ def log(line: str) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="hpcckpt run",
-        usage="hpcckpt run [-h] -n N [--max-restarts R] [--mpiexec PATH] -- command [args ...]",
+        usage="hpcckpt run [-h] -n N [--max-restarts R] [--mpiexec PATH] [--json] -- command [args ...]",
         description="Run an MPI job under mpiexec and relaunch it after a failure.",
         epilog="example: hpcckpt run -n 4 -- python app.py --steps 100",
     )
@@ -227,6 +232,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-restarts", type=int, default=3, metavar="R",
                         help="relaunch at most R times after a failure (default 3)")
     parser.add_argument("--mpiexec", metavar="PATH", help="launcher (default: the one beside python, else on PATH)")
+    parser.add_argument("--json", action="store_true",
+                        help="at the end, one JSON document as the last line of stdout: every attempt's exit, where it resumed, "
+                             "the error that ended it")
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = parser.parse_known_args(argv[:cut])
     args.command = argv[cut + 1:]
@@ -247,7 +255,11 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     launcher = args.mpiexec or find_mpiexec()
     command = [launcher, "-n", str(args.np), *args.command]
-    return Relauncher(command, args.max_restarts + 1).run()
+    relauncher = Relauncher(command, args.max_restarts + 1)
+    code = relauncher.run()
+    if args.json:
+        print(json.dumps({"exit": code, "attempts": relauncher.history}), flush=True)
+    return code
 
 
 if __name__ == "__main__":
