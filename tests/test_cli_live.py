@@ -98,7 +98,7 @@ def test_export_and_rm_of_a_running_job_say_it_runs(running, heap_dir):
     assert out.returncode == 1 and f"(PID {os.getpid()})" in out.stderr and len(os.listdir(job)) == 2
 
 
-@pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"run"}))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_takes_json(command):
     out = cli(command, "--help")
     assert out.returncode == 0 and "--json" in out.stdout, out.stdout
