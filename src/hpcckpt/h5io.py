@@ -162,11 +162,18 @@ def _write_object(f, crcs_group, rel: str, read_epoch: Callable, epoch: int, d: 
              "offset": json.dumps(offset), "layout": json.dumps(lay)}
     for k, v in attrs.items():
         ds.attrs[k] = v
-    return {"name": d["name"], "kind": KIND_NAMES[d["kind"]], "dtype": d["dtype"], "element_shape":
-            list(d["shape"]) if d["kind"] == 2 else [], "layout": lay, "offset": offset, "shape": shape,
-            "halo": (lay or {}).get("halo") or [0] * len(shape), "file": rel, "dataset": d["name"],
-            "crc32c": crc, "chunk_rows": chunk_rows, "chunks_crc32c": _native.crc32c(crc_arr.tobytes()),
-            "nchunks": len(chunk_crcs)}
+    block = {"name": d["name"], "kind": KIND_NAMES[d["kind"]], "dtype": d["dtype"], "element_shape":
+             list(d["shape"]) if d["kind"] == 2 else [], "layout": lay, "offset": offset, "shape": shape,
+             "halo": (lay or {}).get("halo") or [0] * len(shape), "file": rel, "dataset": d["name"],
+             "crc32c": crc, "chunk_rows": chunk_rows, "chunks_crc32c": _native.crc32c(crc_arr.tobytes()),
+             "nchunks": len(chunk_crcs)}
+    if d["kind"] == 1:   # ghost cells on the global edge are state (the boundary condition): kept beside
+        from .ghosts import write_edges
+        edges = write_edges(f, crcs_group, rel, lambda r0, r1: committed_rows(read_epoch, d, epoch, r0, r1)[0],
+                            d, dt, fdt)
+        if edges:
+            block["edges"] = edges
+    return block
 
 
 def write_master(job_dir: str, m: Manifest) -> str:

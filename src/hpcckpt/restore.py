@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from .ghosts import fill_ghosts
 from .h5io import BlockReader
 from .heap import Heap, _dtype_parse
 from .manifest import ExportError, Manifest
@@ -123,6 +124,9 @@ def _allocate(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtyp
         target = heap.array(name, local, dt, global_shape=tuple(obj["global_shape"]), offset=tuple(offset),
                             halo=tuple(halo))
         full_off, full_shape = list(offset), list(block)
+        if any(halo):   # interior and interior ghosts from the global array, edge ghosts from their slabs
+            fill_ghosts(reader, obj, dt, target, list(offset), list(halo))
+            return target
     _fill(reader, name, obj, dt, target, full_off, full_shape, halo, obj["blocks"], heap.kernel_writable)
     return target
 
