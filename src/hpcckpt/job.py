@@ -7,7 +7,7 @@ as the newest export), else ``export`` (the newest complete export that every ra
 read, on any number of ranks), else a fresh start if nothing was ever committed.
 
 >>> from mpi4py import MPI                                                  # doctest: +SKIP
->>> heap = hpcckpt.open("stencil", MPI.COMM_WORLD, export_dir="/scratch/ckpt", export_every=5)  # doctest: +SKIP
+>>> heap = hpcckpt.open("heat", MPI.COMM_WORLD, export_dir="ckpt", export_every=5)  # doctest: +SKIP
 >>> heap.restored_from, heap.epoch, heap.meta                                # doctest: +SKIP
 ('export', 40, {'step': 400})
 """

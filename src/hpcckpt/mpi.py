@@ -4,7 +4,7 @@ one Allreduce decides) and the check that distributed objects tile their global 
 The heap below knows nothing of MPI; :class:`hpcckpt.job.JobHeap` builds on this module.
 
 >>> from mpi4py import MPI                                   # doctest: +SKIP
->>> heap = hpcckpt.open("stencil", comm=MPI.COMM_WORLD)       # doctest: +SKIP
+>>> heap = hpcckpt.open("heat", comm=MPI.COMM_WORLD)           # doctest: +SKIP
 >>> epoch = heap.checkpoint(step=10)                          # doctest: +SKIP
 """
 from __future__ import annotations
