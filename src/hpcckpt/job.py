@@ -3,8 +3,11 @@ program uses (coordinated checkpoints, exports).
 
 Restart takes the cheapest level every rank can restore at a common epoch:
 ``local`` (every rank's heap is there, of this rank count, at an epoch at least as new
-as the newest export), else ``export`` (the newest complete export that every rank can
-read, on any number of ranks), else a fresh start if nothing was ever committed.
+as the newest export), else ``partner`` (the heaps a lost node took with it, rebuilt from
+their partners' copies), else ``export`` (the newest complete export that every rank can
+read, on any number of ranks), else a fresh start if nothing was ever committed.  Evidence
+of committed state that none of these can use stops the open with an error; it is never
+met by a fresh start or a deletion (``fresh=True`` starts afresh on purpose).
 
 >>> from mpi4py import MPI                                                  # doctest: +SKIP
 >>> heap = hpcckpt.open("heat", MPI.COMM_WORLD, export_dir="ckpt", export_every=5)  # doctest: +SKIP
