@@ -500,7 +500,7 @@ class Heap:
         if any(s < 0 for s in shape):
             raise ValueError(f"shape {shape} has a negative dimension")
         dt = np.dtype(dtype)
-        layout = _make_layout(name, shape, global_shape, offset, halo, replicated)
+        layout = self._declared(name, lambda: _make_layout(name, shape, global_shape, offset, halo, replicated))
         if layout and name in self._names:
             return self._redeclare(name, dt, shape, 1, _KIND_ARRAY, layout)
         index = self._alloc(name, dt, shape, math.prod(shape) * dt.itemsize, 1, _KIND_ARRAY, layout)
@@ -529,8 +529,9 @@ class Heap:
         dt, shape = np.dtype(dtype), tuple(shape)
         if count < 1:
             raise ValueError(f"a pool needs at least one object, got count={count}")
-        layout = _make_layout(name, (int(count),), None if global_count is None else (int(global_count),),
-                              None if offset is None else (int(offset),), None, replicated)
+        layout = self._declared(name, lambda: _make_layout(
+            name, (int(count),), None if global_count is None else (int(global_count),),
+            None if offset is None else (int(offset),), None, replicated))
         if layout and name in self._names:
             pool = self._redeclare(name, dt, shape, int(count), _KIND_POOL, layout)
         else:
@@ -561,6 +562,25 @@ class Heap:
         from .table import declare
         return declare(self, name, dtype, distributed, route, capacity)
 
+    def _declared(self, name: str, make) -> dict | None:
+        """The layout `make()` builds; a declaration that cannot fit what the heap holds (as after a
+        restore from an export) says what the heap holds and what to do."""
+        try:
+            return make()
+        except ValueError as e:
+            held = self._layouts.get(name)
+            if held is None or held.get("replicated"):
+                raise
+            raise ValueError(self._mismatch(name, held, str(e))) from None
+
+    def _mismatch(self, name: str, held: dict, declared: str) -> str:
+        where = (f"the export restored here (epoch {self.epoch}) holds" if self.restored_from == "export"
+                 else "the heap holds")
+        return (f"{self.path}: {where} {name!r} with global shape {list(held['global_shape'])}; the program "
+                f"declared {declared}. Declare the global shape that is held (global sizes must not depend on "
+                f"the number of ranks: split them with numpy.array_split(range(n), comm.size)), or del "
+                f"heap[{name!r}] before declaring it anew")
+
     def _redeclare(self, name: str, dt: np.dtype, shape: tuple, count: int, kind: int, layout: dict):
         """A distributed object declared again: the same layout returns it, another re-blocks or fails."""
         held = self.describe(name)
@@ -568,6 +588,8 @@ class Heap:
                 and tuple(held["shape"]) == shape)
         if same and held["layout"] == layout:
             return self[name]
+        if held["layout"] and list(held["layout"]["global_shape"]) != list(layout["global_shape"]):
+            raise KeyError(self._mismatch(name, held["layout"], f"global shape {list(layout['global_shape'])}"))
         if self._reblock is not None and held["layout"] and held["dtype"] == _dtype_str(dt):
             return self._reblock(name, dt, shape, count, kind, layout)
         raise KeyError(f"{self.path}: {name!r} exists with another shape or layout "
