@@ -450,5 +450,6 @@ void alloc_free_dram(hk_heap *h)
     free(h->dpages.v);
     free(h->sift.v);
     free(h->work.v);
+    persist_free_cold(h);
 }
 

@@ -354,6 +354,7 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     uint64_t last_page = ~0ull, last_entry = ~0ull, last_obj = ~0ull;
     for (size_t i = 0; i < h->work.n; i++)
         ckpt_count(h, &h->work.v[i], &last_page, &last_entry, &last_obj);
+    persist_warm(h);   /* new objects' copies are mapped in here, on the copy's threads */
     atomic_store(&h->prog_total, h->work.n);
     atomic_store(&h->prog_done, 0);
     struct copy_job job = {.h = h, .n = n};

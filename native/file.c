@@ -262,7 +262,7 @@ int heap_open(const char *path, int tracker, const char *job, int32_t rank, int3
             goto fail;
     }
     if ((h->sb->flags & HK_FLAG_PREALLOCATED) && !h->readonly)   /* and both copies: no fault in a checkpoint */
-        persist_populate(h, h->raw + h->sb->off_catalog, h->sb->file_size - h->sb->off_catalog);
+        persist_populate_now(h, h->raw + h->sb->off_catalog, h->sb->file_size - h->sb->off_catalog);
     if (h->ops && ((rc = h->ops->attach(h)) || (rc = h->ops->arm(h))))
         goto fail;
     h->all_dirty = 0;   /* working data is the last epoch (checked above) or gets restored */

@@ -24,6 +24,8 @@ struct unit {
 
 struct unitvec { struct unit *v; size_t n, cap; };
 struct u32vec { uint32_t *v; size_t n, cap; };
+struct span { uint64_t off, len; };
+struct spanvec { struct span *v; size_t n, cap; };
 
 struct track_ops;
 
@@ -93,6 +95,7 @@ struct hk_heap {
     uint64_t crash_epoch;
     double nvm_gbps, nvm_lat_ns;
     int threads;                    /* for the copy of one checkpoint (par.c) */
+    struct spanvec cold[2];         /* data ranges whose copy in slot s is not mapped in yet (persist.c) */
 };
 
 /* tracker interface: attach after the views exist, arm to protect all,
@@ -153,6 +156,9 @@ int persist_map_file(hk_heap *h, uint8_t *at, size_t len);
 void persist_flush(hk_heap *h, const void *addr, size_t len);
 int persist_drain(hk_heap *h);
 void persist_populate(hk_heap *h, void *addr, size_t len);
+void persist_populate_now(hk_heap *h, void *addr, size_t len);
+void persist_warm(hk_heap *h);
+void persist_free_cold(hk_heap *h);
 double persist_now(void);
 void persist_delay(double seconds);
 

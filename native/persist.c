@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -88,12 +89,105 @@ int persist_drain(hk_heap *h)
 #define MADV_POPULATE_WRITE 23
 #endif
 
-/* persist_populate -- map [addr, addr+len) in now, so the allocator never page-faults
- * (best effort: kernels before 5.14 lack MADV_POPULATE_WRITE and fault lazily). */
-void persist_populate(hk_heap *h, void *addr, size_t len)
+/* persist_populate_now -- map [addr, addr+len) in now (best effort: kernels before 5.14
+ * lack MADV_POPULATE_WRITE and fault lazily). */
+void persist_populate_now(hk_heap *h, void *addr, size_t len)
 {
     (void)h;
     madvise(addr, len, MADV_POPULATE_WRITE);
+}
+
+/* persist_populate -- note that the checkpoint copy at [addr, addr+len) (inside shadow A or
+ * B) is to be mapped in before a checkpoint writes it: the next checkpoint's copy threads do
+ * it (persist_warm), not the allocation, which stays O(catalog).  Ranges that follow or
+ * overlap the last one noted are merged.  Anything else, or no memory, maps in now. */
+void persist_populate(hk_heap *h, void *addr, size_t len)
+{
+    uint64_t at = (uint64_t)((uint8_t *)addr - h->raw);
+    for (unsigned s = 0; s < 2; s++) {
+        uint64_t lo = h->sb->off_shadow[s];
+        if (at < lo || at - lo >= h->data_len || len > h->data_len - (at - lo))
+            continue;
+        struct spanvec *v = &h->cold[s];
+        uint64_t off = at - lo;
+        if (v->n && v->v[v->n - 1].off <= off && off <= v->v[v->n - 1].off + v->v[v->n - 1].len) {
+            struct span *l = &v->v[v->n - 1];
+            if (off + len > l->off + l->len)
+                l->len = off + len - l->off;
+            return;
+        }
+        if (v->n == v->cap) {
+            size_t cap = v->cap ? v->cap * 2 : 64;
+            struct span *p = realloc(v->v, cap * sizeof *p);
+            if (!p)
+                break;
+            v->v = p;
+            v->cap = cap;
+        }
+        v->v[v->n++] = (struct span){off, len};
+        return;
+    }
+    persist_populate_now(h, addr, len);
+}
+
+/* The ranges one checkpoint maps in, as file offsets, cut among the copy threads by bytes. */
+struct warm_job {
+    hk_heap *h;
+    struct span *v;
+    size_t n;
+    uint64_t total;
+};
+
+#define WARM_GRAIN (8u << 20)   /* bytes per thread at least */
+
+/* persist_warm_part -- map in part `part` of the job's bytes. */
+static int persist_warm_part(void *ctx, unsigned part, unsigned nparts)
+{
+    struct warm_job *j = ctx;
+    uint64_t lo = j->total * part / nparts, hi = j->total * (part + 1) / nparts, at = 0;
+    lo &= ~(uint64_t)(HK_PAGE - 1);
+    hi = part + 1 == nparts ? j->total : hi & ~(uint64_t)(HK_PAGE - 1);
+    for (size_t i = 0; i < j->n && at < hi; at += j->v[i++].len) {
+        uint64_t a = at > lo ? at : lo, b = at + j->v[i].len < hi ? at + j->v[i].len : hi;
+        if (a < b)
+            persist_populate_now(j->h, j->h->raw + j->v[i].off + (a - at), b - a);
+    }
+    return 0;
+}
+
+/* persist_warm -- before a checkpoint copies, map in the copies noted since the last one, on
+ * the checkpoint's threads: every range of slot A (a new unit's first copy goes there, so
+ * this checkpoint writes it), and the slot B ranges of small-class pages (their units share
+ * pages, so a unit's first write there would fault once per unit, for hundreds of
+ * checkpoints).  A page-class range of slot B is left to fault when a checkpoint first
+ * writes that page: one fault per page written, what the copy costs anyway. */
+void persist_warm(hk_heap *h)
+{
+    size_t n = h->cold[0].n + h->cold[1].n;
+    if (n == 0)
+        return;
+    struct span *v = malloc(n * sizeof *v);
+    struct warm_job job = {.h = h, .v = v};
+    for (unsigned s = 0; v && s < 2; s++)
+        for (size_t i = 0; i < h->cold[s].n; i++) {
+            struct span r = h->cold[s].v[i];
+            uint64_t page = r.off / HK_PAGE;
+            if (s == 1 && (page >= h->sb->npages || h->pcls[page] >= HK_PAGE_CLASS))
+                continue;
+            v[job.n++] = (struct span){h->sb->off_shadow[s] + r.off, r.len};
+            job.total += r.len;
+        }
+    if (v)   /* no memory: the copies fault in as they are written */
+        par_run(par_parts(h, job.total, WARM_GRAIN), persist_warm_part, &job);
+    free(v);
+    h->cold[0].n = h->cold[1].n = 0;
+}
+
+/* persist_free_cold -- the lists of copies not mapped in yet. */
+void persist_free_cold(hk_heap *h)
+{
+    free(h->cold[0].v);
+    free(h->cold[1].v);
 }
 
 /* persist_now -- monotonic seconds. */

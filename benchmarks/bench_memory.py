@@ -1,0 +1,212 @@
+"""Allocation, first checkpoint and reopen after a crash against numpy/memcpy (issue 23).
+
+    python benchmarks/bench_memory.py                # 1M x 64 B, 1M x 256 B, 1 GiB; ~5 minutes
+    python benchmarks/bench_memory.py --quick        # 1/8 of the sizes, for a smoke run
+    python benchmarks/bench_memory.py --only alloc   # or: reopen
+
+Every heap lives on tmpfs (/dev/shm) with the default tracker; every figure is taken beside
+its baseline in the same round (baseline and subject alternate, rounds repeated; medians and
+ranges are reported), because the machines are noisy.
+
+- ``alloc``: a pool of 1M objects of 64 B, of 256 B, and an array of 1 GiB: the allocation
+  (``heap.pool`` / ``heap.array``) against ``np.ones`` of the same bytes; then the fill
+  (``pool.put`` of every record / ``a[:] = 1``), the first checkpoint, and a second one after
+  1 % of the objects were rewritten (so a page fault pushed out of the first checkpoint into
+  the second would show); allocate + fill + first checkpoint against ``np.ones`` +
+  ``np.copyto`` into fresh memory of the same bytes.
+- ``reopen``: a 1 GiB array, committed, then every page (or 1 % of the pages) written and the
+  process SIGKILLed; ``Heap.open`` (which restores the committed epoch) against
+  ``np.copyto`` of the heap's live bytes between two warm arrays.
+
+Prints PASS/FAIL per goal and writes benchmarks/results/memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from run_core import goal, save  # noqa: E402
+
+import hpcckpt  # noqa: E402
+
+TMPFS = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def ms(xs: list[float]) -> dict:
+    return {"median_ms": med(xs) * 1e3, "min_ms": min(xs) * 1e3, "max_ms": max(xs) * 1e3}
+
+
+def show(xs: list[float]) -> str:
+    return f"{med(xs) * 1e3:8.1f} ms [{min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f}]"
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t, r
+
+
+def case_list(quick: bool) -> list[tuple[str, int, int]]:
+    """(name, object bytes, count): 1M x 64 B, 1M x 256 B, one array of 1 GiB."""
+    n = (1 << 20) // (8 if quick else 1)
+    return [(f"{n // 1024}K x 64 B pool" if quick else "1M x 64 B pool", 64, n),
+            (f"{n // 1024}K x 256 B pool" if quick else "1M x 256 B pool", 256, n),
+            (f"{(1 << 30) // (8 if quick else 1) >> 20} MiB array", 0, (1 << 30) // (8 if quick else 1))]
+
+
+def subject(work: str, size: int, count: int, rng) -> dict:
+    """Allocate, fill, first checkpoint, 1 % rewritten and a second checkpoint, in a fresh heap."""
+    path = os.path.join(work, "m.heap")
+    nbytes = count if size == 0 else size * count
+    cap = nbytes + (nbytes // 8 if size else 0) + (64 << 20)    # + tags of the pool's units
+    heap = hpcckpt.Heap.create(path, capacity=cap)
+    out = {}
+    if size == 0:
+        out["alloc"], a = timed(lambda: heap.array("a", count // 8, "f8"))
+        out["fill"], _ = timed(lambda: a.__setitem__(slice(None), 1.0))
+        out["ckpt1"], _ = timed(heap.checkpoint)
+        pages = a.reshape(-1, 512)
+        idx = rng.choice(pages.shape[0], pages.shape[0] // 100, replace=False)
+        pages[idx, 0] += 1.0
+        out["ckpt2"], _ = timed(heap.checkpoint)
+        ok = a[0] in (1.0, 2.0) and float(a.sum()) == count // 8 + idx.size
+    else:
+        dt = np.dtype([("key", "<u8"), ("pad", "u1", (size - 8,))])
+        src = np.zeros(count, dt)
+        src["key"] = np.arange(count)
+        out["alloc"], pool = timed(lambda: heap.pool("p", dt, count))
+        out["fill"], _ = timed(lambda: pool.put(np.arange(count), src))
+        out["ckpt1"], _ = timed(heap.checkpoint)
+        idx = np.sort(rng.choice(count, count // 100, replace=False))
+        src["key"][idx] += count
+        pool.put(idx, src[idx])
+        out["ckpt2"], _ = timed(heap.checkpoint)
+        ok = np.array_equal(pool.take(idx[:1000])["key"], src["key"][idx[:1000]])
+    assert ok, "contents differ"
+    heap.close()
+    os.unlink(path)
+    return out
+
+
+def baseline(nbytes: int) -> dict:
+    """np.ones of the bytes, and np.copyto of them into fresh memory."""
+    t_ones, a = timed(lambda: np.ones(nbytes, np.uint8))
+    t0 = time.perf_counter()
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    t_copy = time.perf_counter() - t0
+    del a, b
+    return {"ones": t_ones, "copyto": t_copy}
+
+
+def part_alloc(work: str, quick: bool, reps: int) -> tuple[dict, list]:
+    rng, out, goals = np.random.default_rng(23), {}, []
+    for name, size, count in case_list(quick):
+        nbytes = count if size == 0 else size * count
+        runs: dict[str, list[float]] = {k: [] for k in ("ones", "copyto", "alloc", "fill", "ckpt1", "ckpt2")}
+        for r in range(reps):   # baseline and subject alternate, the order swapped every round
+            parts = [lambda: baseline(nbytes), lambda: subject(work, size, count, rng)]
+            for fn in (parts if r % 2 == 0 else parts[::-1]):
+                for k, v in fn().items():
+                    runs[k].append(v)
+        first = [a + f + c for a, f, c in zip(runs["alloc"], runs["fill"], runs["ckpt1"])]
+        floor = [o + c for o, c in zip(runs["ones"], runs["copyto"])]
+        print(f"  {name}:")
+        for k, label in (("ones", "np.ones"), ("copyto", "np.copyto into fresh memory"), ("alloc", "allocate"),
+                         ("fill", "fill"), ("ckpt1", "first checkpoint"),
+                         ("ckpt2", "second checkpoint (1 % rewritten)")):
+            print(f"    {label:36} {show(runs[k])}")
+        print(f"    {'allocate + fill + first checkpoint':36} {show(first)}")
+        r_alloc, r_first = med(runs["alloc"]) / med(runs["ones"]), med(first) / med(floor)
+        out[name] = {k: ms(v) for k, v in runs.items()}
+        out[name].update({"alloc_fill_ckpt1": ms(first), "ones_copyto": ms(floor), "bytes": nbytes,
+                          "alloc_over_ones": r_alloc, "first_over_floor": r_first})
+        goals.append(goal(f"{name}: allocate / np.ones", r_alloc, 0.1, False))
+        goals.append(goal(f"{name}: allocate + fill + first checkpoint / (np.ones + np.copyto)", r_first, 2.5, False))
+    return out, goals
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np, hpcckpt
+    path, nbytes, frac = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    heap = hpcckpt.Heap.create(path, capacity=nbytes + (64 << 20))
+    a = heap.array("a", nbytes // 8, "f8")
+    a[:] = 1.0
+    heap.checkpoint()
+    pages = a.reshape(-1, 512)
+    if frac >= 1:
+        pages[:, 0] = 2.0
+    else:
+        idx = np.random.default_rng(1).choice(pages.shape[0], int(pages.shape[0] * frac), replace=False)
+        pages[idx, 0] = 2.0
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def part_reopen(work: str, quick: bool, reps: int) -> tuple[dict, list]:
+    nbytes = (1 << 30) // (8 if quick else 1)
+    src, dst = np.ones(nbytes, np.uint8), np.full(nbytes, 2, np.uint8)   # both mapped in
+    out, goals = {}, []
+    for frac in (1.0, 0.01):
+        topen, tcopy = [], []
+        for r in range(reps):
+            path = os.path.join(work, "r.heap")
+            p = subprocess.run([sys.executable, "-c", CHILD, path, str(nbytes), str(frac)])
+            assert p.returncode == -9, p.returncode
+            t, _ = timed(lambda: np.copyto(dst, src))
+            tcopy.append(t)
+            t, heap = timed(lambda: hpcckpt.Heap.open(path))
+            topen.append(t)
+            a = heap["a"]
+            assert heap.epoch == 1 and float(a[::512].max()) == 1.0, "not the committed epoch"
+            heap.close()
+            os.unlink(path)
+        label = f"every page written" if frac >= 1 else f"{frac:.0%} of the pages written"
+        print(f"  reopen after SIGKILL, {nbytes >> 20} MiB, {label}: open {show(topen)}, "
+              f"memcpy of the live bytes {show(tcopy)}")
+        ratio = med(topen) / med(tcopy)
+        out[label] = {"open": ms(topen), "memcpy": ms(tcopy), "ratio": ratio, "bytes": nbytes}
+        goals.append(goal(f"reopen after a crash, {label} / memcpy of the live bytes", ratio, 1.5, False))
+    return out, goals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", nargs="*", choices=["alloc", "reopen"])
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-memory-", dir=TMPFS)
+    results, goals = {"quick": args.quick, "reps": args.reps, "tmpfs": TMPFS is not None}, []
+    try:
+        for name, fn in (("alloc", part_alloc), ("reopen", part_reopen)):
+            if args.only and name not in args.only:
+                continue
+            print(f"{name}:", flush=True)
+            res, g = fn(work, args.quick, args.reps)
+            results[name] = res
+            goals += g
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["goals"] = goals
+    save("memory", results)
+
+
+if __name__ == "__main__":
+    main()
