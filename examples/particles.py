@@ -30,6 +30,7 @@ ap.add_argument("--checkpoint-every", type=int, default=5)
 ap.add_argument("--root", default=None, help="heap root (default: $HPCCKPT_ROOT or /dev/shm/hpcckpt-$USER)")
 ap.add_argument("--export-dir", default=None)
 ap.add_argument("--name", default="particles")
+ap.add_argument("--redundancy", default="none", choices=["none", "partner"])
 ap.add_argument("--dump", default=None, help="write every rank's particles here at the end (rank 0)")
 ap.add_argument("--load", default=None, help="start from particles written by --dump")
 args = ap.parse_args()
@@ -75,7 +76,7 @@ def initial() -> np.ndarray:
 
 
 heap = hpcckpt.open(args.name, comm, root=args.root, capacity="256MiB", export_dir=args.export_dir,
-                    export_every=1 if args.export_dir else 0)
+                    export_every=1 if args.export_dir else 0, redundancy=args.redundancy)
 parts = heap.table("particles", PARTICLE, distributed=True, route=owner)   # collective
 start = heap.meta["step"] if heap.epoch is not None else 0
 if heap.epoch is None:

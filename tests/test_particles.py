@@ -1,7 +1,7 @@
 """The particle example (examples/particles.py): particles leave and arrive every step in a
 distributed table.  A rank killed mid-run resumes with the failure-free answer; a restart from
 the export at 4 -> 2 and 4 -> 3 ranks, with route=, gives the answer of a reference run that
-carries the same state across by hand (--dump, --load)."""
+carries the same state across by hand (--dump, --load); a node lost with its heaps comes back from the partner level."""
 from __future__ import annotations
 
 import os
@@ -41,3 +41,14 @@ def test_a_restart_from_the_export_on_fewer_ranks_routes_particles_as_carried_by
     assert "resumed at step 15 from the export level" in proc.stdout
     _, reference = run(then, os.path.join(heap_dir, "by-hand"), "--load", state)
     assert line == reference
+
+
+def test_a_node_lost_with_its_heaps_comes_back_from_partner_copies(heap_dir):
+    _, answer = run(4, os.path.join(heap_dir, "clean"))
+    nodes = {"HPCCKPT_NODE_OF_RANK": "0,0,1,1"}
+    root = os.path.join(heap_dir, "node{node}")
+    run(4, root, "--steps", "15", "--redundancy", "partner", env=nodes)
+    shutil.rmtree(os.path.join(heap_dir, "node1"))                 # node 1 is gone, heaps and partner copies
+    proc, line = run(4, root, "--redundancy", "partner", env=nodes)
+    assert "resumed at step 15 from the partner level" in proc.stdout
+    assert line == answer

@@ -282,3 +282,20 @@ def test_a_bad_route_fails_on_every_rank_naming_the_table_and_moves_nothing(expo
     assert len(out["errors"]) == 3 and all("table 'p'" in e and says in e for e in out["errors"]), out["stdout"]
     ids = [i for _, i in _written(4)]
     assert [out["rows"][r] for r in range(3)] == [p.tolist() for p in np.array_split(np.array(ids), 3)]
+
+
+def test_system_calls_write_into_an_exposed_table_under_mprotect(heap_path, tmp_path):
+    data = np.random.default_rng(3).integers(0, 255, 3 * 4096 + 100, dtype=np.uint8)
+    src = tmp_path / "bytes"
+    src.write_bytes(data.tobytes())
+    heap = hpcckpt.Heap.create(heap_path, "8MiB", tracker="mprotect")
+    t = heap.table("buf", "u1", capacity=data.size)
+    t.resize(data.size)
+    heap.checkpoint(step=1)
+    heap.expose("buf")
+    with open(src, "rb") as f:
+        assert f.readinto(t.rows) == data.size
+    heap.checkpoint(step=2)
+    heap._native.abandon()                       # a crash: the reopen restores epoch 2
+    with hpcckpt.Heap.open(heap_path, tracker="mprotect") as heap:
+        assert np.array_equal(heap["buf"].rows, data)

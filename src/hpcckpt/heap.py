@@ -482,8 +482,11 @@ class Heap:
         With `global_shape` and `offset` the array is this rank's block of a distributed array
         (exported as one global dataset, restorable on another number of ranks); `halo` (a width
         per axis) says how many ghost cells surround the block on each side: `shape` includes
-        them, the global array does not.  `replicated=True` declares an array that is the same on
-        every rank.  Declaring a distributed array that exists with the same layout returns it.
+        them, the global array does not.  Ghost cells on the global edge are state (often the
+        boundary condition, set once): an export keeps them beside the block, and a restore at any
+        rank count gives them back; interior ghost cells come back as the neighbouring rows of
+        the global array, as a halo exchange would fill them.  `replicated=True` declares an
+        array that is the same on every rank.  Declaring a distributed array that exists with the same layout returns it.
 
         >>> import tempfile, os
         >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "b.heap"), "4MiB")

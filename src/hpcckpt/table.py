@@ -118,6 +118,15 @@ class Table:
         return int(self._bind()[0][_H_LEN])
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """``t.rows.shape``: (rows,) and a sub-array dtype's axes."""
+        return (len(self), *self.dtype.shape)
+
+    @property
+    def size(self) -> int:
+        return len(self)
+
+    @property
     def capacity(self) -> int:
         """Rows the table holds before it grows (into a new object of at least twice as many)."""
         return self._bind()[2]
