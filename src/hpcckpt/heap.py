@@ -486,7 +486,8 @@ class Heap:
         boundary condition, set once): an export keeps them beside the block, and a restore at any
         rank count gives them back; interior ghost cells come back as the neighbouring rows of
         the global array, as a halo exchange would fill them.  `replicated=True` declares an
-        array that is the same on every rank.  Declaring a distributed array that exists with the same layout returns it.
+        array that is the same on every rank.  Declaring a distributed array that exists with the
+        same layout returns it.
 
         >>> import tempfile, os
         >>> h = Heap.create(os.path.join(tempfile.mkdtemp(), "b.heap"), "4MiB")
