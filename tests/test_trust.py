@@ -87,7 +87,9 @@ if heap.epoch is None:
     bad = heap.array("bad", (4,), global_shape=(8,), offset=(0,))   # every rank claims the same block
     os.environ["HPCCKPT_CRASH_AT"] = "after-allreduce@2"   # the job dies after the vote, before the withdraw
     heap.checkpoint(step=2)
-print("resumed", r, heap.epoch, heap.meta, "bad" in heap, u.tolist(), flush=True)
+said = comm.gather(f"resumed {r} {heap.epoch} {heap.meta} {'bad' in heap} {u.tolist()}")
+if r == 0:
+    print(*said, sep=chr(10), flush=True)
 heap.close()
 """
 

@@ -26,11 +26,13 @@ import warnings
 from typing import Any
 
 from . import deadline
-from .errors import HeapBusyError, HeapError, RepairWarning
+from .errors import HeapError
 from .export import Exporter, ExportHandle
 from .heap import Heap, _check_name, crash_hook, default_threads, locked
-from .locks import holder, refuse_if_running
-from .manifest import ExportError, complete_exports, load_manifest, read_latest, tidy
+from .jobfiles import (TILING_MARK, exports_here, finish_killed_opens, fs_type, probe, set_aside,
+                       unlink_heap)
+from .locks import refuse_if_running
+from .manifest import ExportError, load_manifest
 from .mpi import (agree, coordinated_checkpoint, default_root, error_class, error_text, first_error, private_dir,
                   reduce_max)
 from .partner import PartnerLevel, nodes_of_ranks, restorable
@@ -58,7 +60,7 @@ class JobHeap(Heap):
         global shapes; every K-th epoch is exported when the heap was opened with export_every=K.
         """
         dirty = self._layout_dirty
-        if dirty:   # its tiling is checked after the vote: see _undecided
+        if dirty:   # its tiling is checked after the vote: see undecided
             meta = {**meta, TILING_MARK: 1}
         blob = json.dumps(meta, sort_keys=True).encode()
         parts = [self.exporter] if self.exporter else []
@@ -93,20 +95,6 @@ class JobHeap(Heap):
         super().close()
         if self.partner is not None and os.getpid() == self._pid:
             self.partner.close()
-
-
-TILING_MARK = "__hpcckpt_tiling__"
-
-
-def _undecided(probe: Any) -> bool:
-    """Was the newest epoch of this heap prepared after new declarations (its meta carries the
-    mark)?  Their tiling is checked after the vote, so a job killed between the vote and the
-    withdraw of a refused epoch leaves every rank prepared at it; the open takes such an epoch
-    only when some rank holds a newer one (which proves it committed), else it goes back one."""
-    try:
-        return TILING_MARK in json.loads(probe._native.meta() or b"{}")
-    except (ValueError, OSError, HeapError):
-        return False
 
 
 def check_job_name(name: str) -> None:
@@ -167,7 +155,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     try:
         private_dir(directory)
         refuse_if_running(directory, name)
-        _remove_unlinked_creates(path)
+        finish_killed_opens(path)
     except (OSError, HeapError) as e:
         err = error_text(e)
     agree(comm, err)
@@ -192,7 +180,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         warnings.warn(f"hpcckpt: {problem}; the exports are not used, and nothing is deleted", RuntimeWarning,
                       stacklevel=2)
 
-    mine = _probe(path, name, rank, size) if not fresh else (False, None, 0, True, False)
+    mine = probe(path, name, rank, size) if not fresh else (False, None, 0, True, False)
     if partner is not None:
         rebuilt = _partner_level(comm, partner, mine, exports, path, name, opts)
         if rebuilt is not None:
@@ -202,7 +190,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     v = reduce_max(comm, [not present, err is not None, -good, good, not clean, blocking, mine[4]])
     view = {"absent": bool(v[0]), "broken": bool(v[1]), "common": int(-v[2]), "newest": int(v[3]),
             "unclean": bool(v[4])}   # the whole job in one fixed-size reduction; names only on failure
-    if view["common"] == view["newest"] > 0 and v[6]:   # its tiling check may have refused it (_undecided)
+    if view["common"] == view["newest"] > 0 and v[6]:   # its tiling check may have refused it (undecided)
         view["common"], view["unclean"] = view["common"] - 1, True
     if view["newest"] == 0 and not v[5]:   # nothing was ever committed anywhere: start afresh
         view = {"absent": True, "broken": False, "common": 0, "newest": 0, "unclean": False}
@@ -251,7 +239,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
                           "start afresh on purpose with hpcckpt.open(..., fresh=True)")
     err, heap = None, None
     try:
-        _unlink_heap(path)
+        unlink_heap(path)
         heap = JobHeap.create(path, capacity, tracker=tracker, max_objects=max_objects, job=name, rank=rank,
                               world_size=size, preallocate=preallocate)
     except (OSError, HeapError, ValueError) as e:
@@ -265,29 +253,6 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         raise
     _remove_stale(comm, directory, size)
     return _ready(heap, comm, name, exporter, partner)
-
-
-def _probe(path: str, name: str, rank: int, size: int) -> tuple:
-    """(present, error, newest restorable epoch, clean, undecided) of this rank's heap, looked at without
-    writing anything: nothing is touched until the level is chosen.  A heap is linked into
-    place only once it is whole (``Heap.create``), so a file there that is not a heap is
-    damage, reported like any other."""
-    if not os.path.exists(path):
-        return False, None, 0, True, False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RepairWarning)   # the writable open repairs and says so
-            probe = JobHeap.open(path, job=name, rank=rank, world_size=size, readonly=True)
-        info = probe._info()
-        clean = info["was_clean"] and info["good_epoch"] == info["prepared"]   # a close sealed it: decided
-        undecided = not clean and info["good_epoch"] == info["prepared"] and _undecided(probe)
-        probe._native.abandon()
-    except (OSError, HeapError, ValueError) as e:
-        return True, error_text(e), 0, True, False
-    if info["good_epoch"] < 0:
-        return True, f"CorruptHeapError: {info['damage']}", 0, True, False
-    good = info["good_epoch"]
-    return True, None, good, info["was_clean"] and good == info["prepared"], undecided
 
 
 def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int], path: str, name: str,
@@ -324,7 +289,7 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
                 partner.serve(w, epoch)
         if rank in lost:
             got = partner.receive()
-            _unlink_heap(path)
+            unlink_heap(path)
             heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
                                   job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
             hook = crash_hook(rank)
@@ -371,21 +336,6 @@ def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None, partner: P
     return heap
 
 
-def fs_type(path: str) -> str:
-    """The file system type of the mount that holds `path`, from /proc/self/mountinfo."""
-    best, kind, path = "", "unknown", os.path.realpath(path)
-    try:
-        with builtins.open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                point = left.split()[4].replace("\\040", " ")
-                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                    best, kind = point, right.split()[0]
-    except (OSError, IndexError):
-        pass
-    return kind
-
-
 def _ranks_on_my_node(comm) -> int:
     """How many ranks of `comm` share this rank's node (its shared-memory group)."""
     from mpi4py import MPI
@@ -421,7 +371,7 @@ def _list_exports(comm, exporter: Exporter | None) -> tuple[list[int], str | Non
     found, problem, err = [], None, None
     if comm.Get_rank() == 0:
         try:
-            found, problem = _exports_here(exporter.job_dir)
+            found, problem = exports_here(exporter.job_dir)
         except OSError as e:
             err = f"{exporter.job_dir}: {e.strerror}"
         except Exception as e:   # rank 0 tells the others whatever happened, never dies before it
@@ -446,27 +396,6 @@ def _move_exports_aside(comm, exporter: Exporter) -> str | None:
     if err:
         raise HeapError(err)
     return moved
-
-
-def _exports_here(job_dir: str) -> tuple[list[int], str | None]:
-    """(complete exports, newest first, after removing half-written ones; None) or ([], the
-    reason the exports here cannot be trusted)."""
-    os.makedirs(job_dir, mode=0o700, exist_ok=True)
-    latest, marker = read_latest(job_dir), os.path.join(job_dir, "LATEST")
-    manifests = sorted((int(f[1:-5]) for f in os.listdir(job_dir)
-                        if f.startswith("e") and f.endswith(".json") and f[1:-5].isdigit()), reverse=True)
-    if latest is None and os.path.exists(marker):
-        return [], f"{marker} is damaged (not a JSON object with a positive integer epoch)" + \
-            (f" and exports of epoch(s) {manifests} are there" if manifests else "")
-    if latest is None:
-        if manifests:
-            return [], f"{job_dir} holds exports of epoch(s) {manifests} but no LATEST marker: they may be incomplete"
-        return [], None
-    if latest not in manifests:
-        return [], (f"{marker} names epoch {latest}, whose manifest e{latest}.json is not there"
-                    + (f" (the exports there are of epoch(s) {manifests})" if manifests else ""))
-    tidy(job_dir, keep=1 << 30)
-    return complete_exports(job_dir), None
 
 
 def _restore_local(heap: JobHeap, comm, view: dict, exports: list[int]) -> bool:
@@ -502,8 +431,8 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
             if m.job != name:
                 raise ExportError(f"{exporter.job_dir}: export of epoch {epoch} belongs to job {m.job!r}")
             if aside is None:
-                aside = _set_aside(path)
-            _unlink_heap(path)   # only a heap this open created for an export that failed
+                aside = set_aside(path)
+            unlink_heap(path)   # only a heap this open created for an export that failed
             heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
                                   job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
             reader = fill_from_export(heap, exporter.job_dir, m, rank, size)
@@ -531,63 +460,11 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
             os.unlink(aside)
         _remove_stale(comm, os.path.dirname(path), size)
         return heap
-    _unlink_heap(path)
+    unlink_heap(path)
     if aside:
         os.rename(aside, path)   # the local heap as it was: nothing is lost by a failed restore
     raise ExportError(f"{exporter.job_dir}: no export can be restored ({'; '.join(reasons)}); "
                       "the local heaps are gone or out of step, so the job cannot restart")
-
-
-def _set_aside(path: str) -> str | None:
-    """Move this rank's old heap to ``<path>.aside`` while a restore from an export builds a new
-    one: it is removed once the new heap has committed, and put back if no export can be restored."""
-    if not os.path.exists(path):
-        return None
-    if holder(path) is not None:
-        _unlink_heap(path)   # refuses, naming the holder
-    os.rename(path, path + ".aside")
-    return path + ".aside"
-
-
-def _remove_unlinked_creates(path: str) -> None:
-    """Finish what a killed open left: a heap a killed ``Heap.create`` left under its temporary
-    name (``rank<r>.heap.new<pid>``: never linked into place, it never held committed state) is
-    removed; a heap set aside by a restore from an export is put back, unless the new heap
-    committed (then it is the one to keep)."""
-    directory, base = os.path.split(path)
-    if os.path.exists(path + ".aside"):
-        if os.path.exists(path) and _probe(path, None, None, None)[2] == 0 and holder(path) is None:
-            os.unlink(path)   # the restore died before its heap committed anything
-        if os.path.exists(path):
-            os.unlink(path + ".aside")
-        else:
-            os.rename(path + ".aside", path)
-    for entry in os.listdir(directory):
-        if entry.startswith(base + ".new") and entry[len(base) + 4:].isdigit():
-            leftover = os.path.join(directory, entry)
-            if holder(leftover) is None and not _alive(int(entry[len(base) + 4:])):
-                os.unlink(leftover)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _unlink_heap(path: str) -> None:
-    """Remove this rank's old heap file before a new heap takes its place; never one that a live
-    process holds (a job of the same name started meanwhile)."""
-    pid = holder(path)
-    if pid is not None:
-        raise HeapBusyError(f"{path} is held by process {pid or '(another namespace)'}: a job of the same name is "
-                            "running; nothing was replaced")
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 def _remove_stale(comm, directory: str, size: int) -> None:
