@@ -326,3 +326,12 @@ def test_every_numpy_dtype_reads_back_as_it_was_written(heap_path, dtype):
     with hpcckpt.Heap.open(heap_path) as heap:
         assert heap["p"].dtype == dtype and heap["p"][2].dtype == want_p and heap["a"].dtype == want_a
         assert heap["p"][2].tobytes() == raw and heap["a"].shape == arr.shape
+
+
+def test_a_capacity_larger_than_the_file_system_warns_and_preallocate_refuses(heap_dir):
+    free = os.statvfs(heap_dir).f_bavail * os.statvfs(heap_dir).f_frsize
+    with pytest.warns(RuntimeWarning, match="the file system has .* free"):
+        hpcckpt.Heap.create(os.path.join(heap_dir, "big.heap"), free).close()
+    with pytest.raises(hpcckpt.HeapFullError, match="choose a capacity of at most"):
+        hpcckpt.Heap.create(os.path.join(heap_dir, "huge.heap"), free, preallocate=True)
+    assert sorted(os.listdir(heap_dir)) == ["big.heap"]

@@ -343,8 +343,14 @@ class Heap:
         maxe = max_objects if max_objects is not None else max(1024, cap // 1024)
         # built under a temporary name and linked into place whole: a file at `path` that is
         # not a heap is damage (never a create that died half-way), and is never deleted for it
+        _check_room(path, cap, preallocate)
         tmp = f"{path}.new{os.getpid()}"
-        _call(_native.create, tmp, cap, maxe, job, rank, world_size, preallocate)
+        try:
+            _call(_native.create, tmp, cap, maxe, job, rank, world_size, preallocate)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -906,6 +912,26 @@ def _make_layout(name: str, shape: tuple, global_shape, offset, halo, replicated
     if any(x < 0 or x + n > gs for x, n, gs in zip(o, inner, g)):
         raise ValueError(f"{name!r}: block {inner} at offset {o} lies outside the global shape {g}")
     return {"global_shape": g, "offset": o, "halo": h, "replicated": False}
+
+
+def _check_room(path: str, capacity: int, preallocate: bool) -> None:
+    """A heap file grows to about 3x its capacity (data and two checkpoint copies): refuse with
+    `preallocate` when the file system cannot hold that, else warn (writes past the free space
+    would end the process with SIGBUS)."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return
+    need, free = 3 * capacity, st.f_bavail * st.f_frsize
+    if need <= free:
+        return
+    size = lambda b: f"{b / (1 << 40):.1f} TiB" if b >= 1 << 40 else f"{b / (1 << 30):.1f} GiB"   # noqa: E731
+    text = (f"{path}: a capacity of {size(capacity)} needs up to {size(need)} (data and two checkpoint copies) "
+            f"and the file system has {size(free)} free")
+    if preallocate:
+        raise HeapFullError(f"{text}; choose a capacity of at most {size(free // 3)}")
+    warnings.warn(f"{text}: writing past that ends the process (SIGBUS); choose a smaller capacity, or "
+                  "preallocate=True to reserve it now", RuntimeWarning, stacklevel=3)
 
 
 def _call(fn, *args):
