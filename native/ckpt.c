@@ -544,30 +544,64 @@ int ckpt_withdraw(hk_heap *h)
     return rc;
 }
 
-/* ckpt_restore_entry -- bring every unit of a live entry back from its newest slot <= E. */
-static int ckpt_restore_entry(hk_heap *h, uint32_t idx, uint64_t E)
+/* One live entry's restore, cut into parts of its units that run side by side (par_run). */
+struct restore_job {
+    hk_heap *h;
+    uint32_t idx;
+    uint64_t E;
+};
+
+#define RESTORE_GRAIN (4u << 20)   /* bytes per part at least */
+
+/* ckpt_restore_part -- bring units of part `part` back from their newest slot <= E: the
+ * working pages of the part are mapped in at once (one call, not a fault per page), each
+ * unit is copied and checksummed in one pass (crc_copy), and a copy whose checksum is not
+ * its tag's fails the restore (what it wrote is working data, which the restore owns). */
+static int ckpt_restore_part(void *ctx, unsigned part, unsigned nparts)
 {
-    struct hk_entry *e = &h->cat[idx];
-    for (uint64_t u = 0, n = heap_units(e); u < n; u++) {
+    struct restore_job *job = ctx;
+    hk_heap *h = job->h;
+    struct hk_entry *e = &h->cat[job->idx];
+    uint64_t n = heap_units(e), lo = n * part / nparts, hi = n * (part + 1) / nparts, E = job->E;
+    if (e->npages && hi - lo > 1) {
+        uint64_t first = e->first_page + (e->cls == HK_PAGE_CLASS ? lo : 0);
+        uint64_t last = e->cls == HK_PAGE_CLASS ? e->first_page + hi : e->first_page + e->npages;
+        if (!h->dax && (e->cls == HK_PAGE_CLASS || nparts == 1))
+            persist_populate_now(h, h->data + first * HK_PAGE, (last - first) * HK_PAGE);
+    }
+    int rc = 0;
+    for (uint64_t u = lo; u < hi && !rc; u++) {
         struct hk_tag *t = heap_tag(h, e, u);
         uint32_t l = t->latest, slot = tag_slot_at(l, E);
-        if (l == 0)
-            return hk_fail(EBADMSG, "%s: object '%.63s' (unit %lu) has no checkpoint copy", h->path, e->name,
-                           (unsigned long)u);
+        if (l == 0) {
+            rc = hk_fail(EBADMSG, "%s: object '%.63s' (unit %lu) has no checkpoint copy", h->path, e->name,
+                         (unsigned long)u);
+            break;
+        }
         uint64_t off;
         uint32_t len;
         heap_unit_place(h, e, u, &off, &len);
         const uint8_t *src = h->raw + h->sb->off_shadow[slot] + off;
-        if (crc_compute(0, src, len) != t->crc[slot])
-            return hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu, epoch <= %lu) is corrupt "
-                           "(checksum mismatch)", h->path, e->name, (unsigned long)u, (unsigned long)E);
-        memcpy(h->data + off, src, len);
-        if (HK_TAG_EPOCH(l) > E) {
+        if (crc_copy(h->data + off, src, len) != t->crc[slot])
+            rc = hk_fail(EBADMSG, "%s: checkpoint copy of '%.63s' (unit %lu, epoch <= %lu) is corrupt "
+                         "(checksum mismatch)", h->path, e->name, (unsigned long)u, (unsigned long)E);
+        else if (HK_TAG_EPOCH(l) > E) {
             __atomic_store_n(&t->latest, (uint32_t)E | slot << 31, __ATOMIC_RELEASE);
             persist_flush(h, t, sizeof *t);
         }
     }
-    return 0;
+    crc_fence();   /* the streamed copies are in place before the restore goes on */
+    return rc;
+}
+
+/* ckpt_restore_entry -- bring every unit of a live entry back from its newest slot <= E,
+ * on several threads when it is large. */
+static int ckpt_restore_entry(hk_heap *h, uint32_t idx, uint64_t E)
+{
+    struct hk_entry *e = &h->cat[idx];
+    struct restore_job job = {.h = h, .idx = idx, .E = E};
+    uint64_t bytes = (e->npages ? e->npages : 1) * HK_PAGE;
+    return par_run(par_parts(h, bytes, RESTORE_GRAIN), ckpt_restore_part, &job);
 }
 
 /* ckpt_recover -- restore the working area to committed epoch E (prepared or prepared-1). */
