@@ -53,7 +53,7 @@ def route_rows(heap: Any, table: Any) -> None:
         except HeapError as e:
             err = str(e)
         _agree(comm, err, HeapError)
-        order = np.argsort(dest, kind="stable")
+        order = np.argsort(dest.astype(np.uint16) if size <= 1 << 16 else dest, kind="stable")   # radix sort
         send = rows[order]   # a copy: the rows may be received over the table
         direct = heap.kernel_writable   # MPI may write into heap memory (not under mprotect)
         got = table._view(0, need) if direct else np.empty(need, table.dtype)
