@@ -222,14 +222,16 @@ def test_bad_names_are_refused(heap_path, name, err, words):
         assert len(heap) == 0
 
 
-def test_existing_name_is_refused_and_the_object_is_untouched(heap_path):
+def test_the_same_declaration_returns_the_object_and_another_is_refused_saying_both(heap_path):
     with hpcckpt.Heap.create(heap_path, "1MiB") as heap:
         heap.array("u", 4)[:] = 2
-        with pytest.raises(KeyError, match="exists already"):
-            heap.array("u", 4)
-        with pytest.raises(KeyError, match="exists already"):
+        assert heap.array("u", 4).tolist() == [2, 2, 2, 2]     # the same lines start and resume a job
+        with pytest.raises(KeyError, match=r"exists as an array of shape \(4,\) of '<f8'; the program declared "
+                                           r"an array of shape \(5,\) of '<i4'"):
+            heap.array("u", 5, "i4")
+        with pytest.raises(KeyError, match="the program declared a pool of 4 objects"):
             heap.pool("u", "f8", 4)
-        assert heap["u"].tolist() == [2, 2, 2, 2]
+        assert heap["u"].tolist() == [2, 2, 2, 2] and len(heap) == 1
 
 
 def test_object_dtype_is_refused(heap_path):

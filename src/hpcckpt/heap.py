@@ -602,8 +602,11 @@ class Heap:
             raise KeyError(self._mismatch(name, held["layout"], f"global shape {list(layout['global_shape'])}"))
         if self._reblock is not None and held["layout"] and held["dtype"] == _dtype_str(dt):
             return self._reblock(name, dt, shape, count, kind, layout)
-        raise KeyError(f"{self.path}: {name!r} exists with another shape or layout "
-                       f"({held['shape']}, {held['layout']}); use heap[{name!r}] or del heap[{name!r}] first")
+        raise KeyError(f"{self.path}: {name!r} exists as "
+                       f"{_declared_as(held['kind'], held['dtype'], held['shape'], held['count'], held['layout'])} at "
+                       f"offset {(held['layout'] or {}).get('offset')}; the program declared "
+                       f"{_declared_as(kind, _dtype_str(dt), shape, count, layout)} at offset {layout.get('offset')}. "
+                       f"Use heap[{name!r}] or del heap[{name!r}] first")
 
     def layout(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         """(global_shape, offset) of a distributed object; None for a rank-private one."""
@@ -624,9 +627,15 @@ class Heap:
     @locked
     def _alloc(self, name: str, dt: np.dtype, shape: tuple, size: int, count: int, kind: int,
                layout: dict | None = None) -> int:
-        if name in self._names:
-            raise KeyError(f"{self.path}: an object named {name!r} exists already; use heap[{name!r}] "
-                           f"or del heap[{name!r}] first")
+        if name in self._names:   # the same declaration returns it, so the same lines start and resume a job
+            held = self.describe(name)
+            if not layout and not held["layout"] and (held["kind"], held["dtype"], tuple(held["shape"]),
+                                                       held["count"]) == (kind, _dtype_str(dt), shape, count):
+                return held["index"]
+            was = _declared_as(held["kind"], held["dtype"], held["shape"], held["count"], held["layout"])
+            now = _declared_as(kind, _dtype_str(dt), shape, count, layout)
+            raise KeyError(f"{self.path}: {name!r} exists as {was}; the program declared {now}. "
+                           f"Use heap[{name!r}], del heap[{name!r}] first, or another name")
         if size * count >= 2**63:
             raise HeapFullError(f"{self.path}: {name!r} needs more than the heap's whole capacity "
                                 f"({count} objects of {size} bytes)")
@@ -932,6 +941,16 @@ def _check_room(path: str, capacity: int, preallocate: bool) -> None:
         raise HeapFullError(f"{text}; choose a capacity of at most {size(free // 3)}")
     warnings.warn(f"{text}: writing past that ends the process (SIGBUS); choose a smaller capacity, or "
                   "preallocate=True to reserve it now", RuntimeWarning, stacklevel=3)
+
+
+def _declared_as(kind: int, dtype: str, shape: Any, count: int, layout: dict | None = None) -> str:
+    """How an object was declared, in words: "an array of shape (4, 5) of '<f8'"."""
+    shape, spread = tuple(shape), (f", a block of global shape {list(layout['global_shape'])}" if layout else "")
+    if kind == _KIND_POOL:
+        return f"a pool of {count} objects of shape {shape} of {dtype}{spread}"
+    if kind == _KIND_ARRAY:
+        return f"an array of shape {shape} of {dtype}{spread}"
+    return f"an object of kind {kind}, shape {shape}, count {count} of {dtype}{spread}"
 
 
 def _call(fn, *args):
