@@ -60,3 +60,9 @@ def test_the_porting_guide_covers_grids_meta_and_another_rank_count(html):
     for words in ("halo=(1, 0)", "exchange the halo at the start of a step", "heap.meta", "replicated=True",
                   "After a restart on another number of ranks", "Placeholder", "export_dir"):
         assert words in porting, words
+
+
+@pytest.mark.parametrize("words", ["MPI_Abort", "HPCCKPT_TIMEOUT", "abort_on_error=False", "fresh=True",
+                                   "One job name, one running job"])
+def test_the_guide_says_how_a_job_fails_well(html, words):
+    assert words in text(html["guide"])
