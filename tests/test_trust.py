@@ -105,3 +105,39 @@ def test_a_job_killed_between_the_vote_and_the_withdraw_of_a_refused_tiling_neve
     lines = sorted(line for line in again.stdout.splitlines() if line.startswith("resumed"))
     assert lines == ["resumed 0 1 {'step': 1} False [1.0, 1.0, 1.0, 1.0]",
                      "resumed 1 1 {'step': 1} False [2.0, 2.0, 2.0, 2.0]"]
+
+
+HELPER_LIVES = """
+import os, signal, sys, threading, warnings, hpcckpt
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+got = []
+opener = threading.Thread(target=lambda: got.append(hpcckpt.open("bg", comm, root=sys.argv[1], capacity="16MiB",
+                                                                  export_dir=sys.argv[2])))
+opener.start(); opener.join()                    # the thread that opened the heap (and started the helper) ends
+heap = got[0]
+u = heap.array("u", (4,), global_shape=(4 * comm.size,), offset=(4 * comm.rank,))
+u[:] = comm.rank
+heap.checkpoint(step=1)
+first = heap.export().path
+os.kill(heap.exporter.helper.proc.pid, signal.SIGKILL)   # as the OOM killer would
+heap.exporter.helper.proc.wait()
+u[:] += 10
+heap.checkpoint(step=2)
+with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter("always")
+    second = heap.export().path
+heap.close()
+line = " ".join(map(str, [comm.rank, os.path.basename(first), os.path.basename(second),
+                          any("helper of rank" in str(w.message) and "new one" in str(w.message) for w in said)]))
+lines = comm.gather(line)
+if comm.rank == 0:
+    print(*lines, sep=chr(10), flush=True)
+"""
+
+
+def test_exports_survive_the_opening_thread_ending_and_a_killed_helper(heap_dir):
+    proc = launch(["mpiexec", "-n", "2", sys.executable, "-c", HELPER_LIVES, os.path.join(heap_dir, "heaps"),
+                   os.path.join(heap_dir, "exports")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["0 e1.h5 e2.h5 True", "1 e1.h5 e2.h5 True"]

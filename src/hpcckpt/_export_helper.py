@@ -3,22 +3,29 @@
 It reads JSON requests on stdin and answers each with one JSON line on stdout:
 ``rank`` writes a rank file from the committed copies of a heap that its owner has open
 (through a read-only, unlocked mapping of the heap file); ``finish`` writes the master,
-the manifest and LATEST from the blocks every rank left beside its file.  It exits when stdin closes, and dies with its parent.
+the manifest and LATEST from the blocks every rank left beside its file.  It exits when stdin closes, and
+when its parent process ends.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import sys
+import threading
+import time
 
 
 def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """End when the owning process does.  Not PR_SET_PDEATHSIG: it fires when the *thread*
+    that started the helper ends (a thread that called hpcckpt.open and returned), while the
+    process lives on and exports.  A daemon thread watches the parent's PID instead."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="hpcckpt-parent-watch").start()
 
 
 def main() -> int:

@@ -281,6 +281,7 @@ class Exporter:
             raise ExportError(f"{heap.path}: nothing is committed yet; checkpoint before exporting")
         meta = heap.meta
         req = rank_request(heap, self.job_dir, self.job, epoch, rank, size, meta)
+        self._replace_dead_helper()
         self.warm_up()
         handle = ExportHandle(self, epoch, meta, self.helper.send(req))
         self.inflight = handle
@@ -288,6 +289,20 @@ class Exporter:
         if wait:   # the same helper, waited for: it reads the file through its own mapping, overlapped
             handle.wait()
         return handle
+
+    def _replace_dead_helper(self) -> None:
+        """A helper that died (the OOM killer, a kill) is replaced, once per export, with a
+        warning: the exports it had not finished report it; later ones go to the new helper."""
+        h = self.helper
+        if h is None or h.proc.poll() is None:
+            return
+        for f in self.finishing:   # tickets of the dead helper: each says it died
+            f.settle(block=True)
+            self._report(f)
+        self.finishing = []
+        self.helper = None
+        warnings.warn(f"hpcckpt: the background export helper of rank {self.comm.Get_rank()} died (exit "
+                      f"{h.proc.returncode}); starting a new one", RuntimeWarning, stacklevel=4)
 
     def warm_up(self) -> None:
         """Start the background helper now, so that the first export does not wait for it."""
