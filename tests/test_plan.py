@@ -59,3 +59,14 @@ def test_crc32c_check_value_and_long_buffers():
 def test_crc32c_of_two_pieces_combines_into_the_crc_of_the_whole(a, b):
     assert _native.crc32c_combine(_native.crc32c(a), _native.crc32c(b), len(b)) == _native.crc32c(a + b)
     assert _native.crc32c(b, _native.crc32c(a)) == _native.crc32c(a + b)
+
+
+def test_the_default_split_is_computed_not_listed_and_matches_array_split():
+    import numpy as np
+
+    from hpcckpt.plan import default_blocks
+    for n in (0, 1, 5, 37):
+        for k in (1, 2, 3, 7):
+            assert [s[0] for _, s in default_blocks([n, 2], k)] == [len(p) for p in np.array_split(np.arange(n), k)]
+    blocks = default_blocks([1 << 40, 8], 4)    # 2^40 rows: a list of them would need 8 TiB
+    assert blocks[-1] == ([3 << 38, 0], [1 << 38, 8])

@@ -25,12 +25,19 @@ class Piece(NamedTuple):
 
 
 def default_blocks(global_shape: Sequence[int], ranks: int) -> list[tuple[list[int], list[int]]]:
-    """The default split for `ranks` ranks: ``numpy.array_split`` along the first axis."""
+    """The default split for `ranks` ranks: ``numpy.array_split`` along the first axis, computed
+    (the first ``rows % ranks`` blocks get one row more), never a list of the rows.
+
+    >>> default_blocks([10, 3], 4)
+    [([0, 0], [3, 3]), ([3, 0], [3, 3]), ([6, 0], [2, 3]), ([8, 0], [2, 3])]
+    """
     g = [int(x) for x in global_shape]
+    base, extra = divmod(g[0], ranks)
     out, start = [], 0
-    for part in np.array_split(np.arange(g[0]), ranks):
-        out.append(([start] + [0] * (len(g) - 1), [len(part)] + g[1:]))
-        start += len(part)
+    for r in range(ranks):
+        n = base + (r < extra)
+        out.append(([start] + [0] * (len(g) - 1), [n] + g[1:]))
+        start += n
     return out
 
 
