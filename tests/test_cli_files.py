@@ -278,8 +278,6 @@ def test_info_words_epochs_one_way(heap_dir):
     assert ", empty {}" in cli("info", os.path.join(heap_dir, "e")).stdout
 
 
-@pytest.mark.xfail(reason="needs h5io.BlockReader.read to end the range at the block's last row (see the report)",
-                   strict=False)
 def test_the_damage_message_names_the_blocks_real_rows(exported):
     _, job_dir = exported
     flip_block_byte(os.path.join(job_dir, "e2", "rank0.h5"))

@@ -141,3 +141,23 @@ def test_exports_survive_the_opening_thread_ending_and_a_killed_helper(heap_dir)
                    os.path.join(heap_dir, "exports")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[:2] == ["0 e1.h5 e2.h5 True", "1 e1.h5 e2.h5 True"]
+
+
+def test_a_master_without_its_rank_files_reads_as_nan_and_says_to_verify(heap_dir):
+    import shutil
+
+    import h5py
+    import numpy as np
+    exports = os.path.join(heap_dir, "exports")
+    assert run_app(heap_dir, 2, steps=4, env={"EXPORTS": exports}).returncode == 0
+    assert launch([sys.executable, "-m", "hpcckpt", "export", os.path.join(heap_dir, "heaps", "app"),
+                   "--to", exports]).returncode == 0
+    with h5py.File(os.path.join(exports, "app", "e2.h5")) as f:
+        assert np.isfinite(f["u"][...]).all()                  # with its rank files: the data
+    alone = os.path.join(heap_dir, "alone")
+    os.mkdir(alone)
+    shutil.copy(os.path.join(exports, "app", "e2.h5"), alone)  # copied without its e2/ directory
+    with h5py.File(os.path.join(alone, "e2.h5")) as f:
+        assert np.isnan(f["u"][...]).all()                     # missing data shows, it is not zeros
+        assert f.attrs["hpcckpt_epoch"] == 2 and f.attrs["hpcckpt_step"] == 4
+        assert "hpcckpt verify" in f.attrs["hpcckpt_note"]

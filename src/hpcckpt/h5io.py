@@ -188,6 +188,11 @@ def write_master(job_dir: str, m: Manifest) -> str:
         f.attrs["hpcckpt_meta"] = json.dumps(m.meta, sort_keys=True)
         f.attrs["hpcckpt_world_size"] = m.world_size
         f.attrs["hpcckpt_job"] = m.job
+        f.attrs["hpcckpt_step"] = m.meta.get("step", -1) if isinstance(m.meta.get("step"), int) else -1
+        f.attrs["hpcckpt_note"] = (f"hpcckpt export of job {m.job!r}, epoch {m.epoch}: datasets read through "
+                                   "the rank files under e<epoch>/. A missing or damaged rank file reads as the "
+                                   "fill value (NaN for floating types, the most negative or largest value for "
+                                   "integers) or as wrong values: check with `hpcckpt verify` before use")
         for name, obj in sorted(m.objects.items()):
             if not obj["distributed"] and not obj["replicated"]:
                 for b in obj["blocks"]:
@@ -198,16 +203,31 @@ def write_master(job_dir: str, m: Manifest) -> str:
                 f.create_dataset(name, shape=tuple(obj["global_shape"]), dtype=fdt)
                 continue
             layout = h5py.VirtualLayout(shape=tuple(obj["global_shape"]), dtype=fdt)
+            fill = _missing(fdt)
             for b in obj["blocks"]:
                 if not all(b["shape"]):   # a rank that holds no rows of a table
                     continue
                 src = h5py.VirtualSource(b["file"], b["dataset"], shape=tuple(b["shape"]))
                 layout[tuple(slice(o, o + n) for o, n in zip(b["offset"], b["shape"]))] = src
-            f.create_virtual_dataset(name, layout)
+            f.create_virtual_dataset(name, layout, fillvalue=fill)
+            f[name].attrs["hpcckpt_epoch"] = m.epoch
         f.flush()
     fsync_path(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _missing(dtype: np.dtype):
+    """The fill value of a virtual dataset, so that data a missing rank file should hold shows:
+    NaN for floating types, the most negative value for signed and the largest for unsigned
+    integers; None (HDF5's zeros) for other types."""
+    if dtype.kind in "fc":
+        return np.array(np.nan, dtype)[()]
+    if dtype.kind == "i":
+        return np.iinfo(dtype).min
+    if dtype.kind == "u":
+        return np.iinfo(dtype).max
+    return None
 
 
 class BlockReader:
@@ -279,7 +299,8 @@ class BlockReader:
             rows = b["chunk_rows"] if b["shape"] else 1
             piece = raw[i * rows * per:(i + 1) * rows * per]
             if c >= crcs.size or _native.crc32c(piece) != int(crcs[c]):
-                raise ExportError(f"{where}: rows {c * rows}..{c * rows + rows} do not match their checksum "
+                end = min(b["shape"][0], c * rows + rows) if b["shape"] else 1
+                raise ExportError(f"{where}: rows {c * rows}..{end} do not match their checksum "
                                   "(damaged data)")
         if not b["shape"]:
             return data.reshape(())
