@@ -161,3 +161,30 @@ def test_a_master_without_its_rank_files_reads_as_nan_and_says_to_verify(heap_di
         assert np.isnan(f["u"][...]).all()                     # missing data shows, it is not zeros
         assert f.attrs["hpcckpt_epoch"] == 2 and f.attrs["hpcckpt_step"] == 4
         assert "hpcckpt verify" in f.attrs["hpcckpt_note"]
+
+
+def modes(top: str) -> dict[str, int]:
+    import stat
+    out = {}
+    for d, dirs, files in os.walk(top):
+        for n in dirs + files:
+            out[os.path.relpath(os.path.join(d, n), top)] = stat.S_IMODE(os.lstat(os.path.join(d, n)).st_mode)
+    return out
+
+
+def test_exports_are_private_unless_asked_and_a_foreign_export_directory_is_refused(heap_dir):
+    exports = os.path.join(heap_dir, "exports")
+    assert run_app(heap_dir, 2, steps=4, env={"EXPORTS": exports}).returncode == 0
+    job = os.path.join(heap_dir, "heaps", "app")
+    assert launch([sys.executable, "-m", "hpcckpt", "export", job, "--to", exports]).returncode == 0
+    found = modes(os.path.join(exports, "app"))
+    assert found and all(m == (0o700 if os.path.isdir(os.path.join(exports, "app", p)) else 0o600)
+                         for p, m in found.items()), found
+    shared = os.path.join(heap_dir, "shared")
+    assert launch([sys.executable, "-m", "hpcckpt", "export", job, "--to", shared, "--mode", "640"]).returncode == 0
+    assert set(modes(os.path.join(shared, "app")).values()) == {0o640, 0o750}
+    os.chmod(os.path.join(exports, "app"), 0o777)            # writable by every user: not trusted
+    for entry in os.listdir(job):
+        os.unlink(os.path.join(job, entry))
+    proc = run_app(heap_dir, 2, steps=6, env={"EXPORTS": exports})
+    assert proc.returncode != 0 and "writable by every user" in proc.stderr, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ import re
 import signal
 
 from .errors import HeapBusyError, HeapError
-from .export import build_manifest, finish, rank_request, run_rank_request
+from .export import build_manifest, finish, rank_request, run_rank_request, umask_for
 from .h5io import BlockReader
 from ._progress import Progress
 from .heap import Heap, _dtype_parse, check_job
@@ -126,10 +126,19 @@ def export(argv: list[str]) -> int:
     ap.add_argument("target", help="job name, directory of rank*.heap, or heap file")
     ap.add_argument("--to", required=True, metavar="DIR", help="export directory (the job's files go in DIR/<job>)")
     ap.add_argument("--name", metavar="JOB", help="job name of the export (default: the heaps' own)")
+    ap.add_argument("--mode", default="600", metavar="OCTAL",
+                    help="mode of the files written (default 600: private; directories get the search bits too)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        mode = int(args.mode, 8)
+        if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--mode {args.mode}: give an octal file mode with read and write for you, e.g. 600 or 640")
     paths = heap_files(args.target)
     heaps = []
+    umask = os.umask(umask_for(mode))   # files private unless --mode says otherwise
     try:
         for p in paths:
             try:
@@ -153,7 +162,7 @@ def export(argv: list[str]) -> int:
                        "--name" if args.name is not None else f"{paths[0]}: the heap's job {job!r}")
         job_dir = os.path.join(os.path.abspath(args.to), job)   # a plain name: nothing lands outside --to
         os.makedirs(job_dir, exist_ok=True)
-        meta = heaps[0].meta
+        meta = {k: v for k, v in heaps[0].meta.items() if not k.startswith("__hpcckpt")}
         per_rank = [None] * size
         bar = Progress(size, f"export e{epoch}", args.json)
         for h, i in zip(heaps, infos):
@@ -163,6 +172,7 @@ def export(argv: list[str]) -> int:
         bar.close()
         master = finish(job_dir, build_manifest(job, epoch, size, meta, per_rank))
     finally:
+        os.umask(umask)
         for h in heaps:
             h.close()
     out = {"path": master, "epoch": epoch, "world_size": size}

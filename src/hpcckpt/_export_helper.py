@@ -30,6 +30,7 @@ def _die_with_parent() -> None:
 
 def main() -> int:
     _die_with_parent()
+    os.umask(int(os.environ.get("HPCCKPT_EXPORT_UMASK", "63")))   # files 0600, directories 0700 unless asked
     os.nice(19)   # yield to the ranks: waking up must not preempt the compute it works beside
     import h5py  # noqa: F401  (imported before the first request, while the job computes)
 

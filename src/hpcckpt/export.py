@@ -121,14 +121,24 @@ def finish(job_dir: str, m: Manifest, prune: bool = True) -> str:
     return master
 
 
+def umask_for(mode: int) -> int:
+    """The umask that gives new files `mode` and new directories the same plus the matching
+    search bits: 0o600 -> 0o077 (private), 0o640 -> 0o027, 0o644 -> 0o022.
+
+    >>> oct(umask_for(0o640))
+    '0o27'
+    """
+    return 0o777 & ~(mode | (mode & 0o444) >> 2)
+
+
 class Helper:
     """A helper process that writes rank files (and, on rank 0, masters) in the background.
 
     Requests go as JSON lines on its stdin; replies come back in order on its stdout.
     """
 
-    def __init__(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HPCCKPT_EXPORT_HELPER="1")
+    def __init__(self, mode: int = 0o600) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HPCCKPT_EXPORT_HELPER="1", HPCCKPT_EXPORT_UMASK=str(umask_for(mode)))
         self.proc = subprocess.Popen([sys.executable, "-m", "hpcckpt._export_helper"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, close_fds=True)
         self._sent = 0
@@ -261,8 +271,8 @@ class Exporter:
     for that), waits for a rank file only where the protocol needs it, and finishes an export
     once the vote says every rank's file is written.  No collective of its own."""
 
-    def __init__(self, comm, job: str, export_dir: str, every: int = 0):
-        self.comm, self.job, self.every = comm, job, every
+    def __init__(self, comm, job: str, export_dir: str, every: int = 0, mode: int = 0o600):
+        self.comm, self.job, self.every, self.mode = comm, job, every, mode
         self.job_dir = os.path.join(os.path.abspath(export_dir), job)
         self.helper: Helper | None = None
         self.inflight: ExportHandle | None = None      # rank files being written
@@ -307,7 +317,7 @@ class Exporter:
     def warm_up(self) -> None:
         """Start the background helper now, so that the first export does not wait for it."""
         if self.helper is None:
-            self.helper = Helper()
+            self.helper = Helper(self.mode)
 
     def figures(self) -> dict:
         """What the background exports cost the application so far."""

@@ -107,7 +107,8 @@ def check_job_name(name: str) -> None:
 def open(name: str, comm: Any = None, root: str | None = None, capacity: int | str = "1GiB",
          tracker: str = "auto", max_objects: int | None = None, preallocate: bool = False,
          export_dir: str | None = None, export_every: int = 0, redundancy: str = "none",
-         timeout: float | None = None, abort_on_error: bool = True, fresh: bool = False) -> JobHeap:
+         timeout: float | None = None, abort_on_error: bool = True, fresh: bool = False,
+         export_mode: int = 0o600) -> JobHeap:
     """Open or create this rank's heap `<root>/<name>/rank<r>.heap`, collectively.
 
     Restores the last epoch every rank can reach: from the local heaps if all are there at
@@ -117,6 +118,8 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     ``"partner"``, ``"export"`` or None (fresh), and ``heap.epoch`` and ``heap.meta`` say where
     to resume.  `export_every=K` exports every K-th committed epoch in the background.  A
     `root` containing ``{node}`` gets each node's number there (one directory per node).
+    Exports are private to you (files 0600, directories 0700) unless `export_mode` (e.g.
+    ``0o640``) says otherwise; an export directory of another user is not trusted.
 
     A job whose heaps a live process holds (the same job name, running) is refused before
     anything is created, restored or deleted.  Every collective of hpcckpt waits at most
@@ -136,6 +139,9 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
         deadline.set_timeout(timeout)
     deadline.timeout()   # a bad $HPCCKPT_TIMEOUT is refused on every rank alike, before MPI is touched
     check_job_name(name)
+    if type(export_mode) is not int or not 0o600 <= export_mode <= 0o777 or export_mode & 0o600 != 0o600:
+        raise ValueError(f"export_mode={export_mode!r}: give a file mode with read and write for you, e.g. 0o600 "
+                         "(private, the default) or 0o640 (readable by your group)")
     if redundancy not in ("none", "partner"):
         raise ValueError(f"redundancy must be 'none' or 'partner', got {redundancy!r}")
     default_threads()   # a bad $HPCCKPT_THREADS is refused on every rank alike, before MPI is touched
@@ -166,7 +172,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
                           "node would not survive losing it)", RuntimeWarning, stacklevel=2)
     elif redundancy == "partner":
         partner = PartnerLevel(comm, nodes, directory, name, capacity)
-    exporter = Exporter(comm, name, export_dir, export_every) if export_dir else None
+    exporter = Exporter(comm, name, export_dir, export_every, export_mode) if export_dir else None
     opts = dict(capacity=capacity, tracker=tracker, max_objects=max_objects, preallocate=preallocate)
     if fresh:   # on purpose: no level is looked at, this job's heaps are replaced
         exports, problem = [], None
@@ -371,7 +377,7 @@ def _list_exports(comm, exporter: Exporter | None) -> tuple[list[int], str | Non
     found, problem, err = [], None, None
     if comm.Get_rank() == 0:
         try:
-            found, problem = exports_here(exporter.job_dir)
+            found, problem = exports_here(exporter.job_dir, exporter.mode)
         except OSError as e:
             err = f"{exporter.job_dir}: {e.strerror}"
         except Exception as e:   # rank 0 tells the others whatever happened, never dies before it

@@ -11,10 +11,11 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import stat
 import warnings
 from typing import Any
 
-from .errors import HeapBusyError, HeapError, RepairWarning
+from .errors import HeapBusyError, HeapError, OwnerMismatchError, RepairWarning
 from .heap import Heap
 from .locks import holder
 from .manifest import complete_exports, read_latest, tidy
@@ -73,10 +74,10 @@ def fs_type(path: str) -> str:
     return kind
 
 
-def exports_here(job_dir: str) -> tuple[list[int], str | None]:
+def exports_here(job_dir: str, mode: int = 0o600) -> tuple[list[int], str | None]:
     """(complete exports, newest first, after removing half-written ones; None) or ([], the
     reason the exports here cannot be trusted)."""
-    os.makedirs(job_dir, mode=0o700, exist_ok=True)
+    own_export_dir(job_dir, mode)
     latest, marker = read_latest(job_dir), os.path.join(job_dir, "LATEST")
     manifests = sorted((int(f[1:-5]) for f in os.listdir(job_dir)
                         if f.startswith("e") and f.endswith(".json") and f[1:-5].isdigit()), reverse=True)
@@ -92,6 +93,31 @@ def exports_here(job_dir: str) -> tuple[list[int], str | None]:
                     + (f" (the exports there are of epoch(s) {manifests})" if manifests else ""))
     tidy(job_dir, keep=1 << 30)
     return complete_exports(job_dir), None
+
+
+def own_export_dir(job_dir: str, mode: int = 0o600) -> None:
+    """Create a job's export directory (search bits added to `mode`) if needed, and refuse one
+    that another user could have filled or could change: owned by another user, writable by
+    every user, or a symbolic link in a directory others can write."""
+    me, parent = os.getuid(), os.path.dirname(job_dir)
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(job_dir, mode | (mode & 0o444) >> 2)
+    except FileExistsError:
+        pass
+    link, shared = os.lstat(job_dir), os.stat(parent).st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if stat.S_ISLNK(link.st_mode) and (shared or link.st_uid != me):
+        raise HeapError(f"{job_dir}: the export directory is a symbolic link in a directory others can write; "
+                        "refusing to follow it")
+    st = os.stat(job_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise HeapError(f"{job_dir}: exists and is not a directory; choose another export_dir or job name")
+    if st.st_uid != me:
+        raise OwnerMismatchError(f"{job_dir}: the exports belong to uid {st.st_uid}, not to you, and are not trusted; "
+                                 "choose an export_dir of your own")
+    if st.st_mode & stat.S_IWOTH:
+        raise HeapError(f"{job_dir}: the export directory is writable by every user (mode {stat.S_IMODE(st.st_mode):o});"
+                        " chmod o-w it")
 
 
 def set_aside(path: str) -> str | None:
@@ -146,5 +172,5 @@ def unlink_heap(path: str) -> None:
         os.unlink(path)
 
 
-__all__ = ["TILING_MARK", "undecided", "probe", "fs_type", "exports_here", "set_aside", "finish_killed_opens",
+__all__ = ["own_export_dir", "TILING_MARK", "undecided", "probe", "fs_type", "exports_here", "set_aside", "finish_killed_opens",
            "unlink_heap"]
