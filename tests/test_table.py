@@ -195,7 +195,8 @@ dt = np.dtype([("x", "f8"), ("id", "i8")])
 def owner(rows):
     return np.minimum((rows["x"] * n).astype(np.int64), n - 1)
 routes = {"route": owner, "none": None, "out-of-range": lambda rows: np.full(len(rows), n),
-          "short": lambda rows: np.zeros(max(0, len(rows) - 1), int), "raises": lambda rows: 1 / 0}
+          "short": lambda rows: np.zeros(max(0, len(rows) - 1), int), "raises": lambda rows: 1 / 0,
+          "all-to-0": lambda rows: np.zeros(len(rows), int)}
 heap = hpcckpt.open("tab", comm, root=root, capacity="64MiB", export_dir=exports)
 if mode == "write":
     t = heap.table("p", dt, distributed=True)
@@ -211,6 +212,9 @@ else:
         t = heap.table("p", dt, distributed=True, route=routes[mode])
     except hpcckpt.HeapError as e:
         err, t = str(e), heap["p"]
+    if mode == "all-to-0":                             # rank 0 grows, the others hold nothing: export that
+        heap.checkpoint(step=2)
+        heap.export()
     said = comm.gather({"rows": t.rows["id"].tolist(), "error": err, "from": heap.restored_from})
     if r == 0:                                        # one line: ranks' lines may interleave
         print("said", json.dumps(said), flush=True)
@@ -299,3 +303,19 @@ def test_system_calls_write_into_an_exposed_table_under_mprotect(heap_path, tmp_
     heap._native.abandon()                       # a crash: the reopen restores epoch 2
     with hpcckpt.Heap.open(heap_path, tracker="mprotect") as heap:
         assert np.array_equal(heap["buf"].rows, data)
+
+
+def test_a_table_routed_to_one_rank_grows_there_and_exports_empty_blocks_for_the_others(exported_at_4):
+    import h5py
+    heaps, exports = exported_at_4
+    shutil.rmtree(heaps)
+    got = run_job(3, heaps, exports, "all-to-0")["rows"]
+    ids = [i for _, i in _written(4)]
+    assert got == {0: ids, 1: [], 2: []}
+    with h5py.File(os.path.join(exports, "tab", "e2.h5"), "r") as f:
+        assert f["p"]["id"].tolist() == ids
+    m = json.load(open(os.path.join(exports, "tab", "e2.json")))
+    assert sorted(b["rows"] for b in m["objects"]["p"]["blocks"]) == [0, 0, len(ids)]
+    shutil.rmtree(heaps)
+    back = run_job(2, heaps, exports, "none")["rows"]             # and back: an even split again
+    assert [back[0], back[1]] == [p.tolist() for p in np.array_split(np.array(ids), 2)]
