@@ -85,13 +85,77 @@ int delta_size(hk_heap *h, int all, uint64_t *units, uint64_t *bytes)
 }
 
 /* delta_read -- copy the delta out: per unit its entry and unit number, and the bytes packed in
- * that order (arrays sized by delta_size); every unit is checked against its slot's CRC. */
-int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint64_t n, uint8_t *data, uint64_t bytes)
+ * that order (arrays sized by delta_size); every unit is checked against its slot's CRC; and
+ * the CRC32C of the packed bytes (read back while they are in cache: folding the units' CRCs
+ * with crc_append costs a microsecond per unit). */
+int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint64_t n, uint8_t *data, uint64_t bytes,
+               uint32_t *crc)
 {
     struct delta_out o = {.cap_n = n, .cap_bytes = bytes, .entries = entries, .units = units, .data = data};
     int rc = delta_walk(h, all, delta_put, &o);
     crc_fence();
+    *crc = rc ? 0 : crc_compute(0, data, o.bytes);
     return rc;
+}
+
+/* delta_pack -- a unit list, compact: runs of one entry with rising unit numbers as (entry,
+ * count) pairs of u32, and the LEB128 gaps between unit numbers (a run's first: the unit
+ * itself), about a byte per scattered unit.  groups holds 2n, gaps 10n.  -EOVERFLOW if a
+ * run is longer than a u32 counts. */
+int delta_pack(const uint32_t *entries, const uint64_t *units, size_t n, uint32_t *groups, size_t *ngroups,
+               uint8_t *gaps, size_t *gaps_len)
+{
+    size_t g = 0, at = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v = units[i];
+        if (i == 0 || entries[i] != entries[i - 1] || units[i] <= units[i - 1]) {
+            groups[2 * g] = entries[i];
+            groups[2 * g + 1] = 0;
+            g++;
+        } else {
+            v -= units[i - 1];
+        }
+        if (groups[2 * g - 1] == UINT32_MAX)
+            return hk_fail(EOVERFLOW, "a run of %u units of one object is too long to pack", UINT32_MAX);
+        groups[2 * g - 1]++;
+        for (; v >= 0x80; v >>= 7)
+            gaps[at++] = (uint8_t)(v | 0x80);
+        gaps[at++] = (uint8_t)v;
+    }
+    *ngroups = g;
+    *gaps_len = at;
+    return 0;
+}
+
+/* delta_unpack -- the unit list back from delta_pack's groups and gaps into entries and units
+ * (n of each: the counts' sum, which the caller took from the groups); -EBADMSG if the gaps
+ * are not exactly n LEB128 numbers of at most 64 bits. */
+int delta_unpack(const uint32_t *groups, size_t ngroups, const uint8_t *gaps, size_t gaps_len, uint32_t *entries,
+                 uint64_t *units, size_t n)
+{
+    size_t at = 0, i = 0;
+    for (size_t g = 0; g < ngroups; g++) {
+        uint64_t prev = 0;
+        for (uint32_t k = 0; k < groups[2 * g + 1]; k++, i++) {
+            uint64_t v = 0;
+            unsigned shift = 0;
+            for (;;) {
+                if (i >= n || at >= gaps_len || shift > 63 || (shift == 63 && gaps[at] > 1))
+                    return hk_fail(EBADMSG, "a partner copy's list of units is damaged (at unit %zu of %zu)", i, n);
+                uint8_t b = gaps[at++];
+                v |= (uint64_t)(b & 0x7f) << shift;
+                shift += 7;
+                if (!(b & 0x80))
+                    break;
+            }
+            prev = k ? prev + v : v;
+            entries[i] = groups[2 * g];
+            units[i] = prev;
+        }
+    }
+    if (i != n || at != gaps_len)
+        return hk_fail(EBADMSG, "a partner copy's list of units is damaged (%zu numbers, %zu expected)", i, n);
+    return 0;
 }
 
 /* delta_target -- the mirror entry that sender entry `from` maps to, if it is a live object. */

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from hpcckpt.partner import partners_of
+from hpcckpt.errors import HeapError
+from hpcckpt.partner import pack_units, partners_of, unpack_units
 from mpijobs import demo, launch, reference
 
 NODES = {4: "0,0,1,1", 6: "0,0,1,1,2,2"}
@@ -25,6 +26,23 @@ def lose(heap_dir: str, *nodes: int) -> None:
     """A node is gone: its directory with every heap and partner copy on it."""
     for k in nodes:
         shutil.rmtree(os.path.join(heap_dir, f"node{k}"))
+
+
+def test_a_unit_list_packs_and_unpacks_exactly_and_damage_is_refused():
+    import numpy as np
+    rng = np.random.default_rng(23)
+    for n in (0, 1, 7, 1000):
+        e = np.sort(rng.integers(0, 5, n)).astype(np.uint32)
+        u = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+        u[: n // 2].sort()
+        groups, gaps = pack_units(e.tobytes(), u.tobytes())
+        e2, u2 = unpack_units(groups, gaps)
+        assert e2.tolist() == e.tolist() and u2.tolist() == u.tolist()
+    groups, gaps = pack_units(np.array([1, 1], np.uint32).tobytes(), np.array([5, 300], np.uint64).tobytes())
+    for g, v in ((groups, gaps[:-1]), (groups, gaps + b"\x00"), (groups, gaps[:-1] + b"\x80"),
+                 (groups[:4], gaps), (groups, b"\xff" * 10 + b"\x02")):
+        with pytest.raises(HeapError, match="list of units is damaged"):
+            unpack_units(g, v)
 
 
 def test_partners_form_a_ring_over_nodes():

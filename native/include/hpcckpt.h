@@ -113,7 +113,12 @@ int ckpt_read_epoch(hk_heap *h, uint64_t index, uint64_t epoch, uint64_t u0, uin
 int ckpt_rebase(hk_heap *h, uint64_t epoch);
 /* the partner level: the units of the prepared epoch (all: every unit of it), and their application to a mirror */
 int delta_size(hk_heap *h, int all, uint64_t *units, uint64_t *bytes);
-int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint64_t n, uint8_t *data, uint64_t bytes);
+int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint64_t n, uint8_t *data, uint64_t bytes,
+               uint32_t *crc);
+int delta_pack(const uint32_t *entries, const uint64_t *units, size_t n, uint32_t *groups, size_t *ngroups,
+               uint8_t *gaps, size_t *gaps_len);
+int delta_unpack(const uint32_t *groups, size_t ngroups, const uint8_t *gaps, size_t gaps_len, uint32_t *entries,
+                 uint64_t *units, size_t n);
 int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,
                 size_t n, const uint8_t *data, size_t len, uint32_t crc);
 int delta_store(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t *entries, const uint64_t *units,

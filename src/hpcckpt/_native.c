@@ -286,8 +286,9 @@ static PyObject *nh_rebase(NativeHeap *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* nh_delta -- delta(all) -> (entries u32, units u64, data) as bytes: what the prepared epoch
- * copied (all: every unit of it), each unit checked against its slot's CRC, for a partner. */
+/* nh_delta -- delta(all) -> (groups, gaps, data, crc): what the prepared epoch copied (all:
+ * every unit of it), each unit checked against its slot's CRC, for a partner: the unit list
+ * packed (delta_pack), the bytes, and their CRC32C. */
 static PyObject *nh_delta(NativeHeap *self, PyObject *arg)
 {
     int all = PyObject_IsTrue(arg);
@@ -295,23 +296,30 @@ static PyObject *nh_delta(NativeHeap *self, PyObject *arg)
     if (all < 0 || !live(self))
         return NULL;
     CALL(delta_size(self->h, all, &n, &bytes));
-    PyObject *e = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 4));
-    PyObject *u = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 8));
+    uint32_t *e = malloc(n * 4 + 1), crc = 0;
+    uint64_t *u = malloc(n * 8 + 1);
+    PyObject *g = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 8));
+    PyObject *v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 10));
     PyObject *d = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bytes);
     int rc = 0;
-    if (e && u && d) {
+    size_t ng = 0, nv = 0;
+    if (e && u && g && v && d) {
         Py_BEGIN_ALLOW_THREADS
-        rc = delta_read(self->h, all, (uint32_t *)PyBytes_AS_STRING(e), (uint64_t *)PyBytes_AS_STRING(u), n,
-                        (uint8_t *)PyBytes_AS_STRING(d), bytes);
+        rc = delta_read(self->h, all, e, u, n, (uint8_t *)PyBytes_AS_STRING(d), bytes, &crc);
+        if (rc >= 0)
+            rc = delta_pack(e, u, n, (uint32_t *)PyBytes_AS_STRING(g), &ng, (uint8_t *)PyBytes_AS_STRING(v), &nv);
         Py_END_ALLOW_THREADS
     }
-    if (!e || !u || !d || rc < 0) {
-        Py_XDECREF(e);
-        Py_XDECREF(u);
+    free(e);
+    free(u);
+    if (!e || !u || !g || !v || !d || rc < 0 || _PyBytes_Resize(&g, (Py_ssize_t)(ng * 8)) ||
+        _PyBytes_Resize(&v, (Py_ssize_t)nv)) {
+        Py_XDECREF(g);
+        Py_XDECREF(v);
         Py_XDECREF(d);
-        return rc < 0 ? raise_rc(rc) : NULL;
+        return rc < 0 ? raise_rc(rc) : (PyErr_Occurred() ? NULL : PyErr_NoMemory());
     }
-    return Py_BuildValue("NNN", e, u, d);
+    return Py_BuildValue("NNNk", g, v, d, (unsigned long)crc);
 }
 
 /* nh_apply -- apply(map u32, entries u32, units u64, data, crc): a partner's units into this
@@ -467,7 +475,7 @@ static PyMethodDef nh_methods[] = {
     {"recover", (PyCFunction)nh_recover, METH_O, "recover(epoch): restore the working area"},
     {"read_epoch", (PyCFunction)nh_read_epoch, METH_VARARGS, "read_epoch(index, epoch, u0, u1, out) -> CRC32C of the bytes: committed copies of units, checked"},
     {"rebase", (PyCFunction)nh_rebase, METH_O, "rebase(epoch): a fresh heap's next checkpoint is epoch+1"},
-    {"delta", (PyCFunction)nh_delta, METH_O, "delta(all) -> (entries u32, units u64, data): units of the prepared epoch, checked"},
+    {"delta", (PyCFunction)nh_delta, METH_O, "delta(all) -> (groups, gaps, data, crc): units of the prepared epoch, checked, packed"},
     {"apply", (PyCFunction)nh_apply, METH_VARARGS, "apply(map, entries, units, data, crc): a partner's units, checked, marked dirty"},
     {"store", (PyCFunction)nh_store, METH_VARARGS, "store(map, entries, units, data, crc, meta) -> epoch: a mirror's next epoch from a partner's units"},
     {"meta", (PyCFunction)nh_meta, METH_NOARGS, "metadata of the newest epoch (bytes)"},
@@ -573,11 +581,67 @@ static PyObject *mod_crc32c_chunks(PyObject *m, PyObject *args)
     return out;
 }
 
+/* mod_pack_units -- pack_units(entries u32, units u64) -> (groups, gaps): delta_pack. */
+static PyObject *mod_pack_units(PyObject *m, PyObject *args)
+{
+    Py_buffer b[2];
+    if (!PyArg_ParseTuple(args, "y*y*", &b[0], &b[1]))
+        return NULL;
+    size_t n = (size_t)b[0].len / 4, ng = 0, nv = 0;
+    int rc = (size_t)b[1].len / 8 == n ? 0 : -EINVAL;
+    PyObject *g = rc ? NULL : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 8));
+    PyObject *v = rc ? NULL : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 10));
+    if (g && v)
+        rc = delta_pack(b[0].buf, b[1].buf, n, (uint32_t *)PyBytes_AS_STRING(g), &ng, (uint8_t *)PyBytes_AS_STRING(v),
+                        &nv);
+    PyBuffer_Release(&b[0]);
+    PyBuffer_Release(&b[1]);
+    if (rc == -EINVAL && !g)
+        PyErr_SetString(PyExc_ValueError, "pack_units: one unit number per entry number");
+    if (rc || !g || !v || _PyBytes_Resize(&g, (Py_ssize_t)(ng * 8)) || _PyBytes_Resize(&v, (Py_ssize_t)nv)) {
+        Py_XDECREF(g);
+        Py_XDECREF(v);
+        return rc && rc != -EINVAL ? raise_rc(rc) : NULL;
+    }
+    return Py_BuildValue("NN", g, v);
+}
+
+/* mod_unpack_units -- unpack_units(groups, gaps) -> (entries u32, units u64): delta_unpack;
+ * a damaged list raises ValueError. */
+static PyObject *mod_unpack_units(PyObject *m, PyObject *args)
+{
+    Py_buffer b[2];
+    if (!PyArg_ParseTuple(args, "y*y*", &b[0], &b[1]))
+        return NULL;
+    size_t ng = (size_t)b[0].len / 8, n = 0;
+    const uint32_t *gr = b[0].buf;
+    for (size_t i = 0; i < ng; i++)
+        n += gr[2 * i + 1];
+    int rc = b[0].len % 8 || n > (size_t)b[1].len ? -EBADMSG : 0;
+    PyObject *e = rc ? NULL : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 4));
+    PyObject *u = rc ? NULL : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 8));
+    if (e && u)
+        rc = delta_unpack(gr, ng, b[1].buf, (size_t)b[1].len, (uint32_t *)PyBytes_AS_STRING(e),
+                          (uint64_t *)PyBytes_AS_STRING(u), n);
+    PyBuffer_Release(&b[0]);
+    PyBuffer_Release(&b[1]);
+    if (rc || !e || !u) {
+        Py_XDECREF(e);
+        Py_XDECREF(u);
+        if (rc)
+            PyErr_Format(PyExc_ValueError, "a partner copy's list of units is damaged (%zu units in %zu runs)", n, ng);
+        return NULL;
+    }
+    return Py_BuildValue("NN", e, u);
+}
+
 static PyMethodDef mod_methods[] = {
     {"crc32c", mod_crc32c, METH_VARARGS, "crc32c(buffer, crc=0) -> CRC32C"},
     {"reassert_handler", mod_reassert_handler, METH_VARARGS, "reassert_handler(undo): SIGSEGV handler back in front"},
     {"crc32c_combine", mod_crc32c_combine, METH_VARARGS, "crc32c_combine(crc_a, crc_b, len_b) -> CRC32C of A||B"},
     {"crc32c_chunks", mod_crc32c_chunks, METH_VARARGS, "crc32c_chunks(buffer, chunk) -> bytes of uint32 CRCs"},
+    {"pack_units", mod_pack_units, METH_VARARGS, "pack_units(entries u32, units u64) -> (groups u32 pairs, LEB128 gaps)"},
+    {"unpack_units", mod_unpack_units, METH_VARARGS, "unpack_units(groups, gaps) -> (entries u32, units u64)"},
     {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size, preallocate)"},
     {"open", mod_open, METH_VARARGS, "open(path, tracker, job|None, rank|-1, world|-1) -> NativeHeap (no recovery)"},
     {NULL}};

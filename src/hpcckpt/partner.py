@@ -107,67 +107,32 @@ def restorable(probe: tuple[bool, int, int], epoch: int) -> bool:
     return present and 0 < epoch <= good and epoch >= prepared - 1
 
 
-def pack_units(entries: bytes, units: bytes) -> tuple[list[tuple[int, int]], bytes]:
-    """A delta's unit list, compact: runs of one entry, (entry, count), and the LEB128 gaps
-    between unit numbers (a run's first: the unit itself), about a byte per scattered unit.
+def pack_units(entries: bytes, units: bytes) -> tuple[bytes, bytes]:
+    """A delta's unit list, compact (in C): runs of one entry, (entry, count) as u32 pairs, and
+    the LEB128 gaps between unit numbers (a run's first: the unit itself), about a byte per
+    scattered unit.
 
     >>> groups, gaps = pack_units(np.array([3, 3, 3, 5], np.uint32).tobytes(), np.array([0, 9, 200, 7], np.uint64).tobytes())
-    >>> groups, len(gaps), [a.tolist() for a in unpack_units(groups, gaps)]
-    ([(3, 3), (5, 1)], 5, [[3, 3, 3, 5], [0, 9, 200, 7]])
+    >>> np.frombuffer(groups, np.uint32).tolist(), len(gaps), [a.tolist() for a in unpack_units(groups, gaps)]
+    ([3, 3, 5, 1], 5, [[3, 3, 3, 5], [0, 9, 200, 7]])
     """
-    e, u = np.frombuffer(entries, np.uint32), np.frombuffer(units, np.uint64)
-    if not e.size:
-        return [], b""
-    new = np.ones(e.size, bool)
-    new[1:] = (e[1:] != e[:-1]) | (u[1:] <= u[:-1])
-    starts = np.flatnonzero(new)
-    gaps = u.copy()
-    gaps[1:] -= u[:-1]
-    gaps[starts] = u[starts]
-    return list(zip(e[starts].tolist(), np.diff(np.append(starts, e.size)).tolist())), _leb128(gaps)
+    return _native.pack_units(entries, units)
 
 
-def unpack_units(groups: list[tuple[int, int]], gaps: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(entries u32, units u64) back from pack_units."""
-    counts = np.array([c for _, c in groups], np.int64)
-    g = _unleb128(gaps, int(counts.sum()))
-    entries = np.repeat(np.array([e for e, _ in groups], np.uint32), counts)
-    starts = np.cumsum(counts) - counts
-    total = np.cumsum(g)
-    base = (total[starts] - g[starts]) if g.size else np.zeros(0, np.uint64)
-    return entries, total - np.repeat(base, counts)
+def unpack_units(groups: bytes, gaps: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(entries u32, units u64) back from pack_units; a damaged list raises HeapError."""
+    try:
+        e, u = _native.unpack_units(groups, gaps)
+    except ValueError as exc:
+        raise HeapError(str(exc)) from None
+    return np.frombuffer(e, np.uint32), np.frombuffer(u, np.uint64)
 
 
-def _leb128(v: np.ndarray) -> bytes:
-    nb = np.ones(v.size, np.int64)
-    for k in range(1, 10):
-        nb += v >= np.uint64(1 << (7 * k))
-    out, start = np.zeros(int(nb.sum()), np.uint8), np.cumsum(nb) - nb
-    for k in range(int(nb.max())):
-        m = nb > k
-        low = ((v[m] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        out[start[m] + k] = low | np.where(nb[m] > k + 1, 0x80, 0).astype(np.uint8)
-    return out.tobytes()
-
-
-def _unleb128(buf: bytes, n: int) -> np.ndarray:
-    b = np.frombuffer(buf, np.uint8)
-    ends = np.flatnonzero((b & 0x80) == 0)
-    if ends.size != n or (n and ends[-1] != b.size - 1):
-        raise HeapError(f"a partner copy's list of units is damaged ({ends.size} numbers, {n} expected)")
-    if not n:
-        return np.zeros(0, np.uint64)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    shift = (np.arange(b.size) - np.repeat(starts, ends - starts + 1)) * 7
-    return np.add.reduceat((b & 0x7F).astype(np.uint64) << shift.astype(np.uint64), starts)
-
-
-def _message(header: dict, entries: bytes = b"", units: bytes = b"", data: bytes = b"") -> tuple[bytes, bytes]:
+def _message(header: dict, groups: bytes = b"", gaps: bytes = b"", data: bytes = b"", crc: int = 0) -> tuple[bytes, bytes]:
     """A delta as two messages' worth: the pickled header (with the runs of units and the data's
     CRC) and the packed gaps; the data travels as it is."""
     if header.get("ok"):
-        header["groups"], gaps = pack_units(entries, units)
-        header["crc"] = _native.crc32c(data)
+        header["groups"], header["crc"] = bytes(groups), crc
         return pickle.dumps(header), gaps
     return pickle.dumps(header), b""
 
@@ -307,17 +272,17 @@ class PartnerLevel:
         """Send my delta to my partner, take my wards' into their mirrors (each prepared at
         `epoch`); every rank calls it, also when its own prepare failed.  Returns an error text."""
         t0 = time.perf_counter()
-        err, header, entries, units, data = None, {"ok": False}, b"", b"", b""
+        err, header, groups, gaps, data, crc = None, {"ok": False}, b"", b"", b"", 0
         if prepared:
             try:
                 cat = catalog(heap)
-                entries, units, data = heap._native.delta(not self.synced)
+                groups, gaps, data, crc = heap._native.delta(not self.synced)
                 header = {"ok": True, "epoch": epoch, "full": not self.synced, "meta": meta,
                           "catalog": cat if (not self.synced or cat != self.sent_catalog) else None}
                 self.sent_catalog = cat
             except (OSError, HeapError, ValueError) as e:
                 err = error_text(e)
-        head, gaps = _message(header, entries, units, data)
+        head, gaps = _message(header, groups, gaps, data, crc)
         sends = [self.comm.Isend(head, dest=self.partner, tag=_HEADER)]
         if header["ok"]:
             sends += [self.comm.Isend(gaps, dest=self.partner, tag=_META),
@@ -374,8 +339,8 @@ class PartnerLevel:
         try:
             m.open_at(epoch)
             header = {"ok": True, "catalog": catalog(m.heap), "meta": m.heap._native.meta()}
-            entries, units, data = m.heap._native.delta(True)
-            head, gaps = _message(header, entries, units, data)
+            groups, gaps, data, crc = m.heap._native.delta(True)
+            head, gaps = _message(header, groups, gaps, data, crc)
         except (OSError, HeapError, ValueError) as e:
             head, gaps = _message({"ok": False, "error": f"rank {self.comm.Get_rank()}: {error_text(e)}"})
             data = None
