@@ -319,3 +319,23 @@ def test_a_table_routed_to_one_rank_grows_there_and_exports_empty_blocks_for_the
     shutil.rmtree(heaps)
     back = run_job(2, heaps, exports, "none")["rows"]             # and back: an even split again
     assert [back[0], back[1]] == [p.tolist() for p in np.array_split(np.array(ids), 2)]
+
+
+@pytest.mark.parametrize("dtype, rows", [(np.dtype(("f8", (3,))), np.arange(12.0).reshape(4, 3)),
+                                         (np.dtype("S5"), np.array([b"ab", b"cdefg", b"h", b""], "S5")),
+                                         (np.dtype([("p", "f4", (2,)), ("n", "u1")]),
+                                          np.array([((1, 2), 3), ((4, 5), 6), ((7, 8), 9), ((0, 0), 1)],
+                                                   [("p", "f4", (2,)), ("n", "u1")]))])
+def test_any_dtype_a_pool_takes_round_trips_through_a_checkpoint_and_a_crash(heap_path, dtype, rows):
+    heap = hpcckpt.Heap.create(heap_path, "8MiB")
+    t = heap.table("t", dtype)
+    t.append(rows)
+    t.append(rows[0])                      # one record
+    t.remove([1])
+    want = t.rows.copy()
+    assert t.shape == want.shape and len(t) == 4
+    heap.checkpoint(step=1)
+    t.append(rows)                         # after the checkpoint: lost in the crash
+    heap._native.abandon()
+    with hpcckpt.Heap.open(heap_path) as heap:
+        assert np.array_equal(heap["t"].rows, want)
