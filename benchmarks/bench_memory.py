@@ -3,6 +3,7 @@
     python benchmarks/bench_memory.py                # 1M x 64 B, 1M x 256 B, 1 GiB; ~5 minutes
     python benchmarks/bench_memory.py --quick        # 1/8 of the sizes, for a smoke run
     python benchmarks/bench_memory.py --only alloc   # or: reopen
+    python benchmarks/bench_memory.py --against REV  # and the tree at git REV, in the same rounds
 
 Every heap lives on tmpfs (/dev/shm) with the default tracker; every figure is taken beside
 its baseline in the same round (baseline and subject alternate, rounds repeated; medians and
@@ -18,11 +19,15 @@ ranges are reported), because the machines are noisy.
   process SIGKILLed; ``Heap.open`` (which restores the committed epoch) against
   ``np.copyto`` of the heap's live bytes between two warm arrays.
 
+With ``--against REV`` the heap side runs in child processes over two trees built the same way
+(``cc -O2``, this tree's and REV's ``src`` and ``native``), one after the other in each round.
+
 Prints PASS/FAIL per goal and writes benchmarks/results/memory.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -41,6 +46,42 @@ from run_core import goal, save  # noqa: E402
 import hpcckpt  # noqa: E402
 
 TMPFS = "/dev/shm" if os.path.isdir("/dev/shm") else None
+ROOT = os.path.dirname(HERE)
+
+# A child over another tree: the editable install's finder would import this checkout instead.
+PRELUDE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Mesonpy' not in type(f).__name__]; "
+           "sys.path.insert(0, {src!r}); sys.path.insert(1, {here!r}); ")
+
+
+def build_tree(rev: str | None, workdir: str) -> str:
+    """`src` of the tree at git `rev` (None: this working tree) with its extension built by cc."""
+    import sysconfig
+    tree = os.path.join(workdir, rev or "now")
+    os.makedirs(tree)
+    if rev:
+        archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "src", "native"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    else:
+        shutil.copytree(os.path.join(ROOT, "src"), os.path.join(tree, "src"))
+        shutil.copytree(os.path.join(ROOT, "native"), os.path.join(tree, "native"))
+    native = os.path.join(tree, "native")
+    srcs = [os.path.join(native, f) for f in sorted(os.listdir(native)) if f.endswith(".c")]
+    out = os.path.join(tree, "src", "hpcckpt", "_native" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-std=gnu11", f"-I{native}", f"-I{native}/include",
+                    f"-I{sysconfig.get_paths()['include']}", os.path.join(tree, "src", "hpcckpt", "_native.c"), *srcs,
+                    "-o", out], check=True)
+    return os.path.join(tree, "src")
+
+
+def in_tree(src: str | None, code: str, *args: str, killed: bool = False) -> str:
+    """Run `code` in a child python over tree `src` (None: this checkout as installed); its stdout.
+    killed: the child ends by SIGKILL."""
+    prelude = PRELUDE.format(src=src, here=HERE) if src else ""
+    p = subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True, text=True)
+    if p.returncode != (-9 if killed else 0):
+        raise SystemExit(f"bench_memory: a child failed:\n{p.stderr}")
+    return p.stdout
 
 
 def med(xs: list[float]) -> float:
@@ -103,6 +144,11 @@ def subject(work: str, size: int, count: int, rng) -> dict:
     return out
 
 
+SUBJECT = ("import json, sys, numpy as np, bench_memory; "
+           "print(json.dumps(bench_memory.subject(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), "
+           "np.random.default_rng(int(sys.argv[4])))))")
+
+
 def baseline(nbytes: int) -> dict:
     """np.ones of the bytes, and np.copyto of them into fresh memory."""
     t_ones, a = timed(lambda: np.ones(nbytes, np.uint8))
@@ -114,30 +160,43 @@ def baseline(nbytes: int) -> dict:
     return {"ones": t_ones, "copyto": t_copy}
 
 
-def part_alloc(work: str, quick: bool, reps: int) -> tuple[dict, list]:
+def part_alloc(work: str, quick: bool, reps: int, trees: dict) -> tuple[dict, list]:
     rng, out, goals = np.random.default_rng(23), {}, []
     for name, size, count in case_list(quick):
         nbytes = count if size == 0 else size * count
-        runs: dict[str, list[float]] = {k: [] for k in ("ones", "copyto", "alloc", "fill", "ckpt1", "ckpt2")}
-        for r in range(reps):   # baseline and subject alternate, the order swapped every round
-            parts = [lambda: baseline(nbytes), lambda: subject(work, size, count, rng)]
-            for fn in (parts if r % 2 == 0 else parts[::-1]):
+        runs: dict[str, dict[str, list[float]]] = {"numpy": {"ones": [], "copyto": []}}
+        sides = [("numpy", lambda: baseline(nbytes))]
+        for label, src in trees.items():
+            runs[label] = {k: [] for k in ("alloc", "fill", "ckpt1", "ckpt2")}
+            if src is None and len(trees) == 1:
+                sides.append((label, lambda: subject(work, size, count, rng)))
+            else:
+                sides.append((label, lambda src=src: json.loads(in_tree(src, SUBJECT, work, str(size), str(count),
+                                                                        str(int(rng.integers(1 << 30)))))))
+        for r in range(reps):   # the sides alternate, their order rotated every round
+            for label, fn in sides[r % len(sides):] + sides[:r % len(sides)]:
                 for k, v in fn().items():
-                    runs[k].append(v)
-        first = [a + f + c for a, f, c in zip(runs["alloc"], runs["fill"], runs["ckpt1"])]
-        floor = [o + c for o, c in zip(runs["ones"], runs["copyto"])]
+                    runs[label][k].append(v)
+        floor = [o + c for o, c in zip(runs["numpy"]["ones"], runs["numpy"]["copyto"])]
         print(f"  {name}:")
-        for k, label in (("ones", "np.ones"), ("copyto", "np.copyto into fresh memory"), ("alloc", "allocate"),
-                         ("fill", "fill"), ("ckpt1", "first checkpoint"),
-                         ("ckpt2", "second checkpoint (1 % rewritten)")):
-            print(f"    {label:36} {show(runs[k])}")
-        print(f"    {'allocate + fill + first checkpoint':36} {show(first)}")
-        r_alloc, r_first = med(runs["alloc"]) / med(runs["ones"]), med(first) / med(floor)
-        out[name] = {k: ms(v) for k, v in runs.items()}
-        out[name].update({"alloc_fill_ckpt1": ms(first), "ones_copyto": ms(floor), "bytes": nbytes,
-                          "alloc_over_ones": r_alloc, "first_over_floor": r_first})
-        goals.append(goal(f"{name}: allocate / np.ones", r_alloc, 0.1, False))
-        goals.append(goal(f"{name}: allocate + fill + first checkpoint / (np.ones + np.copyto)", r_first, 2.5, False))
+        print(f"    {'np.ones':36} {show(runs['numpy']['ones'])}")
+        print(f"    {'np.copyto into fresh memory':36} {show(runs['numpy']['copyto'])}")
+        out[name] = {"bytes": nbytes, "numpy": {k: ms(v) for k, v in runs["numpy"].items()}, "ones_copyto": ms(floor)}
+        for label in trees:
+            t = runs[label]
+            first = [a + f + c for a, f, c in zip(t["alloc"], t["fill"], t["ckpt1"])]
+            for k, what in (("alloc", "allocate"), ("fill", "fill"), ("ckpt1", "first checkpoint"),
+                            ("ckpt2", "second checkpoint (1 % rewritten)")):
+                print(f"    {label:>7} {what:28} {show(t[k])}")
+            print(f"    {label:>7} {'allocate + fill + first ckpt':28} {show(first)}")
+            r_alloc, r_first = med(t["alloc"]) / med(runs["numpy"]["ones"]), med(first) / med(floor)
+            out[name][label] = {k: ms(v) for k, v in t.items()}
+            out[name][label].update({"alloc_fill_ckpt1": ms(first), "alloc_over_ones": r_alloc,
+                                     "first_over_floor": r_first})
+            if label == "now":
+                goals.append(goal(f"{name}: allocate / np.ones", r_alloc, 0.1, False))
+                goals.append(goal(f"{name}: allocate + fill + first checkpoint / (np.ones + np.copyto)", r_first,
+                                  2.5, False))
     return out, goals
 
 
@@ -159,30 +218,41 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def part_reopen(work: str, quick: bool, reps: int) -> tuple[dict, list]:
+OPEN = ("import json, sys, time, hpcckpt; t = time.perf_counter(); h = hpcckpt.Heap.open(sys.argv[1]); "
+        "t = time.perf_counter() - t; a = h['a']; "
+        "assert h.epoch == 1 and float(a[::512].max()) == 1.0, 'not the committed epoch'; h.close(); print(t)")
+
+
+def part_reopen(work: str, quick: bool, reps: int, trees: dict) -> tuple[dict, list]:
     nbytes = (1 << 30) // (8 if quick else 1)
     src, dst = np.ones(nbytes, np.uint8), np.full(nbytes, 2, np.uint8)   # both mapped in
     out, goals = {}, []
     for frac in (1.0, 0.01):
-        topen, tcopy = [], []
+        topen, tcopy = {label: [] for label in trees}, []
+        label_f = "every page written" if frac >= 1 else f"{frac:.0%} of the pages written"
         for r in range(reps):
-            path = os.path.join(work, "r.heap")
-            p = subprocess.run([sys.executable, "-c", CHILD, path, str(nbytes), str(frac)])
-            assert p.returncode == -9, p.returncode
             t, _ = timed(lambda: np.copyto(dst, src))
             tcopy.append(t)
-            t, heap = timed(lambda: hpcckpt.Heap.open(path))
-            topen.append(t)
-            a = heap["a"]
-            assert heap.epoch == 1 and float(a[::512].max()) == 1.0, "not the committed epoch"
-            heap.close()
-            os.unlink(path)
-        label = f"every page written" if frac >= 1 else f"{frac:.0%} of the pages written"
-        print(f"  reopen after SIGKILL, {nbytes >> 20} MiB, {label}: open {show(topen)}, "
-              f"memcpy of the live bytes {show(tcopy)}")
-        ratio = med(topen) / med(tcopy)
-        out[label] = {"open": ms(topen), "memcpy": ms(tcopy), "ratio": ratio, "bytes": nbytes}
-        goals.append(goal(f"reopen after a crash, {label} / memcpy of the live bytes", ratio, 1.5, False))
+            for label, tree in list(trees.items())[r % len(trees):] + list(trees.items())[:r % len(trees)]:
+                path = os.path.join(work, "r.heap")
+                in_tree(tree, CHILD, path, str(nbytes), str(frac), killed=True)
+                if tree is None and len(trees) == 1:
+                    t, heap = timed(lambda: hpcckpt.Heap.open(path))
+                    a = heap["a"]
+                    assert heap.epoch == 1 and float(a[::512].max()) == 1.0, "not the committed epoch"
+                    heap.close()
+                else:
+                    t = float(in_tree(tree, OPEN, path))
+                topen[label].append(t)
+                os.unlink(path)
+        out[label_f] = {"memcpy": ms(tcopy), "bytes": nbytes}
+        print(f"  reopen after SIGKILL, {nbytes >> 20} MiB, {label_f}: memcpy of the live bytes {show(tcopy)}")
+        for label in trees:
+            ratio = med(topen[label]) / med(tcopy)
+            print(f"    {label:>7} open {show(topen[label])}: {ratio:.2f}x the memcpy")
+            out[label_f][label] = {"open": ms(topen[label]), "ratio": ratio}
+            if label == "now":
+                goals.append(goal(f"reopen after a crash, {label_f} / memcpy of the live bytes", ratio, 1.5, False))
     return out, goals
 
 
@@ -191,19 +261,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", nargs="*", choices=["alloc", "reopen"])
+    ap.add_argument("--against", metavar="REV", help="also the tree at git revision REV, in the same rounds")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-memory-", dir=TMPFS)
-    results, goals = {"quick": args.quick, "reps": args.reps, "tmpfs": TMPFS is not None}, []
+    results, goals = {"quick": args.quick, "reps": args.reps, "tmpfs": TMPFS is not None, "against": args.against}, []
+    trees: dict[str, str | None] = {"now": None}
     try:
+        if args.against:
+            build = tempfile.mkdtemp(prefix="bench-memory-build-")
+            trees = {"now": build_tree(None, build), args.against: build_tree(args.against, build)}
         for name, fn in (("alloc", part_alloc), ("reopen", part_reopen)):
             if args.only and name not in args.only:
                 continue
             print(f"{name}:", flush=True)
-            res, g = fn(work, args.quick, args.reps)
+            res, g = fn(work, args.quick, args.reps, trees)
             results[name] = res
             goals += g
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if args.against:
+            shutil.rmtree(build, ignore_errors=True)
     results["goals"] = goals
     save("memory", results)
 
