@@ -18,7 +18,7 @@ A table of --rows records of 64 B per rank at 2 ranks; per step 1 % of the rows 
   with every object;
 * a 4 -> 2 restore of 2M routed rows (``hpcckpt.open`` from the export plus the declaration
   with ``route=``) against an h5py read of the same rows plus one ``Alltoallv`` by the same
-  route (goal <= 2x).
+  route, a cyclic one that moves half of the rows (goal <= 2x).
 
 Example::
 
@@ -46,8 +46,9 @@ ROW = np.dtype([("x", "f8"), ("v", "f8"), ("id", "i8"), ("pad", "V40")])
 
 
 def owner(rows: np.ndarray, size: int) -> np.ndarray:
-    """The route: the rank whose slab of [0, 1) holds the particle."""
-    return np.minimum((rows["x"] * size).astype(np.int64), size - 1)
+    """The route: rank k owns slabs k and k + size of [0, 1) cut in 2 x size (cyclic), so that a
+    4 -> 2 restart moves half of the rows (slabs of one per rank would nest, and nothing move)."""
+    return np.minimum((rows["x"] * 2 * size).astype(np.int64), 2 * size - 1) % size
 
 
 def step_changes(rng, n: int, k: int, step: int):

@@ -5,7 +5,9 @@ count: its own rows).  When the program declares the table with ``route=f``, eve
 ``f(rows)`` on its own rows, the answers are checked on every rank first (an integer rank from
 0 to size-1 for each row), and then one ``Alltoallv`` sends each row to its rank: no rank ever
 holds more than its own rows and the rows it receives.  A rank receives from ranks in rank order
-and each sender keeps its rows' order, so every rank's rows stay in global order.
+and each sender keeps its rows' order, so every rank's rows stay in global order.  When no row
+changes rank (a restart at the same count, or domains that nest, as 4 -> 2 slabs do), nothing
+is sent.
 
 Nothing changes unless every rank's route answered well and every rank has room for what it
 receives: otherwise every rank raises the same error, naming the table, and the tables are as
@@ -47,6 +49,10 @@ def route_rows(heap: Any, table: Any) -> None:
         else:
             comm.Alltoall(counts, incoming)
         need = int(incoming.sum())
+        me = comm.Get_rank() if comm is not None else 0
+        if not _anyone(comm, not (counts[me] == len(rows) == need)):   # every row stays where it is
+            table._set_flags(table.flags & ~F_ROUTE)
+            return
         err = None
         try:
             table.reserve(need)
@@ -89,6 +95,14 @@ def _destinations(table: Any, rows: np.ndarray, size: int) -> np.ndarray:
     return dest
 
 
+def _anyone(comm: Any, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (one reduction)."""
+    if comm is None:
+        return flag
+    from .mpi import any_rank
+    return any_rank(comm, flag, "the routing of a table's rows")
+
+
 def _agree(comm: Any, err: str | None, cls: type) -> None:
     """Every rank raises if any rank failed (one reduction; texts only then)."""
     if comm is None:
@@ -96,7 +110,7 @@ def _agree(comm: Any, err: str | None, cls: type) -> None:
             raise cls(err)
         return
     from .mpi import agree
-    agree(comm, err, cls)
+    agree(comm, err, cls, "the routing of a table's rows")
 
 
 def _alltoallv(comm: Any, send: np.ndarray, counts: np.ndarray, recv: np.ndarray, incoming: np.ndarray,
