@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from . import deadline
 from .errors import HeapError
 
 
@@ -47,7 +48,7 @@ def route_rows(heap: Any, table: Any) -> None:
         if comm is None:
             incoming[:] = counts
         else:
-            comm.Alltoall(counts, incoming)
+            deadline.wait(comm.Ialltoall(counts, incoming), f"the exchange of table {table.name!r}'s row counts")
         need = int(incoming.sum())
         me = comm.Get_rank() if comm is not None else 0
         if not _anyone(comm, not (counts[me] == len(rows) == need)):   # every row stays where it is
@@ -123,7 +124,8 @@ def _alltoallv(comm: Any, send: np.ndarray, counts: np.ndarray, recv: np.ndarray
         rd = np.concatenate([[0], np.cumsum(incoming)[:-1]]).astype(np.int64)
         sbuf = send.view(np.uint8).reshape(-1) if send.size else np.empty(0, np.uint8)
         rbuf = recv.view(np.uint8).reshape(-1) if recv.size else np.empty(0, np.uint8)
-        comm.Alltoallv([sbuf, (counts.tolist(), sd.tolist()), row], [rbuf, (incoming.tolist(), rd.tolist()), row])
+        deadline.wait(comm.Ialltoallv([sbuf, (counts.tolist(), sd.tolist()), row],
+                                      [rbuf, (incoming.tolist(), rd.tolist()), row]), "the exchange of table rows")
     finally:
         row.Free()
 
