@@ -15,15 +15,21 @@ import threading
 import time
 
 
+_busy = threading.Lock()   # held while a request is served
+
+
 def _die_with_parent() -> None:
-    """End when the owning process does.  Not PR_SET_PDEATHSIG: it fires when the *thread*
-    that started the helper ends (a thread that called hpcckpt.open and returned), while the
-    process lives on and exports.  A daemon thread watches the parent's PID instead."""
+    """End when the owning process does, once the request in hand is served (a master being
+    written is finished: the rank files it names are durable already).  Not PR_SET_PDEATHSIG:
+    it fires when the *thread* that started the helper ends (a thread that called hpcckpt.open
+    and returned), while the process lives on and exports.  Stdin's end is not enough either:
+    a child the owner forked may hold the pipe open.  So a daemon thread watches the parent's PID."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
+        _busy.acquire(timeout=600)
         os._exit(0)
     threading.Thread(target=watch, daemon=True, name="hpcckpt-parent-watch").start()
 
@@ -40,19 +46,23 @@ def main() -> int:
     handles: dict[str, object] = {}
     for line in sys.stdin:
         prune = None
+        with _busy:
+            try:
+                req = json.loads(line)
+                if req["op"] == "rank":
+                    h = handles.get(req["heap"]) or handles.setdefault(req["heap"], open_peek(req["heap"]))
+                    reply = {"ok": True, "blocks": run_rank_request(req, h.read_epoch)}
+                else:
+                    master = finish_from_sidecars(req["job_dir"], req["job"], req["epoch"], req["world_size"],
+                                                  req["meta"], prune=False)
+                    reply, prune = {"ok": True, "master": master}, req["job_dir"]
+            except Exception as e:   # noqa: BLE001 -- every failure goes back to the owner as a reply
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         try:
-            req = json.loads(line)
-            if req["op"] == "rank":
-                h = handles.get(req["heap"]) or handles.setdefault(req["heap"], open_peek(req["heap"]))
-                reply = {"ok": True, "blocks": run_rank_request(req, h.read_epoch)}
-            else:
-                master = finish_from_sidecars(req["job_dir"], req["job"], req["epoch"], req["world_size"], req["meta"],
-                                              prune=False)
-                reply, prune = {"ok": True, "master": master}, req["job_dir"]
-        except Exception as e:   # noqa: BLE001 -- every failure goes back to the owner as a reply
-            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
+        except OSError:   # the owner has gone: what it asked for is done, nobody reads the reply
+            return 0
         if prune:   # after the reply: nobody waits for old exports to be freed
             try:
                 tidy(prune, keep=KEEP, running=True)
