@@ -100,7 +100,7 @@ def verify_export(job_dir: str, epoch: int | None, quiet: bool = False) -> dict:
     """Read every block of an export and recompute every CRC; raises ExportError naming the file."""
     m = manifest_of(job_dir, epoch)
     reader = BlockReader(job_dir)
-    blocks = [(o, b) for o in m.objects.values() for b in o["blocks"]]
+    blocks = [(o, x) for o in m.objects.values() for b in o["blocks"] for x in [b, *b.get("edges", [])]]
     bar = Progress(len(blocks), f"verify e{m.epoch}", quiet)
     nbytes = 0
     try:

@@ -14,6 +14,7 @@ import time
 
 from .errors import HeapBusyError, HeapError
 from .heap import Heap, Pool
+from .table import Table
 from .locks import holder
 from .partner import MirrorHeap, catalog
 from ._cli_export import find_export, info_export, verify_export
@@ -75,8 +76,13 @@ def describe(path: str, objects: bool) -> dict:
             out["objects_list"] = []
             for name in heap:
                 obj, d = heap[name], heap.describe(name)
-                kind = f"pool of {len(obj)} x {obj.dtype}{f' {obj.shape}' if obj.shape else ''}" \
-                    if isinstance(obj, Pool) else f"array {obj.dtype} {obj.shape}"
+                if isinstance(obj, Pool):
+                    kind = f"pool of {len(obj)} x {obj.dtype}{f' {obj.shape}' if obj.shape else ''}"
+                elif isinstance(obj, Table):
+                    kind = (f"table of {len(obj)} x {obj.dtype} (room for {obj.capacity})"
+                            f"{', distributed' if obj.distributed else ''}")
+                else:
+                    kind = f"array {obj.dtype} {obj.shape}"
                 out["objects_list"].append(f"{name}: {kind}, {d['obj_size'] * d['count']} bytes")
         return out
 

@@ -113,6 +113,8 @@ def _check_block(name: str, b: dict, world_size: int) -> None:
     rows = _count(b["chunk_rows"], f"{name}: chunk_rows", 1)
     if "nchunks" in b and shape:
         _count(b["nchunks"], f"{name}: nchunks", -(-shape[0] // rows), -(-shape[0] // rows) + 1)
+    for e in b.get("edges", []):   # the ghost cells on the global edge: read like a block
+        _check_block(f"{name} (edge)", {**e, "rank": b["rank"]}, world_size)
     f, ds = b["file"], b["dataset"]
     if not isinstance(f, str) or not isinstance(ds, str) or "\0" in f + ds or os.path.isabs(f) or \
             os.path.normpath(f).startswith("..") or ".." in f.split("/"):
