@@ -12,7 +12,7 @@
 #     time limit; its trap asks the ranks for a checkpoint, then `scontrol requeue`s the job.
 #   SELFTEST_MODE=timelimit: the real thing, --time=2 --signal=B:USR1@60 (Slurm checks
 #     time limits every 30 s, so the signal may come up to 30 s early), as many steps as take
-#     about 45 s under mpiexec on this machine now (measured first), so the limit hits however busy it is.
+#     about 75 s under mpiexec on this machine now (measured first), so the limit hits however busy it is.
 #   SELFTEST_MODE=partner: jobs/partner.sbatch on two simulated nodes (HPCCKPT_NODE_OF_RANK,
 #     a {node} root); rank 2 is killed on the first attempt and node 1's directory removed,
 #     and the second attempt must resume from the partner level.
@@ -22,10 +22,10 @@ mode=${SELFTEST_MODE:-signal}
 sbatch_file=$(cd "$(dirname "$0")" && pwd)/$([ "$mode" = partner ] && echo partner.sbatch || echo demo.sbatch)
 steps=${SELFTEST_STEPS:-$(case $mode in timelimit) echo calibrate ;; partner) echo 60 ;; *) echo 6000 ;; esac)}
 args=(--steps "$steps" --nx 256 --ny 256 --particles 20000 --checkpoint-every 10)
-if [ "$steps" = calibrate ]; then  # about 45 s of mpiexec's work now (the job runs slower under Slurm): the limit hits, busy machine or not
+if [ "$steps" = calibrate ]; then  # about 75 s of mpiexec's work now: longer than the 60 s before the signal, so the limit hits, busy or not
     c0=$(date +%s%N)
     mpiexec -n 4 python -m hpcckpt.demo --no-checkpoint --quiet "${args[@]/calibrate/3000}" > /dev/null
-    steps=$(( 3000 * 45000000000 / ($(date +%s%N) - c0) ))
+    steps=$(( 3000 * 75000000000 / ($(date +%s%N) - c0) ))
     args[1]=$steps
 fi
 export HPCCKPT_GRACE=${HPCCKPT_GRACE:-1}  # seconds from USR1 to requeue; the demo must outlast it
