@@ -58,7 +58,7 @@ def test_the_guide_has_the_partner_level_in_the_restart_decision_and_says_where_
 def test_the_porting_guide_covers_grids_meta_and_another_rank_count(html):
     porting = text(html["porting"])
     for words in ("halo=(1, 0)", "exchange the halo at the start of a step", "heap.meta", "replicated=True",
-                  "After a restart on another number of ranks", "Placeholder", "export_dir"):
+                  "After a restart on another number of ranks", "A table whose length changes", "export_dir"):
         assert words in porting, words
 
 
@@ -66,3 +66,9 @@ def test_the_porting_guide_covers_grids_meta_and_another_rank_count(html):
                                    "One job name, one running job"])
 def test_the_guide_says_how_a_job_fails_well(html, words):
     assert words in text(html["guide"])
+
+
+@pytest.mark.parametrize("words", ["route=owner", "parts.remove(gone)", "edge ghosts from the export",
+                                   "examples/particles.py"])
+def test_the_porting_page_shows_tables_and_what_the_export_keeps_of_ghosts(html, words):
+    assert words in text(html["porting"])
