@@ -358,6 +358,7 @@ class Exporter:
                 self.start(heap, wait=False)
             else:
                 self.skipped += 1
+        self.warm_up()   # after the first checkpoint, not at open: a restore's routing has the CPUs to itself
         self._spent("t_start", t)
 
     def _spent(self, part: str, since: float) -> None:

@@ -329,8 +329,6 @@ def _ready(heap: JobHeap, comm, name: str, exporter: Exporter | None, partner: P
     heap.set_threads(default_threads(_ranks_on_my_node(comm)))
     if partner is not None:
         partner.settle(heap._info()["committed"])
-    if exporter is not None:
-        exporter.warm_up()   # the helper starts (and imports h5py) while the job computes
     if comm.Get_rank() == 0:
         _say_where(heap, name)
         kind = fs_type(os.path.dirname(heap.path))
