@@ -77,6 +77,7 @@ def wait(request: Any, what: str) -> None:
             continue
         if waited > limit:
             expire(what, waited)
+        _answer(what)
         pause = min(max(pause * 1.5, 50e-6), _MAX_PAUSE)
         time.sleep(pause)
 
@@ -108,13 +109,70 @@ def allreduce(comm: Any, send: Any, recv: Any, op: Any, what: str) -> None:
     wait(comm.Iallreduce(send, recv, op=op), what)
 
 
+_census: Any = None   # a communicator of its own: "where do you wait?" when a deadline passes
+_ASK, _HERE = 1, 2
+_replies: list = []
+
+
+def enable_census(comm: Any) -> None:
+    """Collective (``hpcckpt.open``, once per process): give the job a communicator on which,
+    when a deadline passes, the rank that gives up asks the others where they wait."""
+    global _census
+    if _census is None and comm.Get_size() > 1:
+        arrive(comm, "the ranks' agreement at open")
+        _census = comm.Dup()
+
+
+def _answer(what: str) -> None:
+    """Tell every rank that asks that this one waits for `what` (called between tests)."""
+    c = _census
+    if c is None:
+        return
+    from mpi4py import MPI
+    st = MPI.Status()
+    while c.Iprobe(source=MPI.ANY_SOURCE, tag=_ASK, status=st):
+        c.Recv(bytearray(0), source=st.Get_source(), tag=_ASK)
+        buf = what.encode()
+        _replies.append((c.Isend(buf, dest=st.Get_source(), tag=_HERE), buf))
+    _replies[:] = [(r, b) for r, b in _replies if not r.Test()]
+
+
+def _who_waits(what: str, grace: float = 2.0) -> str:
+    """Ask every rank where it waits; in words, who waits here, who elsewhere, who never came."""
+    c = _census
+    if c is None:
+        return "ranks that do not report the same never arrived"
+    from mpi4py import MPI
+    me, n = c.Get_rank(), c.Get_size()
+    asks = [c.Isend(bytearray(0), dest=r, tag=_ASK) for r in range(n) if r != me]
+    seen: dict[int, str] = {}
+    end, st = time.monotonic() + grace, MPI.Status()
+    while time.monotonic() < end and len(seen) < n - 1:
+        _answer(what)
+        if c.Iprobe(source=MPI.ANY_SOURCE, tag=_HERE, status=st):
+            buf = bytearray(st.Get_count(MPI.BYTE))
+            c.Recv(buf, source=st.Get_source(), tag=_HERE)
+            seen[st.Get_source()] = buf.decode(errors="replace")
+        else:
+            time.sleep(0.001)
+    _replies.extend((r, b"") for r in asks)   # unanswered asks are left to the abort
+    missing = sorted(set(range(n)) - set(seen) - {me})
+    said = [f"rank(s) {missing} never arrived (no answer in {grace:g} s)"] if missing else []
+    said += [f"rank {r} waits for {w}" for r, w in sorted(seen.items()) if w != what]
+    here = sorted(r for r, w in seen.items() if w == what)
+    said += [f"rank(s) {here} wait here too"] if here else []
+    return "; ".join(said)
+
+
 def expire(what: str, waited: float) -> None:
-    """The deadline of `what` has passed: say so in one line and abort the job."""
+    """The deadline of `what` has passed: find out where the other ranks wait, say it in one
+    line and abort the job."""
     from mpi4py import MPI
     rank = MPI.COMM_WORLD.Get_rank()
+    where = _who_waits(what)
     message = (f"hpcckpt: rank {rank} waited {waited:.0f} s for {what} and gives up (the deadline, "
-               f"HPCCKPT_TIMEOUT or hpcckpt.open(timeout=), is {timeout():g} s); ranks that do not report the "
-               "same never arrived: each rank must make the same hpcckpt calls in the same order. Aborting the job")
+               f"HPCCKPT_TIMEOUT or hpcckpt.open(timeout=), is {timeout():g} s); {where}. Each rank must make "
+               "the same hpcckpt calls in the same order. Aborting the job")
     abort(message, EXIT_DEADLINE)
 
 
@@ -178,5 +236,5 @@ def install_abort_hook() -> None:
     sys.excepthook = hook
 
 
-__all__ = ["timeout", "set_timeout", "parse_timeout", "wait", "arrive", "allgather", "bcast", "allreduce",
+__all__ = ["enable_census", "timeout", "set_timeout", "parse_timeout", "wait", "arrive", "allgather", "bcast", "allreduce",
            "abort", "install_abort_hook", "DEFAULT_TIMEOUT"]

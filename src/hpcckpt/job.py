@@ -165,6 +165,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     except (OSError, HeapError) as e:
         err = error_text(e)
     agree(comm, err)
+    deadline.enable_census(comm)
     partner = None
     if redundancy == "partner" and len(set(nodes)) < 2:
         if rank == 0:
