@@ -180,8 +180,15 @@ def abort(message: str, code: int = 1) -> None:
     """Print `message`, leave it for ``hpcckpt run`` and end the whole job with ``MPI_Abort``."""
     print(message, file=sys.stderr, flush=True)
     _tell_relauncher(message)
+    _let_output_drain()
     from mpi4py import MPI
     MPI.COMM_WORLD.Abort(code)
+
+
+def _let_output_drain() -> None:
+    """A moment for the launcher to forward what this rank printed: MPI_Abort makes mpiexec
+    tear the job down, and under load it dropped a traceback still in the pipe."""
+    time.sleep(0.2)
 
 
 def _tell_relauncher(message: str) -> None:
@@ -231,6 +238,7 @@ def install_abort_hook() -> None:
             from mpi4py import MPI
             if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
                 _tell_relauncher(f"{kind.__name__}: {value}")
+                _let_output_drain()
                 MPI.COMM_WORLD.Abort(1)
     hook._hpcckpt = True   # type: ignore[attr-defined]
     sys.excepthook = hook
