@@ -337,3 +337,26 @@ def test_a_capacity_larger_than_the_file_system_warns_and_preallocate_refuses(he
     with pytest.raises(hpcckpt.HeapFullError, match="choose a capacity of at most"):
         hpcckpt.Heap.create(os.path.join(heap_dir, "huge.heap"), free, preallocate=True)
     assert sorted(os.listdir(heap_dir)) == ["big.heap"]
+
+
+def test_allocation_maps_no_checkpoint_copy_in_and_the_first_checkpoint_maps_copy_a(heap_path):
+    """Issue 23: an allocation costs O(catalog), not three times the object; the first
+    checkpoint maps in (and writes) the copy it needs; contents survive a crash exactly."""
+    heap = hpcckpt.Heap.create(heap_path, "96MiB", tracker="hash")
+    used = os.stat(heap_path).st_blocks * 512
+    a = heap.array("a", 8 << 20, "u1")                 # 8 MiB
+    p = heap.pool("p", [("k", "u8"), ("pad", "u1", (56,))], 1 << 16)   # 4 MiB of 64 B slots
+    assert os.stat(heap_path).st_blocks * 512 - used < (1 << 20)
+    a[:] = 7
+    p.put(np.arange(1 << 16), np.ones(1 << 16, p.dtype))
+    heap.checkpoint()
+    # data and copy A of both, and copy B of the pool's shared pages
+    assert os.stat(heap_path).st_blocks * 512 - used >= 2 * (8 << 20) + 3 * (4 << 20)
+    a[: 1 << 20] = 9
+    heap.checkpoint()
+    a[:] = 0
+    heap._native.abandon()
+    with hpcckpt.Heap.open(heap_path, tracker="hash") as again:
+        b = again["a"]
+        assert (b[: 1 << 20] == 9).all() and (b[1 << 20:] == 7).all()
+        assert (again["p"].take(np.arange(1 << 16))["k"] == 1).all()
