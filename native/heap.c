@@ -147,9 +147,9 @@ static int heap_grow_catalog(hk_heap *h)
     return state_write_header(h);
 }
 
-/* heap_warm -- map both checkpoint copies of a new object in now (MADV_POPULATE_WRITE), so
- * that no checkpoint takes a page fault on them: the file holds those pages from the
- * object's second copy on anyway. */
+/* heap_warm -- note both checkpoint copies of a new object as cold (persist_populate): the
+ * next checkpoint's copy threads map them in before they copy, so allocation touches no
+ * memory and no checkpoint takes a page fault on a copy of a small object. */
 static void heap_warm(hk_heap *h, const struct hk_entry *e)
 {
     uint64_t off = e->first_page * HK_PAGE, len = (e->npages ? e->npages : 1) * HK_PAGE;
