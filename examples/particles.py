@@ -104,6 +104,8 @@ for step in range(start + 1, args.steps + 1):
         heap.checkpoint(step=step)
         if rank == 0:
             print(f"step {step}: {heap.stats['total']['bytes_copied']} bytes copied", flush=True)
+if args.export_dir and heap.epoch:
+    heap.export()   # the last epoch too: a background export that fell due while one ran was skipped
 every = comm.gather(parts.rows.copy())
 if rank == 0:
     allp = np.concatenate(every)

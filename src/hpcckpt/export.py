@@ -276,6 +276,7 @@ class Exporter:
         self.job_dir = os.path.join(os.path.abspath(export_dir), job)
         self.helper: Helper | None = None
         self.inflight: ExportHandle | None = None      # rank files being written
+        self.last: ExportHandle | None = None          # the newest export started
         self.finishing: list[ExportHandle] = []         # rank 0: masters being written
         self.stall = 0.0      # seconds the application waited for background exports, in all
         self.parts = {"t_wait": 0.0, "t_vote": 0.0, "t_start": 0.0}   # ... split by where
@@ -285,6 +286,15 @@ class Exporter:
         """Collective: export the last committed epoch of `heap`."""
         epoch = heap._info()["committed"]
         rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        same = self.inflight if self.inflight is not None else self.last
+        if same is not None and same.epoch == epoch:   # this epoch is exported already, or on its way
+            if not wait:
+                return same
+            try:
+                same.wait()   # collective; its outcome is the same on every rank
+                return same
+            except ExportError:
+                pass          # it failed everywhere: export it again
         if self.inflight is not None:
             self.inflight.wait()
         if not epoch:
@@ -294,7 +304,7 @@ class Exporter:
         self._replace_dead_helper()
         self.warm_up()
         handle = ExportHandle(self, epoch, meta, self.helper.send(req))
-        self.inflight = handle
+        self.inflight = self.last = handle
         self.started += 1
         if wait:   # the same helper, waited for: it reads the file through its own mapping, overlapped
             handle.wait()
