@@ -89,7 +89,7 @@ def rank_part(root: str) -> None:
                           **times}))
 
 
-def vote_times(heap, a, comm, rounds: int = 7, per_round: int = 40) -> dict:
+def vote_times(heap, a, comm, rounds: int = 15, per_round: int = 200) -> dict:
     """Median time of a checkpoint (one element written) with the deadline machinery (a
     nonblocking vote tested in a loop) and without it (HPCCKPT_TIMEOUT=0: the blocking
     Allreduce of before), alternating in rounds, so that both see the same machine."""

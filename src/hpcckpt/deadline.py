@@ -44,10 +44,19 @@ def parse_timeout(text: str | float | None, where: str = "HPCCKPT_TIMEOUT") -> f
 _timeout: float | None = None
 
 
+_from_env: tuple[str | None, float] | None = None   # $HPCCKPT_TIMEOUT as last read, and its value
+
+
 def timeout() -> float:
     """The deadline of every collective in seconds: ``hpcckpt.open(timeout=)``, else
     ``$HPCCKPT_TIMEOUT``, else 600; 0 means none."""
-    return _timeout if _timeout is not None else parse_timeout(os.environ.get("HPCCKPT_TIMEOUT"))
+    global _from_env
+    if _timeout is not None:
+        return _timeout
+    text = os.environ.get("HPCCKPT_TIMEOUT")
+    if _from_env is None or _from_env[0] != text:   # parsed once, not at every collective
+        _from_env = (text, parse_timeout(text))
+    return _from_env[1]
 
 
 def set_timeout(seconds: float | None) -> None:
