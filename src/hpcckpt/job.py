@@ -133,6 +133,7 @@ def open(name: str, comm: Any = None, root: str | None = None, capacity: int | s
     the files and the choices; nothing is deleted.  ``fresh=True`` starts afresh on purpose,
     replacing this job's heaps (exports are left where they are).
     """
+    deadline.record_segments()   # first: a rank refused below still leaves its MPICH segment known
     if abort_on_error:
         deadline.install_abort_hook()
     if timeout is not None:
