@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -74,7 +75,20 @@ SEGMENT_PREFIX = "/dev/shm/mpich_"   # MPICH's shared memory: a killed rank leav
 # MPICH segment a rank maps, "error: TEXT" for the error that ended the job.
 
 
-def remove_recorded_segments(status: str) -> list[str]:
+def _mapped(paths: set[str]) -> set[str]:
+    """Those of `paths` that some live process maps."""
+    found = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                text = f.read()
+        except OSError:
+            continue
+        found |= {path for path in paths if path in text}
+    return found
+
+
+def remove_recorded_segments(status: str, settle: float = 5.0) -> list[str]:
     """After an attempt has ended: remove the segments its ranks recorded in `status` that no
     live process maps any more.  Nothing else in /dev/shm is touched (another job's segment,
     even one whose MPI_Init is creating it now, was never recorded here).  Returns the removed."""
@@ -86,15 +100,14 @@ def remove_recorded_segments(status: str) -> list[str]:
     recorded = {p for p in recorded if p.startswith(SEGMENT_PREFIX) and "/" not in p[len("/dev/shm/"):]}
     if not recorded:
         return []
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            with open(maps) as f:
-                text = f.read()
-        except OSError:
-            continue
-        recorded -= {path for path in recorded if path in text}
+    free, limit = set(), time.monotonic() + settle
+    while True:   # ranks killed a moment ago may still be unmapping: wait for that, bounded
+        free = recorded - _mapped(recorded)
+        if free == recorded or time.monotonic() > limit:
+            break
+        time.sleep(0.05)
     removed = []
-    for path in sorted(recorded):
+    for path in sorted(free):
         try:
             os.unlink(path)
             removed.append(path)
