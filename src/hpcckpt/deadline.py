@@ -253,5 +253,6 @@ def install_abort_hook() -> None:
     sys.excepthook = hook
 
 
-__all__ = ["enable_census", "timeout", "set_timeout", "parse_timeout", "wait", "arrive", "allgather", "bcast", "allreduce",
+__all__ = ["enable_census", "timeout", "set_timeout", "parse_timeout", "wait", "arrive", "allgather", "bcast",
+           "allreduce",
            "abort", "install_abort_hook", "DEFAULT_TIMEOUT"]

@@ -138,7 +138,8 @@ class Helper:
     """
 
     def __init__(self, mode: int = 0o600) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HPCCKPT_EXPORT_HELPER="1", HPCCKPT_EXPORT_UMASK=str(umask_for(mode)))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HPCCKPT_EXPORT_HELPER="1",
+                   HPCCKPT_EXPORT_UMASK=str(umask_for(mode)))
         self.proc = subprocess.Popen([sys.executable, "-m", "hpcckpt._export_helper"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, close_fds=True)
         self._sent = 0

@@ -116,8 +116,8 @@ def own_export_dir(job_dir: str, mode: int = 0o600) -> None:
         raise OwnerMismatchError(f"{job_dir}: the exports belong to uid {st.st_uid}, not to you, and are not trusted; "
                                  "choose an export_dir of your own")
     if st.st_mode & stat.S_IWOTH:
-        raise HeapError(f"{job_dir}: the export directory is writable by every user (mode {stat.S_IMODE(st.st_mode):o});"
-                        " chmod o-w it")
+        raise HeapError(f"{job_dir}: the export directory is writable by every user "
+                        f"(mode {stat.S_IMODE(st.st_mode):o}); chmod o-w it")
 
 
 def set_aside(path: str) -> str | None:
@@ -125,8 +125,7 @@ def set_aside(path: str) -> str | None:
     one: it is removed once the new heap has committed, and put back if no export can be restored."""
     if not os.path.exists(path):
         return None
-    if holder(path) is not None:
-        unlink_heap(path)   # refuses, naming the holder
+    refuse_if_held(path)
     os.rename(path, path + ".aside")
     return path + ".aside"
 
@@ -161,13 +160,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def unlink_heap(path: str) -> None:
-    """Remove this rank's old heap file before a new heap takes its place; never one that a live
-    process holds (a job of the same name started meanwhile)."""
+def refuse_if_held(path: str) -> None:
+    """Raise HeapBusyError when a live process holds the heap at `path` (a job of the same
+    name started meanwhile): nothing of it may be replaced or moved."""
     pid = holder(path)
     if pid is not None:
-        raise HeapBusyError(f"{path} is held by process {pid or '(another namespace)'}: a job of the same name is "
-                            "running; nothing was replaced")
+        raise HeapBusyError(f"{path} is held by process {pid or '(another namespace)'}: a job of the same name "
+                            "is running; nothing was replaced")
+
+
+def unlink_heap(path: str) -> None:
+    """Remove this rank's old heap file before a new heap takes its place, never a held one."""
+    refuse_if_held(path)
     if os.path.exists(path):
         os.unlink(path)
 

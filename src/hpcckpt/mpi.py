@@ -37,7 +37,8 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def agree(comm, ok_or_error: str | None, cls: type[Exception] = HeapError, what: str = "the ranks' agreement at open") -> None:
+def agree(comm, ok_or_error: str | None, cls: type[Exception] = HeapError,
+          what: str = "the ranks' agreement at open") -> None:
     """Raise the same error on every rank if any rank reported one (an ``error_text``).
 
     When every failed rank raised the same hpcckpt error class (or FileNotFoundError,

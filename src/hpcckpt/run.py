@@ -246,8 +246,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="relaunch at most R times after a failure (default 3)")
     parser.add_argument("--mpiexec", metavar="PATH", help="launcher (default: the one beside python, else on PATH)")
     parser.add_argument("--json", action="store_true",
-                        help="at the end, one JSON document as the last line of stdout: every attempt's exit, where it resumed, "
-                             "the error that ended it")
+                        help="at the end, one JSON document as the last line of stdout: every attempt's exit, "
+                             "where it resumed, the error that ended it")
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = parser.parse_known_args(argv[:cut])
     args.command = argv[cut + 1:]
