@@ -74,6 +74,22 @@ def expected(n: int, steps: int = 8) -> str:
     return f"answer: {sum(8 * (r + sum(s * (1 + r) for s in range(1, steps + 1))) for r in range(n)):.1f}"
 
 
+@pytest.mark.parametrize("text", ["abc", "-1", "nan", "inf", "1e999", ""])
+def test_a_bad_timeout_is_refused_in_one_line_naming_the_variable(text):
+    from hpcckpt.deadline import DEFAULT_TIMEOUT, parse_timeout
+    if text == "":
+        assert parse_timeout(text) == DEFAULT_TIMEOUT
+        return
+    with pytest.raises(ValueError, match=r"HPCCKPT_TIMEOUT=.*: give the seconds .* \(0 turns the deadline off\)"):
+        parse_timeout(text)
+
+
+@pytest.mark.parametrize("mode", [0o400, 0o1777, -1, "640", 0o200])
+def test_a_bad_export_mode_is_refused_before_mpi_is_touched(mode):
+    import hpcckpt
+    with pytest.raises(ValueError, match="export_mode=.*give a file mode with read and write for you"):
+        hpcckpt.open("j", export_mode=mode, abort_on_error=False)
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_an_exception_on_one_rank_ends_the_job_with_its_traceback_then_mpi_abort(heap_dir, n):
     t0 = time.monotonic()
