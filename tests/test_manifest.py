@@ -84,4 +84,3 @@ def test_any_crafted_value_reads_or_is_an_export_error(path, value):
         Manifest.from_json(signed(body), "/x/e7.json")
     except ExportError:
         pass
-
