@@ -97,7 +97,7 @@ def test_an_exception_on_one_rank_ends_the_job_with_its_traceback_then_mpi_abort
     took = time.monotonic() - t0
     assert proc.returncode != 0
     assert "ValueError: a declaration that did not fit" in proc.stderr
-    assert proc.stderr.index("Traceback") < proc.stderr.index("MPI_Abort")
+    assert proc.stderr.index("Traceback") < proc.stderr.index("ended by ValueError; aborting the job (MPI_Abort)")
     assert "waited" not in proc.stderr and took < 240      # ended by the abort, not by any deadline
 
 

@@ -246,6 +246,8 @@ def install_abort_hook() -> None:
             sys.stderr.flush()
             from mpi4py import MPI
             if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+                print(f"hpcckpt: rank {MPI.COMM_WORLD.Get_rank()} ended by {kind.__name__}; aborting the job "
+                      "(MPI_Abort)", file=sys.stderr, flush=True)
                 _tell_relauncher(f"{kind.__name__}: {value}")
                 _let_output_drain()
                 MPI.COMM_WORLD.Abort(1)
