@@ -2,9 +2,11 @@
  * Catalog entries are written once, whole, and become valid with one atomic store of
  * their epochs; the catalog is made durable by the next checkpoint or a clean close. */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "internal.h"
 
 const uint32_t heap_class_size[HK_NCLASSES] = {64, 128, 256, 512, 1024, 2048, 4096};
@@ -299,6 +301,109 @@ int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *
         memcpy((uint8_t *)dst + i * size, h->data + off, size);
     }
     return 0;
+}
+
+/* heap_fill_write -- pwrite all of buf at `at` of the heap file (short writes resumed). */
+static int heap_fill_write(hk_heap *h, const uint8_t *buf, uint64_t len, uint64_t at)
+{
+    while (len) {
+        ssize_t k = pwrite(h->fd, buf, len, (off_t)at);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return hk_fail(k < 0 ? errno : EIO, "%s: cannot write at offset %lu: %s", h->path, (unsigned long)at,
+                           k < 0 ? strerror(errno) : "no progress");
+        buf += k, len -= (uint64_t)k, at += (uint64_t)k;
+    }
+    return 0;
+}
+
+/* heap_fill_entry -- the entry `index` if bytes byte_off..+len of a new one, else an error. */
+static struct hk_entry *heap_fill_entry(hk_heap *h, uint64_t index, uint64_t byte_off, uint64_t len, int *rc)
+{
+    *rc = 0;
+    if (h->closed || h->readonly || index >= heap_hwm(h) || h->cat[index].kind == HK_KIND_FREE) {
+        *rc = hk_fail(ENOENT, "%s: no writable live object at catalog index %lu", h->path, (unsigned long)index);
+        return NULL;
+    }
+    struct hk_entry *e = &h->cat[index];
+    uint64_t total = e->obj_size * e->count;
+    if (HK_EPOCH_BORN(e->epochs) <= h->committed)
+        *rc = hk_fail(EPERM, "%s: '%.63s' has a committed copy: only a new object is filled this way", h->path,
+                      e->name);
+    else if (byte_off > total || len > total - byte_off)
+        *rc = hk_fail(ERANGE, "%s: '%.63s' holds %lu bytes; bytes %lu..%lu are out of range", h->path, e->name,
+                      (unsigned long)total, (unsigned long)byte_off, (unsigned long)(byte_off + len));
+    return *rc ? NULL : e;
+}
+
+/* heap_fill_scatter -- pwrite buf (bytes byte_off.. of the entry's objects laid end to end)
+ * into the heap file, in runs of objects that lie next to each other there. */
+static int heap_fill_scatter(hk_heap *h, uint64_t index, uint64_t byte_off, const uint8_t *buf, uint64_t n)
+{
+    const struct hk_entry *e = &h->cat[index];
+    uint64_t size = e->obj_size, off, next, u, nu;
+    int rc = 0;
+    for (uint64_t k = 0; k < n && !rc;) {
+        uint64_t obj = (byte_off + k) / size, in = (byte_off + k) % size;
+        if ((rc = heap_object_span(h, index, obj, &off, &u, &nu)))
+            break;
+        uint64_t start = off + in, run = size - in < n - k ? size - in : n - k;
+        while (k + run < n && obj + 1 < e->count && !heap_object_span(h, index, obj + 1, &next, &u, &nu) &&
+               next == start + run) {
+            obj++;
+            run += size < n - k - run ? size : n - k - run;
+        }
+        rc = heap_fill_write(h, buf + k, run, h->sb->off_data + start);
+        k += run;
+    }
+    return rc;
+}
+
+/* heap_fill -- copy `len` bytes of file `fd` from offset `at` into an entry born in the open
+ * epoch, as bytes byte_off.. of its objects laid end to end; *crc is their CRC32C.  The
+ * bytes pass through a small buffer (read, checksummed while cache-hot) and pwrite, so no
+ * mapping of the heap is touched: the file system makes the working pages, without a fault
+ * each.  No marks are needed: the next prepare copies a new entry whole. */
+int heap_fill(hk_heap *h, uint64_t index, uint64_t byte_off, int fd, uint64_t at, uint64_t len, uint32_t *crc)
+{
+    int rc;
+    *crc = 0;
+    if (!heap_fill_entry(h, index, byte_off, len, &rc))
+        return rc;
+    enum { CHUNK = 256 << 10 };
+    uint8_t *buf = malloc(CHUNK);
+    if (!buf)
+        return hk_fail(ENOMEM, "out of memory for a fill buffer");
+    while (len && !rc) {
+        uint64_t n = len < CHUNK ? len : CHUNK, got = 0;
+        while (got < n && !rc) {
+            ssize_t k = pread(fd, buf + got, n - got, (off_t)(at + got));
+            if (k < 0 && errno == EINTR)
+                continue;
+            if (k <= 0)
+                rc = hk_fail(k < 0 ? errno : EIO, "cannot read %lu bytes at offset %lu: %s", (unsigned long)(n - got),
+                             (unsigned long)(at + got), k < 0 ? strerror(errno) : "the file ends there (truncated?)");
+            else
+                got += (uint64_t)k;
+        }
+        if (!rc) {
+            *crc = crc_compute(*crc, buf, n);
+            rc = heap_fill_scatter(h, index, byte_off, buf, n);
+        }
+        byte_off += n, at += n, len -= n;
+    }
+    free(buf);
+    return rc;
+}
+
+/* heap_fill_bytes -- heap_fill from memory (no checksum: the caller checked the bytes). */
+int heap_fill_bytes(hk_heap *h, uint64_t index, uint64_t byte_off, const void *src, uint64_t len)
+{
+    int rc;
+    if (!heap_fill_entry(h, index, byte_off, len, &rc))
+        return rc;
+    return heap_fill_scatter(h, index, byte_off, src, len);
 }
 
 /* heap_lookup -- describe a live entry; name and dtype are copied into the caller's buffers. */

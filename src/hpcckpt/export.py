@@ -311,6 +311,13 @@ class Exporter:
             handle.wait()
         return handle
 
+    def adopt(self, epoch: int, meta: dict) -> None:
+        """The export a restore came from is epoch's committed copy: exporting epoch again
+        returns it (the heap holds no local copy to read until its next checkpoint)."""
+        handle = ExportHandle(self, epoch, meta, None)
+        handle.state, handle.path = "done", os.path.join(self.job_dir, f"e{epoch}.h5")
+        self.last = handle
+
     def _replace_dead_helper(self) -> None:
         """A helper that died (the OOM killer, a kill) is replaced, once per export, with a
         warning: the exports it had not finished report it; later ones go to the new helper."""

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import _native
+from .errors import HeapError
 from .heap import _dtype_parse
 from .manifest import ExportError, Manifest, fsync_path
 
@@ -236,6 +237,7 @@ class BlockReader:
     def __init__(self, job_dir: str):
         self.job_dir = job_dir
         self._files: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}
         self._crcs: dict[tuple[str, str], np.ndarray] = {}
 
     def _file(self, rel: str):
@@ -333,10 +335,65 @@ class BlockReader:
                                   "match their checksum (damaged data)")
         return True
 
+    def fill(self, b: dict, dtype: np.dtype, src: tuple[slice, ...], heap: Any, index: int, byte_off: int) -> bool:
+        """Copy the rows `src` of block `b` from the rank file into the new object `index` of
+        `heap`, at byte `byte_off` of its objects laid end to end: whole chunks by the C core
+        (read, checked and written by the file system, no page of the heap mapped), the
+        chunks that stick out of the piece checked whole and written from memory.  False when
+        that cannot be done (partial rows, a converted dtype, a dataset not stored contiguous)."""
+        if not b["shape"] or any(s.start != 0 or s.stop != n for s, n in zip(src[1:], b["shape"][1:])):
+            return False
+        path = os.path.join(self.job_dir, b["file"])
+        ds = self._file(b["file"])[b["dataset"]]
+        if ds.dtype != dtype or list(ds.shape) != list(b["shape"]):
+            return False
+        at = _raw_offset(ds)
+        if at is None:
+            return False
+        if b["file"] not in self._fds:
+            self._fds[b["file"]] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, k, crcs = self._fds[b["file"]], b["chunk_rows"], self._chunk_crcs(b)
+        per = int(np.prod(b["shape"][1:], dtype=np.int64)) * dtype.itemsize
+        lo, hi = src[0].start, src[0].stop
+        with heap._lock:
+            for c in range(lo // k, -(-hi // k)):
+                a, z = c * k, min(b["shape"][0], (c + 1) * k)
+                try:
+                    if a < lo or z > hi:   # a chunk that sticks out of the piece: checked whole, in memory
+                        part = np.ascontiguousarray(self.read(b, dtype, (slice(max(a, lo), min(z, hi)), *src[1:])))
+                        heap._native.fill_bytes(index, byte_off + (max(a, lo) - lo) * per, part.view(np.uint8))
+                        continue
+                    crc = heap._native.fill(index, byte_off + (a - lo) * per, fd, at + a * per, (z - a) * per)
+                except (OSError, HeapError) as e:
+                    raise ExportError(f"{path}: {b['dataset']!r} cannot be read ({e})") from None
+                if c >= crcs.size or crc != int(crcs[c]):
+                    raise ExportError(f"{path}: {b['dataset']!r}: rows {a}..{z} do not match their checksum "
+                                      "(damaged data)")
+        return True
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _raw_offset(ds) -> int | None:
+    """Where a dataset's bytes start in its file, if they lie there whole and as they are
+    (contiguous layout, no filter, all of it allocated); else None."""
+    import h5py
+
+    try:
+        if ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
+            return None
+        at = ds.id.get_offset()
+        if at is None or ds.id.get_storage_size() != ds.size * ds.dtype.itemsize:
+            return None
+        return int(at)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 __all__ = ["write_rank_file", "write_master", "BlockReader", "committed_rows", "file_dtype", "table_header",

@@ -28,7 +28,7 @@ from typing import Any
 from . import deadline
 from .errors import HeapError
 from .export import Exporter, ExportHandle
-from .heap import Heap, _check_name, crash_hook, default_threads, locked
+from .heap import Heap, _call, _check_name, crash_hook, default_threads, locked
 from .jobfiles import (TILING_MARK, exports_here, finish_killed_opens, fs_type, probe, set_aside,
                        unlink_heap)
 from .locks import refuse_if_running
@@ -47,6 +47,7 @@ class JobHeap(Heap):
     exporter: Exporter | None = None
     partner: PartnerLevel | None = None
     _layout_dirty = True
+    _export_meta: dict | None = None   # restored from an export, no local checkpoint yet: its metadata
 
     def _save_layouts(self) -> None:
         super()._save_layouts()
@@ -66,6 +67,7 @@ class JobHeap(Heap):
         parts = [self.exporter] if self.exporter else []
         epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=dirty, partner=self.partner)
         self._layout_dirty = False
+        self._export_meta = None
         self._reblock = None
         if self.exporter is not None:
             self._stats["export"] = self.exporter.figures()
@@ -74,6 +76,8 @@ class JobHeap(Heap):
     @property
     def meta(self) -> dict:
         """The metadata saved with the last committed epoch ({} before the first)."""
+        if self._export_meta is not None:
+            return dict(self._export_meta)
         return {k: v for k, v in super().meta.items() if k != TILING_MARK}
 
     @locked
@@ -92,6 +96,12 @@ class JobHeap(Heap):
         """Finish an export in flight (collective then), make the heap durable and mark it clean."""
         if self.exporter is not None and os.getpid() == self._pid:
             self.exporter.drain()
+        if self._export_meta is not None and os.getpid() == self._pid:
+            # restored from an export and closed before any checkpoint: the close's local epoch
+            # keeps the export's metadata (a plain close would save none)
+            blob, self._export_meta = json.dumps(self._export_meta, sort_keys=True).encode(), None
+            _call(self._native.prepare, blob)
+            _call(self._native.commit)
         super().close()
         if self.partner is not None and os.getpid() == self._pid:
             self.partner.close()
@@ -442,7 +452,7 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
             heap = JobHeap.create(path, opts["capacity"], tracker=opts["tracker"], max_objects=opts["max_objects"],
                                   job=name, rank=rank, world_size=size, preallocate=opts["preallocate"])
             reader = fill_from_export(heap, exporter.job_dir, m, rank, size)
-            heap._native.rebase(epoch - 1)
+            heap._native.rebase(epoch)   # the export is epoch's committed copy: no local one is made
         except Exception as e:   # bad input of any kind makes this export unusable on every rank alike
             err = str(e) if isinstance(e, ExportError) else error_text(e)
         first = first_error(comm, err, f"the restore of the export of epoch {epoch}")
@@ -457,11 +467,13 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
                               stacklevel=3)
             continue
         heap.comm = comm
-        reblock = heap._reblock
-        meta = {k: v for k, v in m.meta.items() if k != TILING_MARK}   # the export's epoch was decided
-        coordinated_checkpoint(heap, comm, json.dumps(meta, sort_keys=True).encode(), layout_changed=True)
-        heap._reblock, heap._layout_dirty = reblock, False
+        # Every rank holds epoch's data now; the first checkpoint copies all of it (the objects
+        # are new). The default split tiles by construction: only a block declared again (which
+        # marks the layout dirty) has its tiling checked then.
+        heap._export_meta = {k: v for k, v in m.meta.items() if k != TILING_MARK}   # the epoch was decided
+        heap._layout_dirty = False
         heap.restored, heap.restored_from = True, "export"
+        exporter.adopt(epoch, heap._export_meta)
         if aside:
             os.unlink(aside)
         _remove_stale(comm, os.path.dirname(path), size)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .ghosts import fill_ghosts
 from .h5io import BlockReader
-from .heap import Heap, _dtype_parse
+from .heap import Heap, _call, _dtype_parse
 from .manifest import ExportError, Manifest
 from .plan import covered, default_blocks, pieces
 
@@ -78,7 +78,7 @@ def _fill_table(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dt
                 was: int) -> None:
     """A table's rows for this rank: its own rows at the same rank count, else an even split of
     the global table in global order; a distributed table is then routed when it is declared."""
-    from .table import F_ROUTE
+    from .table import F_ROUTE, HEADER
     blocks = obj["blocks"]
     if not obj["distributed"]:
         mine = [b for b in blocks if b["rank"] == rank]
@@ -95,7 +95,10 @@ def _fill_table(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dt
     if not covered([count], parts):
         raise ExportError(f"{reader.job_dir}: the export's blocks of table {name!r} do not cover rows "
                           f"{offset[0]}..{offset[0] + count} (manifest damaged or inconsistent)")
-    for p in parts:   # straight into the table where the kernel may write there, checked in place
+    index = heap._names[name]
+    for p in parts:   # by the C core from the rank file, else through numpy, checked
+        if reader.fill(blocks[p.source], dt, p.src, heap, index, HEADER + p.dst[0].start * dt.itemsize):
+            continue
         view = t._view(p.dst[0].start, p.dst[0].stop)
         if not (heap.kernel_writable and reader.read_into(blocks[p.source], dt, p.src, view)):
             view[...] = reader.read(blocks[p.source], dt, p.src)
@@ -114,7 +117,7 @@ def _allocate(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtyp
             target = heap.pool(name, dt, shape[0], tuple(el), replicated=obj["replicated"])
         else:
             target = heap.array(name, tuple(shape), dt, replicated=obj["replicated"])
-        _fill(reader, name, obj, dt, target, [0] * len(shape), shape, [0] * len(shape), [b], heap.kernel_writable)
+        _fill(reader, name, obj, dt, target, [0] * len(shape), shape, [0] * len(shape), [b], heap)
         return target
     if obj["kind"] == "pool":
         target = heap.pool(name, dt, block[0], tuple(el), global_count=obj["global_shape"][0], offset=offset[0])
@@ -127,14 +130,16 @@ def _allocate(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtyp
         if any(halo):   # interior and interior ghosts from the global array, edge ghosts from their slabs
             fill_ghosts(reader, obj, dt, target, list(offset), list(halo))
             return target
-    _fill(reader, name, obj, dt, target, full_off, full_shape, halo, obj["blocks"], heap.kernel_writable)
+    _fill(reader, name, obj, dt, target, full_off, full_shape, halo, obj["blocks"], heap)
     return target
 
 
 def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offset, shape, halo, blocks,
-          direct: bool) -> None:
-    """Copy every piece of the exported blocks that meets (offset, shape) into target (with
-    `direct`, HDF5 reads straight into the heap array: only where the kernel may write there)."""
+          heap: Heap) -> None:
+    """Copy every piece of the exported blocks that meets (offset, shape) into target: whole
+    rows of a new object by the C core straight from the rank file (:meth:`BlockReader.fill`),
+    else through numpy (HDF5 reads straight into the heap array only where the kernel may
+    write there)."""
     if not shape:   # a 0-d array
         target[()] = reader.read(blocks[0], dt, ())
         return
@@ -144,15 +149,20 @@ def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offse
     if not covered(shape, parts):
         raise ExportError(f"{reader.job_dir}: the export's blocks of {name!r} do not cover offset {offset}, "
                           f"shape {shape} (manifest damaged or inconsistent)")
+    index, row = heap._names[name], math.prod(shape[1:]) * dt.itemsize
+    packed = obj["kind"] == "array" or _call(heap._native.lookup, index)[3] == row   # objects end to end
     for p in parts:
-        if direct and obj["kind"] == "array" and not any(halo):   # straight into the heap, checked in place
-            view = target[p.dst]
-            if reader.read_into(blocks[p.source], dt, p.src, view):
+        whole = all(s.start == 0 and s.stop == n for s, n in zip(p.dst[1:], shape[1:]))
+        if packed and whole and not any(halo) and reader.fill(blocks[p.source], dt, p.src, heap, index,
+                                                              p.dst[0].start * row):
+            continue
+        if heap.kernel_writable and obj["kind"] == "array" and not any(halo):   # straight into the heap, checked
+            if reader.read_into(blocks[p.source], dt, p.src, target[p.dst]):
                 continue
         data = reader.read(blocks[p.source], dt, p.src)
         if obj["kind"] == "pool":
             rows = np.arange(p.dst[0].start, p.dst[0].stop)
-            if len(p.dst) > 1 and any(s.start != 0 or s.stop != n for s, n in zip(p.dst[1:], shape[1:])):
+            if not whole:
                 raise ExportError(f"{reader.job_dir}: pool {name!r} was exported in partial records")
             target.put(rows, data)
         else:
