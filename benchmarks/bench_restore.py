@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -129,14 +128,10 @@ def worker_restore(args) -> None:
         print("RESULT " + json.dumps(res), flush=True)
 
 
-def run(n: int, *argv: str, timeout: float = 900) -> object:
-    from hpcckpt.run import find_mpiexec
-    proc = subprocess.run([find_mpiexec(), "-n", str(n), sys.executable, __file__, *argv], capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        sys.exit(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    return json.loads(lines[-1][7:]) if lines else None
+def run(n: int, *argv: str) -> object:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from run_core import run_mpi
+    return run_mpi(__file__, n, *argv, timeout=900)
 
 
 def main() -> None:

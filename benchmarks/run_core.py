@@ -88,6 +88,18 @@ def goal(name: str, value: float, limit: float, higher_is_better: bool) -> dict:
     return {"goal": name, "value": value, "limit": limit, "pass": ok}
 
 
+def run_mpi(script: str, n: int, *argv: str, timeout: float = 1800) -> object:
+    """``mpiexec -n N python script argv...``; the JSON after the last "RESULT " line it prints
+    (None without one); a failed run ends the benchmark with its output."""
+    from hpcckpt.run import find_mpiexec
+    proc = subprocess.run([find_mpiexec(), "-n", str(n), sys.executable, script, *argv], capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        sys.exit(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(lines[-1][7:]) if lines else None
+
+
 def save(name: str, data: dict) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
