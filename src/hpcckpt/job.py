@@ -29,8 +29,8 @@ from . import deadline
 from .errors import HeapError
 from .export import Exporter, ExportHandle
 from .heap import Heap, _call, _check_name, crash_hook, default_threads, locked
-from .jobfiles import (TILING_MARK, exports_here, finish_killed_opens, fs_type, probe, set_aside,
-                       unlink_heap)
+from .jobfiles import (FROM_EXPORT, TILING_MARK, exports_here, finish_killed_opens, fs_type, probe, restored_export,
+                       set_aside, unlink_heap)
 from .locks import refuse_if_running
 from .manifest import ExportError, load_manifest
 from .mpi import (agree, coordinated_checkpoint, default_root, error_class, error_text, first_error, private_dir,
@@ -47,11 +47,25 @@ class JobHeap(Heap):
     exporter: Exporter | None = None
     partner: PartnerLevel | None = None
     _layout_dirty = True
-    _export_meta: dict | None = None   # restored from an export, no local checkpoint yet: its metadata
+    # Restored from the export of epoch _export_epoch, no local checkpoint yet: its metadata,
+    # and the reader whose files a block declared again is read from.
+    _export_epoch = 0
+    _export_meta: dict | None = None
+    _export_reader: Any = None
 
     def _save_layouts(self) -> None:
         super()._save_layouts()
         self._layout_dirty = True
+
+    def _from_export(self) -> bool:
+        """Is the committed epoch still the export this heap was restored from (no local copy)?"""
+        return self._export_meta is not None and self._info()["committed"] == self._export_epoch
+
+    def _forget_export(self) -> None:
+        self._export_meta, self._reblock = None, None
+        if self._export_reader is not None:
+            self._export_reader.close()
+            self._export_reader = None
 
     @locked
     def checkpoint(self, **meta: Any) -> int:
@@ -63,12 +77,16 @@ class JobHeap(Heap):
         dirty = self._layout_dirty
         if dirty:   # its tiling is checked after the vote: see undecided
             meta = {**meta, TILING_MARK: 1}
+        if self._from_export():   # this epoch cannot be rolled back to a local copy: see restored_export
+            meta = {**meta, FROM_EXPORT: self._export_epoch}
         blob = json.dumps(meta, sort_keys=True).encode()
         parts = [self.exporter] if self.exporter else []
-        epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=dirty, partner=self.partner)
+        try:
+            epoch = coordinated_checkpoint(self, self.comm, blob, parts, layout_changed=dirty, partner=self.partner)
+        finally:
+            if not self._from_export():   # it committed (or a later step of it failed): the export is behind
+                self._forget_export()
         self._layout_dirty = False
-        self._export_meta = None
-        self._reblock = None
         if self.exporter is not None:
             self._stats["export"] = self.exporter.figures()
         return epoch
@@ -76,9 +94,14 @@ class JobHeap(Heap):
     @property
     def meta(self) -> dict:
         """The metadata saved with the last committed epoch ({} before the first)."""
-        if self._export_meta is not None:
-            return dict(self._export_meta)
-        return {k: v for k, v in super().meta.items() if k != TILING_MARK}
+        if self._from_export():
+            return dict(self._export_meta or {})
+        return {k: v for k, v in super().meta.items() if k not in (TILING_MARK, FROM_EXPORT)}
+
+    def verify(self) -> int:
+        """As :meth:`Heap.verify`; 0 right after a restore from an export, which left no local
+        epoch to check (the export's CRCs were checked as it was read)."""
+        return 0 if self._from_export() else super().verify()
 
     @locked
     def export(self, wait: bool = True) -> ExportHandle:
@@ -96,12 +119,14 @@ class JobHeap(Heap):
         """Finish an export in flight (collective then), make the heap durable and mark it clean."""
         if self.exporter is not None and os.getpid() == self._pid:
             self.exporter.drain()
-        if self._export_meta is not None and os.getpid() == self._pid:
+        if self._from_export() and os.getpid() == self._pid:
             # restored from an export and closed before any checkpoint: the close's local epoch
             # keeps the export's metadata (a plain close would save none)
-            blob, self._export_meta = json.dumps(self._export_meta, sort_keys=True).encode(), None
-            _call(self._native.prepare, blob)
+            _call(self._native.prepare, json.dumps({**self._export_meta, FROM_EXPORT: self._export_epoch},
+                                                   sort_keys=True).encode())
             _call(self._native.commit)
+        if os.getpid() == self._pid:
+            self._forget_export()
         super().close()
         if self.partner is not None and os.getpid() == self._pid:
             self.partner.close()
@@ -317,6 +342,9 @@ def _partner_level(comm, partner: PartnerLevel, mine: tuple, exports: list[int],
         else:
             heap = JobHeap._attach(path, opts["tracker"], name, rank, size)
             info = heap._info()
+            why = _no_local_copy(heap, epoch)
+            if why:
+                raise HeapError(why)
             if not (info["was_clean"] and info["committed"] == epoch == info["good_epoch"] == info["prepared"]):
                 heap._recover(epoch)
     except Exception as e:   # any failure is a vote: no rank leaves the others waiting
@@ -419,9 +447,10 @@ def _restore_local(heap: JobHeap, comm, view: dict, exports: list[int]) -> bool:
     epoch = view["common"]
     if not view["unclean"] and view["common"] == view["newest"]:
         return True   # every rank closed cleanly at the same epoch: keep the working state
-    err = None
+    err = _no_local_copy(heap, epoch)
     try:
-        heap._recover(epoch)
+        if err is None:
+            heap._recover(epoch)
     except (OSError, HeapError) as e:
         err = error_text(e)
     if exports:
@@ -434,6 +463,16 @@ def _restore_local(heap: JobHeap, comm, view: dict, exports: list[int]) -> bool:
         return True
     agree(comm, err)
     return True
+
+
+def _no_local_copy(heap: JobHeap, epoch: int) -> str | None:
+    """Why `heap` cannot be brought back to `epoch` locally: it was restored from the export of
+    that epoch and its first local epoch has not committed everywhere (None: it may)."""
+    since = restored_export(heap)
+    if since is None or epoch > since:
+        return None
+    return (f"{heap.path} holds no local copy of epoch {epoch}: it was restored from the export of epoch {since} "
+            "(export_dir= gives the export)")
 
 
 def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Exporter, opts: dict) -> JobHeap:
@@ -470,8 +509,8 @@ def _restore_export(comm, name: str, path: str, exports: list[int], exporter: Ex
         # Every rank holds epoch's data now; the first checkpoint copies all of it (the objects
         # are new). The default split tiles by construction: only a block declared again (which
         # marks the layout dirty) has its tiling checked then.
-        heap._export_meta = {k: v for k, v in m.meta.items() if k != TILING_MARK}   # the epoch was decided
-        heap._layout_dirty = False
+        heap._export_meta = {k: v for k, v in m.meta.items() if k not in (TILING_MARK, FROM_EXPORT)}
+        heap._export_epoch, heap._export_reader, heap._layout_dirty = epoch, reader, False
         heap.restored, heap.restored_from = True, "export"
         exporter.adopt(epoch, heap._export_meta)
         if aside:

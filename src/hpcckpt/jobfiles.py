@@ -23,6 +23,7 @@ from .mpi import error_text
 
 
 TILING_MARK = "__hpcckpt_tiling__"
+FROM_EXPORT = "__hpcckpt_from_export__"   # in an epoch's meta: no local copy of epochs <= this one
 
 
 def undecided(heap: Any) -> bool:
@@ -34,6 +35,17 @@ def undecided(heap: Any) -> bool:
         return TILING_MARK in json.loads(heap._native.meta() or b"{}")
     except (ValueError, OSError, HeapError):
         return False
+
+
+def restored_export(heap: Any) -> int | None:
+    """The export epoch E this heap was restored from, while it cannot roll back to E: a restore
+    from an export makes no local copy of E, and the first local epochs carry E in their meta
+    (a later epoch's predecessor is local, and a rollback goes back one epoch at most)."""
+    try:
+        v = json.loads(heap._native.meta() or b"{}").get(FROM_EXPORT)
+    except (ValueError, OSError, HeapError):
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def probe(path: str, name: str, rank: int, size: int) -> tuple:
@@ -176,5 +188,5 @@ def unlink_heap(path: str) -> None:
         os.unlink(path)
 
 
-__all__ = ["own_export_dir", "TILING_MARK", "undecided", "probe", "fs_type", "exports_here", "set_aside", "finish_killed_opens",
+__all__ = ["own_export_dir", "TILING_MARK", "FROM_EXPORT", "restored_export", "undecided", "probe", "fs_type", "exports_here", "set_aside", "finish_killed_opens",
            "unlink_heap"]

@@ -150,7 +150,10 @@ def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offse
         raise ExportError(f"{reader.job_dir}: the export's blocks of {name!r} do not cover offset {offset}, "
                           f"shape {shape} (manifest damaged or inconsistent)")
     index, row = heap._names[name], math.prod(shape[1:]) * dt.itemsize
-    packed = obj["kind"] == "array" or _call(heap._native.lookup, index)[3] == row   # objects end to end
+    # objects end to end in the heap file, so that the C core writes long runs: an array, or a
+    # pool of records that fill their slots (a class size) or whole pages each
+    packed = obj["kind"] == "array" or (_call(heap._native.lookup, index)[3] == row and
+                                        (row in (64, 128, 256, 512, 1024, 2048) or row > 2048))
     for p in parts:
         whole = all(s.start == 0 and s.stop == n for s, n in zip(p.dst[1:], shape[1:]))
         if packed and whole and not any(halo) and reader.fill(blocks[p.source], dt, p.src, heap, index,
