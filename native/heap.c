@@ -360,50 +360,89 @@ static int heap_fill_scatter(hk_heap *h, uint64_t index, uint64_t byte_off, cons
     return rc;
 }
 
+/* heap_fill_rows -- place n bytes of a fill (stream bytes pos..): stream row k (of `row`
+ * bytes) goes to bytes byte_off + k*stride of the entry's objects laid end to end. */
+static int heap_fill_rows(hk_heap *h, uint64_t index, uint64_t byte_off, uint64_t row, uint64_t stride, uint64_t pos,
+                          const uint8_t *buf, uint64_t n)
+{
+    if (row == stride)
+        return heap_fill_scatter(h, index, byte_off + pos, buf, n);
+    int rc = 0;
+    for (uint64_t i = 0; i < n && !rc;) {
+        uint64_t k = (pos + i) / row, c = (pos + i) % row, run = row - c < n - i ? row - c : n - i;
+        rc = heap_fill_scatter(h, index, byte_off + k * stride + c, buf + i, run);
+        i += run;
+    }
+    return rc;
+}
+
+/* heap_fill_check -- the entry if the rows of a fill (len bytes of `row`, every `stride`) fit
+ * a new one, else NULL and the error. */
+static struct hk_entry *heap_fill_check(hk_heap *h, uint64_t index, uint64_t byte_off, uint64_t len, uint64_t row,
+                                        uint64_t stride, int *rc)
+{
+    if (row == 0 || stride < row || len % row) {
+        *rc = hk_fail(EINVAL, "%s: a fill of %lu bytes in rows of %lu every %lu bytes is not whole rows", h->path,
+                      (unsigned long)len, (unsigned long)row, (unsigned long)stride);
+        return NULL;
+    }
+    uint64_t rows = len / row, extent = rows ? (rows - 1) * stride + row : 0;
+    if (rows && (rows - 1) > (UINT64_MAX - row) / stride) {
+        *rc = hk_fail(ERANGE, "%s: a fill of %lu rows every %lu bytes is out of range", h->path, (unsigned long)rows,
+                      (unsigned long)stride);
+        return NULL;
+    }
+    return heap_fill_entry(h, index, byte_off, extent, rc);
+}
+
 /* heap_fill -- copy `len` bytes of file `fd` from offset `at` into an entry born in the open
- * epoch, as bytes byte_off.. of its objects laid end to end; *crc is their CRC32C.  The
- * bytes pass through a small buffer (read, checksummed while cache-hot) and pwrite, so no
- * mapping of the heap is touched: the file system makes the working pages, without a fault
- * each.  No marks are needed: the next prepare copies a new entry whole. */
-int heap_fill(hk_heap *h, uint64_t index, uint64_t byte_off, int fd, uint64_t at, uint64_t len, uint32_t *crc)
+ * epoch: rows of `row` bytes to bytes byte_off, byte_off + stride, ... of its objects laid
+ * end to end (stride = row: one run); *crc is their CRC32C.  The bytes pass through a small
+ * buffer (read, checksummed while cache-hot) and pwrite, so no mapping of the heap is
+ * touched: the file system makes the working pages, without a fault each.  No marks are
+ * needed: the next prepare copies a new entry whole. */
+int heap_fill(hk_heap *h, uint64_t index, uint64_t byte_off, uint64_t row, uint64_t stride, int fd, uint64_t at,
+              uint64_t len, uint32_t *crc)
 {
     int rc;
     *crc = 0;
-    if (!heap_fill_entry(h, index, byte_off, len, &rc))
+    if (!heap_fill_check(h, index, byte_off, len, row, stride, &rc))
         return rc;
     enum { CHUNK = 256 << 10 };
     uint8_t *buf = malloc(CHUNK);
     if (!buf)
         return hk_fail(ENOMEM, "out of memory for a fill buffer");
-    while (len && !rc) {
-        uint64_t n = len < CHUNK ? len : CHUNK, got = 0;
+    for (uint64_t pos = 0; pos < len && !rc;) {
+        uint64_t n = len - pos < CHUNK ? len - pos : CHUNK, got = 0;
         while (got < n && !rc) {
-            ssize_t k = pread(fd, buf + got, n - got, (off_t)(at + got));
+            ssize_t k = pread(fd, buf + got, n - got, (off_t)(at + pos + got));
             if (k < 0 && errno == EINTR)
                 continue;
             if (k <= 0)
                 rc = hk_fail(k < 0 ? errno : EIO, "cannot read %lu bytes at offset %lu: %s", (unsigned long)(n - got),
-                             (unsigned long)(at + got), k < 0 ? strerror(errno) : "the file ends there (truncated?)");
+                             (unsigned long)(at + pos + got), k < 0 ? strerror(errno) :
+                             "the file ends there (truncated?)");
             else
                 got += (uint64_t)k;
         }
         if (!rc) {
             *crc = crc_compute(*crc, buf, n);
-            rc = heap_fill_scatter(h, index, byte_off, buf, n);
+            rc = heap_fill_rows(h, index, byte_off, row, stride, pos, buf, n);
         }
-        byte_off += n, at += n, len -= n;
+        pos += n;
     }
     free(buf);
     return rc;
 }
 
 /* heap_fill_bytes -- heap_fill from memory (no checksum: the caller checked the bytes). */
-int heap_fill_bytes(hk_heap *h, uint64_t index, uint64_t byte_off, const void *src, uint64_t len)
+int heap_fill_bytes(hk_heap *h, uint64_t index, uint64_t byte_off, uint64_t row, uint64_t stride, const void *src,
+                    uint64_t len)
 {
     int rc;
-    if (!heap_fill_entry(h, index, byte_off, len, &rc))
+    if (!heap_fill_check(h, index, byte_off, len, row, stride, &rc))
         return rc;
-    return heap_fill_scatter(h, index, byte_off, src, len);
+    return heap_fill_rows(h, index, byte_off, row, stride, 0, src, len);
 }
 
 /* heap_lookup -- describe a live entry; name and dtype are copied into the caller's buffers. */

@@ -91,11 +91,13 @@ void *heap_addr(hk_heap *h, uint64_t index, uint64_t obj);
  * buffer; ckpt_write goes around the tracker and marks the objects dirty itself. */
 int heap_read(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, void *dst, size_t dst_len);
 int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const void *src, size_t src_len);
-/* heap_fill -- len bytes of file fd at `at` into a new entry's objects (bytes byte_off..),
- * by pread and pwrite; *crc is their CRC32C (restore from an export); heap_fill_bytes
- * does the same from memory. */
-int heap_fill(hk_heap *h, uint64_t index, uint64_t byte_off, int fd, uint64_t at, uint64_t len, uint32_t *crc);
-int heap_fill_bytes(hk_heap *h, uint64_t index, uint64_t byte_off, const void *src, uint64_t len);
+/* heap_fill -- len bytes of file fd at `at` into a new entry's objects, rows of `row` bytes
+ * at bytes byte_off, byte_off + stride, ... (restore from an export), by pread and pwrite;
+ * *crc is their CRC32C; heap_fill_bytes does the same from memory. */
+int heap_fill(hk_heap *h, uint64_t index, uint64_t byte_off, uint64_t row, uint64_t stride, int fd, uint64_t at,
+              uint64_t len, uint32_t *crc);
+int heap_fill_bytes(hk_heap *h, uint64_t index, uint64_t byte_off, uint64_t row, uint64_t stride, const void *src,
+                    uint64_t len);
 int heap_uffd_supported(void);
 /* heap_reassert_handler -- the mprotect tracker's SIGSEGV handler back in front (after another was
  * installed); undo: after that one was removed again.  Called around faulthandler.enable/disable. */

@@ -402,28 +402,29 @@ static PyObject *nh_stats(NativeHeap *self, PyObject *unused)
                          s.t_copy, "t_flush", s.t_flush, "t_commit", s.t_commit, "t_nvm_delay", s.t_nvm_delay);
 }
 
-/* nh_fill -- (index, byte_off, fd, at, len): bytes of a file into a new entry; their CRC32C. */
+/* nh_fill -- (index, byte_off, row, stride, fd, at, len): a file's bytes into a new entry, rows
+ * of `row` bytes every `stride`; their CRC32C. */
 static PyObject *nh_fill(NativeHeap *self, PyObject *args)
 {
-    unsigned long long idx, byte_off, at, len;
+    unsigned long long idx, byte_off, row, stride, at, len;
     int fd;
     uint32_t crc = 0;
-    if (!live(self) || !PyArg_ParseTuple(args, "KKiKK", &idx, &byte_off, &fd, &at, &len))
+    if (!live(self) || !PyArg_ParseTuple(args, "KKKKiKK", &idx, &byte_off, &row, &stride, &fd, &at, &len))
         return NULL;
-    CALL_FREE(heap_fill(self->h, idx, byte_off, fd, at, len, &crc));
+    CALL_FREE(heap_fill(self->h, idx, byte_off, row, stride, fd, at, len, &crc));
     return PyLong_FromUnsignedLong(crc);
 }
 
-/* nh_fill_bytes -- (index, byte_off, data: buffer): checked bytes into a new entry. */
+/* nh_fill_bytes -- (index, byte_off, row, stride, data: buffer): checked bytes into a new entry. */
 static PyObject *nh_fill_bytes(NativeHeap *self, PyObject *args)
 {
-    unsigned long long idx, byte_off;
+    unsigned long long idx, byte_off, row, stride;
     Py_buffer data;
-    if (!live(self) || !PyArg_ParseTuple(args, "KKy*", &idx, &byte_off, &data))
+    if (!live(self) || !PyArg_ParseTuple(args, "KKKKy*", &idx, &byte_off, &row, &stride, &data))
         return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = heap_fill_bytes(self->h, idx, byte_off, data.buf, (uint64_t)data.len);
+    rc = heap_fill_bytes(self->h, idx, byte_off, row, stride, data.buf, (uint64_t)data.len);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
     if (rc < 0)
@@ -497,8 +498,8 @@ static PyMethodDef nh_methods[] = {
     {"next_live", (PyCFunction)nh_next_live, METH_O, "next_live(from) -> index or -1"},
     {"offset", (PyCFunction)nh_offset, METH_VARARGS, "offset(index, obj) -> byte offset in the buffer"},
     {"read", (PyCFunction)nh_read, METH_VARARGS, "read(index, objs: uint64 buffer, out: buffer)"},
-    {"fill", (PyCFunction)nh_fill, METH_VARARGS, "fill(index, byte_off, fd, at, len) -> crc32c: a file's bytes into a new entry"},
-    {"fill_bytes", (PyCFunction)nh_fill_bytes, METH_VARARGS, "fill_bytes(index, byte_off, data): into a new entry"},
+    {"fill", (PyCFunction)nh_fill, METH_VARARGS, "fill(index, byte_off, row, stride, fd, at, len) -> crc32c: a file's rows into a new entry"},
+    {"fill_bytes", (PyCFunction)nh_fill_bytes, METH_VARARGS, "fill_bytes(index, byte_off, row, stride, data): rows into a new entry"},
     {"write", (PyCFunction)nh_write, METH_VARARGS, "write(index, objs: uint64 buffer, data: buffer), marked dirty"},
     {"prepare", (PyCFunction)nh_prepare, METH_O, "prepare(meta: bytes) -> epoch"},
     {"commit", (PyCFunction)nh_commit, METH_NOARGS, "commit the prepared epoch"},

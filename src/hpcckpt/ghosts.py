@@ -74,9 +74,10 @@ def write_edges(f, crcs_group, rel: str, rows_of: Callable, d: dict, dt: np.dtyp
 
 
 def fill_ghosts(reader: Any, obj: dict, dt: np.dtype, target: np.ndarray, offset: list[int],
-                halo: list[int]) -> None:
-    """Fill the halo of `target` (a block at `offset`): interior ghosts from the global array's
-    neighbouring cells, ghosts on the global edge from the exported slabs (every byte checked)."""
+                halo: list[int], direct: Callable | None = None) -> None:
+    """Fill `target` (a block at `offset`, with its halo): the interior and the interior ghosts
+    from the global array's cells, ghosts on the global edge from the exported slabs (every
+    byte checked).  ``direct(block, src, dst)``, if given, may copy a piece itself (True)."""
     g = obj["global_shape"]
     lo = [o - h for o, h in zip(offset, halo)]
     hi = [o + n - h for o, n, h in zip(offset, target.shape, halo)]
@@ -89,7 +90,8 @@ def fill_ghosts(reader: Any, obj: dict, dt: np.dtype, target: np.ndarray, offset
                               "(manifest damaged or inconsistent)")
         for p in parts:
             at = tuple(slice(s.start + a - w, s.stop + a - w) for s, a, w in zip(p.dst, cl, lo))
-            target[at] = reader.read(blocks[p.source], dt, p.src)
+            if not (direct and direct(blocks[p.source], p.src, at)):
+                target[at] = reader.read(blocks[p.source], dt, p.src)
     edges = [e for b in obj["blocks"] for e in b.get("edges", [])]
     for p in pieces(lo, list(target.shape), [(e["offset"], e["shape"]) for e in edges]):
         target[p.dst] = reader.read(edges[p.source], dt, p.src)

@@ -335,12 +335,14 @@ class BlockReader:
                                   "match their checksum (damaged data)")
         return True
 
-    def fill(self, b: dict, dtype: np.dtype, src: tuple[slice, ...], heap: Any, index: int, byte_off: int) -> bool:
+    def fill(self, b: dict, dtype: np.dtype, src: tuple[slice, ...], heap: Any, index: int, byte_off: int,
+             stride: int | None = None) -> bool:
         """Copy the rows `src` of block `b` from the rank file into the new object `index` of
-        `heap`, at byte `byte_off` of its objects laid end to end: whole chunks by the C core
-        (read, checked and written by the file system, no page of the heap mapped), the
-        chunks that stick out of the piece checked whole and written from memory.  False when
-        that cannot be done (partial rows, a converted dtype, a dataset not stored contiguous)."""
+        `heap`, row k at byte `byte_off + k * stride` of its objects laid end to end (`stride`:
+        the row's size, by default): whole chunks by the C core (read, checked and written by
+        the file system, no page of the heap mapped), the chunks that stick out of the piece
+        checked whole and written from memory.  False when that cannot be done (partial rows,
+        a converted dtype, a dataset not stored contiguous)."""
         if not b["shape"] or any(s.start != 0 or s.stop != n for s, n in zip(src[1:], b["shape"][1:])):
             return False
         path = os.path.join(self.job_dir, b["file"])
@@ -354,6 +356,7 @@ class BlockReader:
             self._fds[b["file"]] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         fd, k, crcs = self._fds[b["file"]], b["chunk_rows"], self._chunk_crcs(b)
         per = int(np.prod(b["shape"][1:], dtype=np.int64)) * dtype.itemsize
+        stride = stride or per
         lo, hi = src[0].start, src[0].stop
         with heap._lock:
             for c in range(lo // k, -(-hi // k)):
@@ -361,9 +364,11 @@ class BlockReader:
                 try:
                     if a < lo or z > hi:   # a chunk that sticks out of the piece: checked whole, in memory
                         part = np.ascontiguousarray(self.read(b, dtype, (slice(max(a, lo), min(z, hi)), *src[1:])))
-                        heap._native.fill_bytes(index, byte_off + (max(a, lo) - lo) * per, part.view(np.uint8))
+                        heap._native.fill_bytes(index, byte_off + (max(a, lo) - lo) * stride, per, stride,
+                                                part.view(np.uint8))
                         continue
-                    crc = heap._native.fill(index, byte_off + (a - lo) * per, fd, at + a * per, (z - a) * per)
+                    crc = heap._native.fill(index, byte_off + (a - lo) * stride, per, stride, fd, at + a * per,
+                                            (z - a) * per)
                 except (OSError, HeapError) as e:
                     raise ExportError(f"{path}: {b['dataset']!r} cannot be read ({e})") from None
                 if c >= crcs.size or crc != int(crcs[c]):

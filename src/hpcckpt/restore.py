@@ -128,10 +128,24 @@ def _allocate(heap: Heap, reader: BlockReader, name: str, obj: dict, dt: np.dtyp
                             halo=tuple(halo))
         full_off, full_shape = list(offset), list(block)
         if any(halo):   # interior and interior ghosts from the global array, edge ghosts from their slabs
-            fill_ghosts(reader, obj, dt, target, list(offset), list(halo))
+            fill_ghosts(reader, obj, dt, target, list(offset), list(halo), _strided(heap, reader, name, dt, target))
             return target
     _fill(reader, name, obj, dt, target, full_off, full_shape, halo, obj["blocks"], heap)
     return target
+
+
+def _strided(heap: Heap, reader: BlockReader, name: str, dt: np.dtype, target: np.ndarray):
+    """Copy a piece of whole exported rows into rows of the new array `target` (whose halo makes
+    them strided) by the C core, when the halo leaves axes 2.. whole."""
+    shape, index = target.shape, heap._names[name]
+    inner, stride = math.prod(shape[2:]) * dt.itemsize, math.prod(shape[1:]) * dt.itemsize
+
+    def direct(b: dict, src: tuple[slice, ...], dst: tuple[slice, ...]) -> bool:
+        if any(s.start != 0 or s.stop != n for s, n in zip(dst[2:], shape[2:])):
+            return False
+        at = dst[0].start * stride + (dst[1].start * inner if len(shape) > 1 else 0)
+        return reader.fill(b, dt, src, heap, index, at, stride)
+    return direct
 
 
 def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offset, shape, halo, blocks,
