@@ -3,7 +3,7 @@
     python benchmarks/bench_memory.py                # 1M x 64 B, 1M x 256 B, 1 GiB; ~5 minutes
     python benchmarks/bench_memory.py --quick        # 1/8 of the sizes, for a smoke run
     python benchmarks/bench_memory.py --only alloc   # or: reopen
-    python benchmarks/bench_memory.py --against REV  # and the tree at git REV, in the same rounds
+    python benchmarks/bench_memory.py --against REV [REV ...]  # and the trees at git REVs, in the same rounds
 
 Every heap lives on tmpfs (/dev/shm) with the default tracker; every figure is taken beside
 its baseline in the same round (baseline and subject alternate, rounds repeated; medians and
@@ -19,8 +19,8 @@ ranges are reported), because the machines are noisy.
   process SIGKILLed; ``Heap.open`` (which restores the committed epoch) against
   ``np.copyto`` of the heap's live bytes between two warm arrays.
 
-With ``--against REV`` the heap side runs in child processes over two trees built the same way
-(``cc -O2``, this tree's and REV's ``src`` and ``native``), one after the other in each round.
+With ``--against REV ...`` the heap side runs in child processes over trees built the same way
+(``cc -O2``, this tree's and each REV's ``src`` and ``native``), one after the other in each round.
 
 Prints PASS/FAIL per goal and writes benchmarks/results/memory.json.
 """
@@ -277,7 +277,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", nargs="*", choices=["alloc", "reopen"])
-    ap.add_argument("--against", metavar="REV", help="also the tree at git revision REV, in the same rounds")
+    ap.add_argument("--against", metavar="REV", nargs="+", help="also the trees at these git revisions, in the same rounds")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-memory-", dir=TMPFS)
     results, goals = {"quick": args.quick, "reps": args.reps, "tmpfs": TMPFS is not None, "against": args.against}, []
@@ -285,7 +285,7 @@ def main() -> None:
     try:
         if args.against:
             build = tempfile.mkdtemp(prefix="bench-memory-build-")
-            trees = {"now": build_tree(None, build), args.against: build_tree(args.against, build)}
+            trees = {"now": build_tree(None, build), **{rev: build_tree(rev, build) for rev in args.against}}
         for name, fn in (("alloc", part_alloc), ("reopen", part_reopen)):
             if args.only and name not in args.only:
                 continue
