@@ -22,6 +22,16 @@ static int delta_walk(hk_heap *h, int all, int (*fn)(void *, hk_heap *, uint32_t
         return hk_fail(h->closed ? EBADF : ENOENT, "%s: %s", h->path, h->closed ? "heap is closed" : "nothing prepared");
     if (!all) {
         for (size_t i = 0; i < h->work.n; i++) {
+            if (i + 16 < h->work.n) {   /* units are scattered: fetch their tags and copies ahead */
+                const struct unit *y = &h->work.v[i + 16];
+                struct hk_tag *t = heap_tag(h, &h->cat[y->entry], y->u);
+                __builtin_prefetch(t, 0, 0);
+                if (i + 32 < h->work.n)
+                    __builtin_prefetch(heap_tag(h, &h->cat[h->work.v[i + 32].entry], h->work.v[i + 32].u), 0, 0);
+                int slot = delta_slot(h, &h->cat[y->entry], y->u, E);
+                if (slot >= 0)
+                    __builtin_prefetch(h->raw + h->sb->off_shadow[slot] + y->off, 0, 0);
+            }
             struct unit *x = &h->work.v[i];
             int rc = fn(arg, h, x->entry, x->u, delta_slot(h, &h->cat[x->entry], x->u, E), x->off, x->len);
             if (rc)
