@@ -450,6 +450,7 @@ void alloc_free_dram(hk_heap *h)
     free(h->dpages.v);
     free(h->sift.v);
     free(h->work.v);
+    free(h->delta);
     persist_free_cold(h);
 }
 

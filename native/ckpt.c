@@ -315,6 +315,8 @@ struct copy_job {
     hk_heap *h;
     uint64_t n;
     uint64_t digest[PAR_MAX], units[PAR_MAX];
+    uint8_t *delta;             /* keep_delta: where the units go packed, part p from pos[p] */
+    uint64_t pos[PAR_MAX];
 };
 
 #define COPY_GRAIN (256u << 10)   /* bytes per part at least: a thread costs tens of microseconds */
@@ -352,8 +354,16 @@ static int ckpt_copy_part(void *ctx, unsigned part, unsigned nparts)
             units++;
         }
         uint8_t *dst = h->raw + h->sb->off_shadow[slot] + x->off;
-        uint32_t crc = crc_copy(dst, x->src ? x->src : h->data + x->off, x->len);
+        const uint8_t *src = x->src ? x->src : h->data + x->off;
+        uint32_t crc = crc_copy(dst, src, x->len);
         persist_flush(h, dst, x->len);
+        if (job->delta) {   /* packed for the partner while in cache; checked like the copy */
+            uint8_t *out = job->delta + job->pos[part];
+            memcpy(out, src, x->len);
+            if (crc_compute(0, out, x->len) != crc)   /* written to meanwhile: take the copy's bytes */
+                memcpy(out, dst, x->len);
+            job->pos[part] += x->len;
+        }
         digest ^= state_unit_hash(x->entry, x->u, slot, crc);
         t->crc[slot] = crc;
         __atomic_store_n(&t->latest, (uint32_t)n | slot << 31, __ATOMIC_RELEASE);
@@ -379,7 +389,21 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     atomic_store(&h->prog_done, 0);
     struct copy_job job = {.h = h, .n = n};
     unsigned parts = par_parts(h, s->bytes_copied, COPY_GRAIN);
+    h->delta_epoch = 0;
+    if (h->keep_delta && delta_room(h, s->bytes_copied)) {
+        job.delta = h->delta;
+        for (size_t i = 0, p = 0, at = 0; i < h->work.n || p < parts; i++) {   /* where each part starts */
+            for (; p < parts && i == h->work.n * p / parts; p++)
+                job.pos[p] = at;
+            if (i < h->work.n)
+                at += h->work.v[i].len;
+        }
+    }
     par_run(parts, ckpt_copy_part, &job);   /* the parts cannot fail */
+    if (job.delta) {
+        h->delta_len = s->bytes_copied;
+        h->delta_epoch = n;
+    }
     for (unsigned p = 0; p < parts; p++) {
         h->next_digest ^= job.digest[p];
         h->next_units += job.units[p];

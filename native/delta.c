@@ -2,8 +2,29 @@
  * prepared (or every unit of that epoch, to seed a new partner), read back from their
  * checkpoint slots and checked against those slots' CRCs; and the partner's side: units
  * written into the objects of a mirror heap, the bytes checked against their CRC first. */
+#include <stdlib.h>
 #include <string.h>
 #include "internal.h"
+
+/* delta_keep -- pack the units each prepare copies (a partner takes them next: delta_read). */
+void delta_keep(hk_heap *h, int on)
+{
+    h->keep_delta = on;
+    h->delta_epoch = 0;
+}
+
+/* delta_room -- room for `bytes` of packed units in h->delta; 0 (no packing) if memory is short. */
+int delta_room(hk_heap *h, uint64_t bytes)
+{
+    if (bytes <= h->delta_cap)
+        return 1;
+    uint8_t *p = realloc(h->delta, bytes);
+    if (!p)
+        return 0;
+    h->delta = p;
+    h->delta_cap = bytes;
+    return 1;
+}
 
 /* delta_slot -- the slot holding unit u of entry idx as of epoch E, or -1 if it has none. */
 static int delta_slot(hk_heap *h, struct hk_entry *e, uint64_t u, uint64_t E)
@@ -87,6 +108,11 @@ static int delta_put(void *arg, hk_heap *h, uint32_t entry, uint64_t u, int slot
 /* delta_size -- units and bytes of the delta of the prepared epoch (all: of every unit). */
 int delta_size(hk_heap *h, int all, uint64_t *units, uint64_t *bytes)
 {
+    if (!all && !h->closed && h->prepared && h->delta_epoch == h->prepared) {   /* packed: known */
+        *units = h->work.n;
+        *bytes = h->delta_len;
+        return 0;
+    }
     struct delta_out o = {0};
     int rc = delta_walk(h, all, delta_put, &o);
     *units = o.n;
@@ -101,6 +127,16 @@ int delta_size(hk_heap *h, int all, uint64_t *units, uint64_t *bytes)
 int delta_read(hk_heap *h, int all, uint32_t *entries, uint64_t *units, uint64_t n, uint8_t *data, uint64_t bytes,
                uint32_t *crc)
 {
+    if (!all && !h->closed && h->prepared && h->delta_epoch == h->prepared && n == h->work.n &&
+        bytes == h->delta_len) {   /* packed by the prepare, each unit checked against its copy's CRC */
+        for (size_t i = 0; i < n; i++) {
+            entries[i] = h->work.v[i].entry;
+            units[i] = h->work.v[i].u;
+        }
+        memcpy(data, h->delta, bytes);
+        *crc = crc_compute(0, data, bytes);
+        return 0;
+    }
     struct delta_out o = {.cap_n = n, .cap_bytes = bytes, .entries = entries, .units = units, .data = data};
     int rc = delta_walk(h, all, delta_put, &o);
     crc_fence();

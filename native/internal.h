@@ -89,6 +89,9 @@ struct hk_heap {
     struct u32vec dpages;           /* pages whose dmask is not zero */
     struct u32vec sift;             /* written pages several objects share, to compare (ckpt.c) */
     struct unitvec work;
+    int keep_delta;                 /* pack the units a prepare copies, for a partner (delta.c) */
+    uint8_t *delta;                 /* ... their bytes in work-list order, if delta_epoch == prepared */
+    uint64_t delta_cap, delta_len, delta_epoch;
     struct hk_stats stats;
     _Atomic uint64_t prog_done, prog_total;   /* of the long call running now (heap_progress) */
     int crash_point;
@@ -133,6 +136,7 @@ int hk_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)))
 
 /* crc.c */
 uint32_t crc_compute(uint32_t crc, const void *buf, size_t len);
+int delta_room(hk_heap *h, uint64_t bytes);
 uint32_t crc_copy(void *dst, const void *src, size_t len);
 void crc_fence(void);
 uint32_t crc_xpow(uint64_t len);

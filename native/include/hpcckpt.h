@@ -140,6 +140,8 @@ void ckpt_set_crash(hk_heap *h, int point, uint64_t epoch);
 void ckpt_set_nvm(hk_heap *h, double write_gbps, double flush_latency_ns);
 /* ckpt_set_threads -- threads that may copy one checkpoint (1: this one only). */
 void ckpt_set_threads(hk_heap *h, int threads);
+/* delta_keep -- pack the units each prepare copies, for the partner's delta (on/off). */
+void delta_keep(hk_heap *h, int on);
 
 #ifdef __cplusplus
 }

@@ -432,6 +432,16 @@ static PyObject *nh_fill_bytes(NativeHeap *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* nh_keep_delta -- keep_delta(on): pack the units each prepare copies, for delta(False). */
+static PyObject *nh_keep_delta(NativeHeap *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0 || !live(self))
+        return NULL;
+    delta_keep(self->h, on);
+    Py_RETURN_NONE;
+}
+
 static PyObject *nh_verify(NativeHeap *self, PyObject *unused)
 {
     uint64_t n;
@@ -507,6 +517,7 @@ static PyMethodDef nh_methods[] = {
     {"recover", (PyCFunction)nh_recover, METH_O, "recover(epoch): restore the working area"},
     {"read_epoch", (PyCFunction)nh_read_epoch, METH_VARARGS, "read_epoch(index, epoch, u0, u1, out) -> CRC32C of the bytes: committed copies of units, checked"},
     {"rebase", (PyCFunction)nh_rebase, METH_O, "rebase(epoch): a fresh heap's next checkpoint is epoch+1"},
+    {"keep_delta", (PyCFunction)nh_keep_delta, METH_O, "keep_delta(on): pack what each prepare copies, for delta(False)"},
     {"delta", (PyCFunction)nh_delta, METH_O, "delta(all) -> (groups, gaps, data, crc): units of the prepared epoch, checked, packed"},
     {"apply", (PyCFunction)nh_apply, METH_VARARGS, "apply(map, entries, units, data, crc): a partner's units, checked, marked dirty"},
     {"store", (PyCFunction)nh_store, METH_VARARGS, "store(map, entries, units, data, crc, meta) -> epoch: a mirror's next epoch from a partner's units"},

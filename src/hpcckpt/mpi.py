@@ -221,6 +221,8 @@ def coordinated_checkpoint(heap: Heap, comm, blob: bytes, participants: list[Par
     try:
         for p in participants:
             p.before_prepare(heap, heap._info()["committed"] + 1)
+        if partner is not None:   # the partner takes what this prepare copies: packed on the way
+            native.keep_delta(partner.synced)
         epoch = watch(f"checkpoint {os.path.basename(heap.path)}", lambda: _call(native.prepare, blob),
                       native.progress)
         prepared = True
