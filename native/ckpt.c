@@ -320,6 +320,7 @@ struct copy_job {
 };
 
 #define COPY_GRAIN (256u << 10)   /* bytes per part at least: a thread costs tens of microseconds */
+#define DELTA_KEEP_MAX (64u << 20)   /* a larger delta is not packed (DRAM kept for the job's life) */
 
 /* ckpt_copy_part -- copy part `part` of the queued units into their free shadow slots,
  * checksumming each on the way (one read of the source), and tag them. */
@@ -389,8 +390,7 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     atomic_store(&h->prog_done, 0);
     struct copy_job job = {.h = h, .n = n};
     unsigned parts = par_parts(h, s->bytes_copied, COPY_GRAIN);
-    h->delta_epoch = 0;
-    if (h->keep_delta && delta_room(h, s->bytes_copied)) {
+    if (h->keep_delta && s->bytes_copied <= DELTA_KEEP_MAX && delta_room(h, s->bytes_copied)) {
         job.delta = h->delta;
         for (size_t i = 0, p = 0, at = 0; i < h->work.n || p < parts; i++) {   /* where each part starts */
             for (; p < parts && i == h->work.n * p / parts; p++)
@@ -462,6 +462,7 @@ int ckpt_write(hk_heap *h, uint64_t index, const uint64_t *objs, size_t n, const
 /* ckpt_start -- may epoch committed+1 be prepared with meta_len bytes of metadata?  Resets the stats. */
 int ckpt_start(hk_heap *h, uint32_t meta_len)
 {
+    h->delta_epoch = 0;   /* what an earlier prepare packed is never handed on for this one */
     if (h->closed || h->readonly)
         return hk_fail(h->closed ? EBADF : EROFS, "%s: heap is %s", h->path, h->closed ? "closed" : "read-only");
     if (meta_len > HK_META_MAX)
