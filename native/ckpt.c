@@ -328,7 +328,7 @@ static int ckpt_copy_part(void *ctx, unsigned part, unsigned nparts)
 {
     struct copy_job *job = ctx;
     hk_heap *h = job->h;
-    uint64_t n = job->n, digest = 0, units = 0;
+    uint64_t n = job->n, digest = 0, units = 0, pos = job->pos[part];
     size_t lo = h->work.n * part / nparts, hi = h->work.n * (part + 1) / nparts;
     for (size_t i = lo; i < hi; i++) {
         if (i % 4096 == 0)
@@ -359,11 +359,11 @@ static int ckpt_copy_part(void *ctx, unsigned part, unsigned nparts)
         uint32_t crc = crc_copy(dst, src, x->len);
         persist_flush(h, dst, x->len);
         if (job->delta) {   /* packed for the partner while in cache; checked like the copy */
-            uint8_t *out = job->delta + job->pos[part];
+            uint8_t *out = job->delta + pos;
             memcpy(out, src, x->len);
             if (crc_compute(0, out, x->len) != crc)   /* written to meanwhile: take the copy's bytes */
                 memcpy(out, dst, x->len);
-            job->pos[part] += x->len;
+            pos += x->len;
         }
         digest ^= state_unit_hash(x->entry, x->u, slot, crc);
         t->crc[slot] = crc;
@@ -789,6 +789,7 @@ int ckpt_verify(hk_heap *h, uint64_t *checked)
  * checkpointed and checked like any epoch.  Nothing changed: no new epoch. */
 int ckpt_seal(hk_heap *h)
 {
+    h->keep_delta = 0;   /* no partner takes a close's epoch */
     if (h->prepared != h->committed)
         return hk_fail(EALREADY, "%s: epoch %lu is prepared but neither committed nor withdrawn", h->path,
                        (unsigned long)h->prepared);

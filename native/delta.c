@@ -11,6 +11,11 @@ void delta_keep(hk_heap *h, int on)
 {
     h->keep_delta = on;
     h->delta_epoch = 0;
+    if (!on) {   /* a full copy is walked: the buffer is not kept for it */
+        free(h->delta);
+        h->delta = NULL;
+        h->delta_cap = 0;
+    }
 }
 
 /* delta_room -- room for `bytes` of packed units in h->delta; 0 (no packing) if memory is short. */
@@ -258,6 +263,7 @@ int delta_apply(hk_heap *h, const uint32_t *map, size_t map_len, const uint32_t 
 {
     if (h->closed || h->readonly)
         return hk_fail(h->readonly ? EROFS : EBADF, "%s: heap is %s", h->path, h->readonly ? "read-only" : "closed");
+    h->delta_epoch = 0;   /* the work list is the partner's now */
     int rc = delta_units(h, map, map_len, entries, units, n, data, len, crc);
     for (size_t i = 0; !rc && i < h->work.n; i++) {
         const struct unit *x = &h->work.v[i];
