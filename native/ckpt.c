@@ -392,11 +392,11 @@ static void ckpt_copy(hk_heap *h, uint64_t n)
     unsigned parts = par_parts(h, s->bytes_copied, COPY_GRAIN);
     if (h->keep_delta && s->bytes_copied <= DELTA_KEEP_MAX && delta_room(h, s->bytes_copied)) {
         job.delta = h->delta;
-        for (size_t i = 0, p = 0, at = 0; i < h->work.n || p < parts; i++) {   /* where each part starts */
-            for (; p < parts && i == h->work.n * p / parts; p++)
-                job.pos[p] = at;
-            if (i < h->work.n)
+        uint64_t at = 0;
+        for (size_t p = 0, i = 0; p < parts; p++) {   /* where each part starts: its first unit's bytes */
+            for (size_t lo = h->work.n * p / parts; i < lo; i++)
                 at += h->work.v[i].len;
+            job.pos[p] = at;
         }
     }
     par_run(parts, ckpt_copy_part, &job);   /* the parts cannot fail */

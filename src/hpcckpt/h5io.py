@@ -18,6 +18,7 @@ from . import _native
 from .errors import HeapError
 from .heap import _dtype_parse
 from .manifest import ExportError, Manifest, fsync_path
+from .plan import whole
 
 CHUNK_BYTES = 4 << 20
 KIND_NAMES = {1: "array", 2: "pool", 3: "table"}
@@ -311,8 +312,7 @@ class BlockReader:
     def read_into(self, b: dict, dtype: np.dtype, src: tuple[slice, ...], out: np.ndarray) -> bool:
         """Read the rows `src` of block `b` straight into `out` (C-contiguous, their shape) and
         check them there; False when that cannot be done (partial rows, converted dtype)."""
-        if not b["shape"] or not out.flags.c_contiguous or any(
-                s.start != 0 or s.stop != n for s, n in zip(src[1:], b["shape"][1:])):
+        if not b["shape"] or not out.flags.c_contiguous or not whole(src[1:], b["shape"][1:]):
             return False
         ds = self._file(b["file"])[b["dataset"]]
         if ds.dtype != dtype or list(ds.shape) != list(b["shape"]):
@@ -343,7 +343,7 @@ class BlockReader:
         the file system, no page of the heap mapped), the chunks that stick out of the piece
         checked whole and written from memory.  False when that cannot be done (partial rows,
         a converted dtype, a dataset not stored contiguous)."""
-        if not b["shape"] or any(s.start != 0 or s.stop != n for s, n in zip(src[1:], b["shape"][1:])):
+        if not b["shape"] or not whole(src[1:], b["shape"][1:]):
             return False
         path = os.path.join(self.job_dir, b["file"])
         ds = self._file(b["file"])[b["dataset"]]

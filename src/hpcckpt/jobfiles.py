@@ -134,7 +134,8 @@ def own_export_dir(job_dir: str, mode: int = 0o600) -> None:
 
 def set_aside(path: str) -> str | None:
     """Move this rank's old heap to ``<path>.aside`` while a restore from an export builds a new
-    one: it is removed once the new heap has committed, and put back if no export can be restored."""
+    one: it is removed once every rank has filled its new heap, and put back if no export can be
+    restored."""
     if not os.path.exists(path):
         return None
     refuse_if_held(path)

@@ -60,4 +60,13 @@ def covered(shape: Sequence[int], parts: list[Piece]) -> bool:
     return total == int(np.prod(shape))
 
 
-__all__ = ["Piece", "default_blocks", "pieces", "covered"]
+def whole(slices: Sequence[slice], shape: Sequence[int]) -> bool:
+    """Does every slice take its axis whole (slices and shape zipped: extra axes are whole)?
+
+    >>> whole((slice(0, 4), slice(0, 3)), (4, 3)), whole((slice(1, 4),), (4,))
+    (True, False)
+    """
+    return all(s.start == 0 and s.stop == n for s, n in zip(slices, shape))
+
+
+__all__ = ["Piece", "default_blocks", "pieces", "covered", "whole"]

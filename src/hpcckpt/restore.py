@@ -20,7 +20,7 @@ from .ghosts import fill_ghosts
 from .h5io import BlockReader
 from .heap import Heap, _call, _dtype_parse
 from .manifest import ExportError, Manifest
-from .plan import covered, default_blocks, pieces
+from .plan import covered, default_blocks, pieces, whole
 
 _KINDS = {"array": 1, "pool": 2}
 
@@ -141,7 +141,7 @@ def _strided(heap: Heap, reader: BlockReader, name: str, dt: np.dtype, target: n
     inner, stride = math.prod(shape[2:]) * dt.itemsize, math.prod(shape[1:]) * dt.itemsize
 
     def direct(b: dict, src: tuple[slice, ...], dst: tuple[slice, ...]) -> bool:
-        if any(s.start != 0 or s.stop != n for s, n in zip(dst[2:], shape[2:])):
+        if not whole(dst[2:], shape[2:]):
             return False
         at = dst[0].start * stride + (dst[1].start * inner if len(shape) > 1 else 0)
         return reader.fill(b, dt, src, heap, index, at, stride)
@@ -167,10 +167,10 @@ def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offse
     # objects end to end in the heap file, so that the C core writes long runs: an array, or a
     # pool of records that fill their slots (a class size) or whole pages each
     packed = obj["kind"] == "array" or (_call(heap._native.lookup, index)[3] == row and
-                                        (row in (64, 128, 256, 512, 1024, 2048) or row > 2048))
+                                        (row > 2048 or (row >= 64 and row & (row - 1) == 0)))
     for p in parts:
-        whole = all(s.start == 0 and s.stop == n for s, n in zip(p.dst[1:], shape[1:]))
-        if packed and whole and not any(halo) and reader.fill(blocks[p.source], dt, p.src, heap, index,
+        rows_whole = whole(p.dst[1:], shape[1:])
+        if packed and rows_whole and not any(halo) and reader.fill(blocks[p.source], dt, p.src, heap, index,
                                                               p.dst[0].start * row):
             continue
         if heap.kernel_writable and obj["kind"] == "array" and not any(halo):   # straight into the heap, checked
@@ -179,7 +179,7 @@ def _fill(reader: BlockReader, name: str, obj: dict, dt: np.dtype, target, offse
         data = reader.read(blocks[p.source], dt, p.src)
         if obj["kind"] == "pool":
             rows = np.arange(p.dst[0].start, p.dst[0].stop)
-            if not whole:
+            if not rows_whole:
                 raise ExportError(f"{reader.job_dir}: pool {name!r} was exported in partial records")
             target.put(rows, data)
         else:
