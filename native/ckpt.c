@@ -592,7 +592,7 @@ static int ckpt_restore_part(void *ctx, unsigned part, unsigned nparts)
         uint64_t first = e->first_page + (e->cls == HK_PAGE_CLASS ? lo : 0);
         uint64_t last = e->cls == HK_PAGE_CLASS ? e->first_page + hi : e->first_page + e->npages;
         if (!h->dax && (e->cls == HK_PAGE_CLASS || nparts == 1))
-            persist_populate_now(h, h->data + first * HK_PAGE, (last - first) * HK_PAGE);
+            persist_map_in(h, h->data + first * HK_PAGE, (last - first) * HK_PAGE);
     }
     int rc = 0;
     for (uint64_t u = lo; u < hi && !rc; u++) {

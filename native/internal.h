@@ -33,6 +33,7 @@ struct hk_heap {
     int fd;
     char path[4096];
     int dax;
+    int shmem;                      /* the file is on tmpfs (persist_map_in) */
     int readonly;                   /* tracker HK_TRACK_NONE or PEEK: inspect only, never write */
     int peek;                       /* HK_TRACK_PEEK: no lock, no allocator, no views */
     int tracker;
@@ -161,6 +162,7 @@ void persist_flush(hk_heap *h, const void *addr, size_t len);
 int persist_drain(hk_heap *h);
 void persist_populate(hk_heap *h, void *addr, size_t len);
 void persist_populate_now(hk_heap *h, void *addr, size_t len);
+void persist_map_in(hk_heap *h, void *addr, size_t len);
 void persist_warm(hk_heap *h);
 void persist_free_cold(hk_heap *h);
 double persist_now(void);
