@@ -39,7 +39,7 @@ def test_a_unit_list_packs_and_unpacks_exactly_and_damage_is_refused():
         e2, u2 = unpack_units(groups, gaps)
         assert e2.tolist() == e.tolist() and u2.tolist() == u.tolist()
     groups, gaps = pack_units(np.array([1, 1], np.uint32).tobytes(), np.array([5, 300], np.uint64).tobytes())
-    for g, v in ((groups, gaps[:-1]), (groups, gaps + b"\x00"), (groups, gaps[:-1] + b"\x80"),
+    for g, v in ((groups, gaps[:-1]), (groups, gaps + b"\x00"), (groups, gaps[:-2] + b"\xf9"),
                  (groups[:4], gaps), (groups, b"\xff" * 10 + b"\x02")):
         with pytest.raises(HeapError, match="list of units is damaged"):
             unpack_units(g, v)

@@ -683,7 +683,7 @@ static PyMethodDef mod_methods[] = {
     {"reassert_handler", mod_reassert_handler, METH_VARARGS, "reassert_handler(undo): SIGSEGV handler back in front"},
     {"crc32c_combine", mod_crc32c_combine, METH_VARARGS, "crc32c_combine(crc_a, crc_b, len_b) -> CRC32C of A||B"},
     {"crc32c_chunks", mod_crc32c_chunks, METH_VARARGS, "crc32c_chunks(buffer, chunk) -> bytes of uint32 CRCs"},
-    {"pack_units", mod_pack_units, METH_VARARGS, "pack_units(entries u32, units u64) -> (groups u32 pairs, LEB128 gaps)"},
+    {"pack_units", mod_pack_units, METH_VARARGS, "pack_units(entries u32, units u64) -> (groups u32 pairs, varint gaps)"},
     {"unpack_units", mod_unpack_units, METH_VARARGS, "unpack_units(groups, gaps) -> (entries u32, units u64)"},
     {"create", mod_create, METH_VARARGS, "create(path, capacity, max_entries, job, rank, world_size, preallocate)"},
     {"open", mod_open, METH_VARARGS, "open(path, tracker, job|None, rank|-1, world|-1) -> NativeHeap (no recovery)"},

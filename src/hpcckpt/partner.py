@@ -109,12 +109,12 @@ def restorable(probe: tuple[bool, int, int], epoch: int) -> bool:
 
 def pack_units(entries: bytes, units: bytes) -> tuple[bytes, bytes]:
     """A delta's unit list, compact (in C): runs of one entry, (entry, count) as u32 pairs, and
-    the LEB128 gaps between unit numbers (a run's first: the unit itself), about a byte per
-    scattered unit.
+    the gaps between unit numbers as prefix varints (a run's first: the unit itself), about a
+    byte per scattered unit.
 
     >>> groups, gaps = pack_units(np.array([3, 3, 3, 5], np.uint32).tobytes(), np.array([0, 9, 200, 7], np.uint64).tobytes())
     >>> np.frombuffer(groups, np.uint32).tolist(), len(gaps), [a.tolist() for a in unpack_units(groups, gaps)]
-    ([3, 3, 5, 1], 5, [[3, 3, 3, 5], [0, 9, 200, 7]])
+    ([3, 3, 5, 1], 4, [[3, 3, 3, 5], [0, 9, 200, 7]])
     """
     return _native.pack_units(entries, units)
 
