@@ -180,7 +180,8 @@ static void delta_var_put(uint8_t *out, size_t *at, uint64_t v)
     *at = a;
 }
 
-/* delta_var_get -- the number at *at of in[0, len), or -1 if it runs past the end. */
+/* delta_var_get -- the number at *at of in[0, len), or -1 if it runs past the end or is not
+ * written as delta_var_put writes it (in its shortest form). */
 static int delta_var_get(const uint8_t *in, size_t len, size_t *at, uint64_t *v)
 {
     size_t a = *at;
@@ -199,14 +200,18 @@ static int delta_var_get(const uint8_t *in, size_t len, size_t *at, uint64_t *v)
         *v = 0;
         for (unsigned k = 0; k < n; k++)
             *v = *v << 8 | in[a + k];
+        if (*v <= VAR_THREE || (n > 3 && in[a] == 0))
+            return -1;
     }
+    if (b > VAR_ONE && *v <= VAR_ONE)
+        return -1;
     *at = a + n;
     return 0;
 }
 
 /* delta_pack -- a unit list, compact: runs of one entry with rising unit numbers as (entry,
  * count) pairs of u32, and the gaps between unit numbers as prefix varints (a run's first:
- * the unit itself), about a byte per scattered unit.  groups holds 2n, gaps 9n.  -EOVERFLOW
+ * the unit itself), about a byte per scattered unit.  groups holds 2n, gaps at most 9n.  -EOVERFLOW
  * if a run is longer than a u32 counts. */
 int delta_pack(const uint32_t *entries, const uint64_t *units, size_t n, uint32_t *groups, size_t *ngroups,
                uint8_t *gaps, size_t *gaps_len)
@@ -233,7 +238,7 @@ int delta_pack(const uint32_t *entries, const uint64_t *units, size_t n, uint32_
 
 /* delta_unpack -- the unit list back from delta_pack's groups and gaps into entries and units
  * (n of each: the counts' sum, which the caller took from the groups); -EBADMSG if the gaps
- * are not exactly n numbers. */
+ * are not exactly n numbers as delta_pack writes them (a run's units rise). */
 int delta_unpack(const uint32_t *groups, size_t ngroups, const uint8_t *gaps, size_t gaps_len, uint32_t *entries,
                  uint64_t *units, size_t n)
 {
@@ -242,7 +247,7 @@ int delta_unpack(const uint32_t *groups, size_t ngroups, const uint8_t *gaps, si
         uint64_t prev = 0;
         for (uint32_t k = 0; k < groups[2 * g + 1]; k++, i++) {
             uint64_t v = 0;
-            if (i >= n || delta_var_get(gaps, gaps_len, &at, &v) != 0)
+            if (i >= n || delta_var_get(gaps, gaps_len, &at, &v) != 0 || (k && (v == 0 || prev + v < prev)))
                 return hk_fail(EBADMSG, "a partner copy's list of units is damaged (at unit %zu of %zu)", i, n);
             prev = k ? prev + v : v;
             entries[i] = groups[2 * g];

@@ -45,10 +45,8 @@ int persist_map_file(hk_heap *h, uint8_t *at, size_t len)
         p = mmap(at, len, prot, MAP_SHARED | MAP_FIXED, h->fd, 0);
     if (p == MAP_FAILED)
         return hk_fail(errno, "%s: mmap of %zu bytes failed: %s", h->path, len, strerror(errno));
-    struct statfs fs;
-    if (fstatfs(h->fd, &fs) != 0)
-        return hk_fail(errno, "%s: fstatfs failed: %s", h->path, strerror(errno));
-    h->shmem = fs.f_type == TMPFS_MAGIC;
+    struct statfs fs;   /* only a hint for persist_map_in: unknown is "not tmpfs" */
+    h->shmem = fstatfs(h->fd, &fs) == 0 && fs.f_type == TMPFS_MAGIC;
     return 0;
 }
 

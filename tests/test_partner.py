@@ -40,7 +40,8 @@ def test_a_unit_list_packs_and_unpacks_exactly_and_damage_is_refused():
         assert e2.tolist() == e.tolist() and u2.tolist() == u.tolist()
     groups, gaps = pack_units(np.array([1, 1], np.uint32).tobytes(), np.array([5, 300], np.uint64).tobytes())
     for g, v in ((groups, gaps[:-1]), (groups, gaps + b"\x00"), (groups, gaps[:-2] + b"\xf9"),
-                 (groups[:4], gaps), (groups, b"\xff" * 10 + b"\x02")):
+                 (groups[:4], gaps), (groups, b"\xff" * 10 + b"\x02"),
+                 (groups, b"\xf1\x00\x05"), (groups, b"\x05\x00"), (groups, b"\x05\xfa\x00\x00\x05")):
         with pytest.raises(HeapError, match="list of units is damaged"):
             unpack_units(g, v)
 
